@@ -1,0 +1,41 @@
+"""Fields shared by every experiment config; each experiment overrides what its recipe sets."""
+
+import ml_collections
+from ml_collections import config_dict
+
+from kdjax.methods import default_method_configs
+
+
+def base_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.dataset = "mnist1d"
+  config.num_classes = 10
+  config.data_dir = ""  # Empty: $KDJAX_DATA_DIR, $TFDS_DATA_DIR or ~/tensorflow_datasets.
+  config.seed = 0
+
+  config.parallel = "jit"  # jit (mesh + NamedSharding) | pmap
+  config.global_batch_size = 128  # Whole batch over all devices and hosts.
+  config.eval_batch_size = 1000
+  config.num_steps = 1000
+  config.log_every_steps = 50
+  config.eval_every_steps = 500
+  config.checkpoint_every_steps = 500
+  config.keep_checkpoints = 2
+  config.on_nonfinite = "stop"  # stop | skip
+  config.progress = True
+
+  config.student = ml_collections.ConfigDict(dict(model="mlp"))
+  config.teacher = ml_collections.ConfigDict(dict(
+      model="cnn1d",
+      checkpoint=config_dict.placeholder(str),  # A run's checkpoints/ dir; default: suite's.
+      num_steps=0))  # Steps of the suite's teacher run; 0 means config.num_steps.
+
+  config.optimizer = ml_collections.ConfigDict(dict(
+      name="adam", learning_rate=1e-2, schedule="cosine", warmup_steps=0, weight_decay=0.0,
+      momentum=0.9, nesterov=False, decay_steps=(), decay_factor=0.1))
+
+  config.method = "kd"
+  config.suite = "teacher,scratch,kd,dkd"  # Comma-separated runs; empty: the one config.method.
+  for name, method_config in default_method_configs().items():
+    config[name] = method_config
+  return config

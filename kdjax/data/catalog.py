@@ -1,0 +1,75 @@
+"""The datasets kdjax knows by name, and how to turn their records into model inputs."""
+
+import dataclasses
+from typing import Callable, Optional
+
+import numpy as np
+
+from kdjax.data import augment
+
+# CIFAR channel statistics used by RepDistiller / mdistiller.
+_CIFAR100_MEAN = np.array([0.5071, 0.4867, 0.4408], np.float32)
+_CIFAR100_STD = np.array([0.2675, 0.2565, 0.2761], np.float32)
+_CIFAR10_MEAN = np.array([0.4914, 0.4822, 0.4465], np.float32)
+_CIFAR10_STD = np.array([0.2470, 0.2435, 0.2616], np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  """How to read one TFDS dataset.
+
+  Attributes:
+    tfds_name: the TFDS name (`tfds.data_source(tfds_name)`).
+    input_key / label_key: record fields holding the input and the integer label.
+    num_classes: number of label classes.
+    input_shape: shape of one preprocessed input, without the batch axis.
+    input_kind: 'signal1d' or 'image32'; models declare the kind they take.
+    train_split / eval_split: TFDS split names.
+    local_builder: a `GeneratorBasedBuilder` class that generates the data offline, or None
+      for datasets that must be prepared by `tfds build` beforehand.
+    preprocess: `(inputs [B, ...] raw, rng or None) -> float32 inputs`; `rng` is None at eval.
+  """
+  tfds_name: str
+  input_key: str
+  label_key: str
+  num_classes: int
+  input_shape: tuple
+  input_kind: str = "image32"
+  train_split: str = "train"
+  eval_split: str = "test"
+  local_builder: Optional[Callable] = None
+  preprocess: Callable = lambda inputs, rng: np.asarray(inputs, np.float32)
+
+
+def _mnist1d_builder():
+  from kdjax.data.mnist1d_tfds import Mnist1d
+  return Mnist1d
+
+
+def _cifar_preprocess(mean, std):
+  def preprocess(images, rng):
+    images = np.asarray(images, np.float32) / 255.0
+    if rng is not None:
+      images = augment.random_crop_and_flip(images, rng, padding=4)
+    return (images - mean) / std
+  return preprocess
+
+
+DATASETS = {
+    "mnist1d": DatasetSpec(
+        tfds_name="mnist1d", input_key="signal", label_key="label", num_classes=10,
+        input_shape=(40,), input_kind="signal1d", local_builder=_mnist1d_builder),
+    "cifar100": DatasetSpec(
+        tfds_name="cifar100", input_key="image", label_key="label", num_classes=100,
+        input_shape=(32, 32, 3), preprocess=_cifar_preprocess(_CIFAR100_MEAN, _CIFAR100_STD)),
+    "cifar10": DatasetSpec(
+        tfds_name="cifar10", input_key="image", label_key="label", num_classes=10,
+        input_shape=(32, 32, 3), preprocess=_cifar_preprocess(_CIFAR10_MEAN, _CIFAR10_STD)),
+}
+
+
+def get_dataset_spec(name: str) -> DatasetSpec:
+  if name not in DATASETS:
+    raise ValueError(
+        f"Unknown dataset {name!r}; valid datasets: {', '.join(sorted(DATASETS))}.")
+  return DATASETS[name]

@@ -1,0 +1,114 @@
+"""Checkpoints with orbax: periodic saves of the train state plus JSON metadata.
+
+Each checkpoint holds two items: 'state' (the TrainState as host arrays) and 'meta' (JSON:
+the run's identity, i.e. model names and config fingerprint, and host-side training
+bookkeeping such as the partly accumulated metrics window). Orbax writes a step into a
+temporary directory and renames it when complete, so a crash mid-write leaves the previous
+checkpoint as the latest.
+"""
+
+import os
+from typing import Any, Optional, Tuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+  pass
+
+
+class Checkpointer:
+  """Saves and restores one run's train state under `directory`."""
+
+  def __init__(self, directory: str, *, max_to_keep: int = 2):
+    self.directory = os.path.abspath(directory)
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False),
+        item_names=("state", "meta"))
+
+  def latest_step(self) -> Optional[int]:
+    return self._manager.latest_step()
+
+  def all_steps(self):
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state_on_host: Any, meta: dict):
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state_on_host), meta=ocp.args.JsonSave(meta)), force=True)
+    self._manager.wait_until_finished()
+
+  def restore(self, step: int, abstract_state: Any) -> Tuple[Any, dict]:
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    return restored["state"], dict(restored["meta"])
+
+  def close(self):
+    self._manager.close()
+
+
+def load_model_variables(directory: str, expected_variables: Any, *, model_name: str) -> dict:
+  """Loads a trained model's variables from a kdjax run's checkpoint directory.
+
+  Args:
+    directory: a run's `checkpoints/` directory (the latest step is used).
+    expected_variables: the model's variables (or their shapes), `{'params': ..., ...}`,
+      used to check that the checkpoint holds this architecture.
+    model_name: for error messages.
+
+  Returns:
+    `{'params': ..., **model_state}` as host arrays.
+  """
+  if not os.path.isdir(directory):
+    raise CheckpointError(
+        f"Teacher checkpoint directory {directory!r} does not exist. Train the teacher first "
+        "(include 'teacher' in config.suite) or set config.teacher.checkpoint to a kdjax run's "
+        "checkpoints/ directory.")
+  manager = ocp.CheckpointManager(directory, item_names=("state", "meta"),
+                                  options=ocp.CheckpointManagerOptions(create=False))
+  step = manager.latest_step()
+  if step is None:
+    raise CheckpointError(f"No complete checkpoint in {directory!r}.")
+  meta = dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+  saved_model = meta.get("model")
+  if saved_model is not None and saved_model != model_name:
+    raise CheckpointError(
+        f"The checkpoint in {directory!r} is of model {saved_model!r}, but the teacher is "
+        f"configured as {model_name!r} (config.teacher.model).")
+  try:
+    # Restored without a target: plain nested dicts, checked against the model just below.
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))["state"]
+  finally:
+    manager.close()
+  variables = {"params": restored["params"]["student"], **restored.get("model_state", {})}
+  _check_same_structure(variables, expected_variables,
+                        f"The checkpoint in {directory!r} (step {step}) does not match model "
+                        f"{model_name!r}")
+  return variables
+
+
+def _shapes_by_path(tree) -> dict:
+  return {jax.tree_util.keystr(path): tuple(np.shape(leaf))
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _check_same_structure(found, expected, context: str):
+  found_shapes, expected_shapes = _shapes_by_path(found), _shapes_by_path(expected)
+  missing = sorted(set(expected_shapes) - set(found_shapes))
+  unexpected = sorted(set(found_shapes) - set(expected_shapes))
+  wrong = [(p, found_shapes[p], expected_shapes[p]) for p in sorted(expected_shapes)
+           if p in found_shapes and found_shapes[p] != expected_shapes[p]]
+  if missing or unexpected or wrong:
+    details = []
+    if missing:
+      details.append(f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+    if unexpected:
+      details.append(f"unexpected {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}")
+    if wrong:
+      details.append("shape " + ", ".join(f"{p}: checkpoint {a} vs model {b}"
+                                          for p, a, b in wrong[:3]))
+    raise CheckpointError(f"{context}: " + "; ".join(details) + ".")

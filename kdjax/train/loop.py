@@ -1,0 +1,272 @@
+"""One training run: student (and its method) trained against a fixed teacher.
+
+    summary = train_and_evaluate(config, run_dir, teacher_checkpoint=...)
+
+Resumes from the latest checkpoint in `run_dir/checkpoints`; a finished run (with
+`run_dir/run_summary.json`) is not retrained. SIGTERM / SIGINT write a checkpoint at the next
+step boundary and raise `Preempted`; rerunning the same command continues.
+"""
+
+import hashlib
+import json
+import os
+import signal
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from kdjax import data as data_lib
+from kdjax import methods as methods_lib
+from kdjax import models as models_lib
+from kdjax.methods.base import Batch
+from kdjax.train import checkpoint as checkpoint_lib
+from kdjax.train import files, metrics as metrics_lib, optimizer as optimizer_lib
+from kdjax.train import parallel as parallel_lib, state as state_lib, step as step_lib
+from kdjax.train.validate import validate_config
+
+RUN_SUMMARY = "run_summary.json"
+
+
+class Preempted(RuntimeError):
+  """Raised after a checkpoint was written in response to SIGTERM / SIGINT."""
+
+
+class NonFiniteLoss(FloatingPointError):
+  pass
+
+
+def config_fingerprint(config: ml_collections.ConfigDict) -> str:
+  """A hash of everything that changes the trained numbers (not logging / parallelism)."""
+  ignored = {"parallel", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+             "suite", "data_dir", "progress"}
+  relevant = {k: v for k, v in config.to_dict().items() if k not in ignored}
+  return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class _StopSignals:
+  """Turns SIGTERM / SIGINT into a flag checked at step boundaries."""
+
+  def __init__(self):
+    self.received = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # Not the main thread: leave signals alone.
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.received = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _model_kwargs(name: str, parallel) -> dict:
+  if name in models_lib.USES_BATCH_NORM and parallel.batch_norm_axis_name:
+    return {"batch_norm_axis_name": parallel.batch_norm_axis_name}
+  return {}
+
+
+def _sample_inputs(spec, batch_size=2):
+  return np.zeros((batch_size,) + tuple(spec.input_shape), np.float32)
+
+
+def _mean_window(window):
+  keys = window[0].keys()
+  return {k: float(np.mean([m[k] for m in window])) for k in keys}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, run_dir: str, *,
+                       teacher_checkpoint: Optional[str] = None, name: str = "run") -> dict:
+  """Trains `config.student.model` with `config.method`; returns the run summary.
+
+  Args:
+    config: a validated experiment config for this one run.
+    run_dir: the run's directory (checkpoints, metrics, summary).
+    teacher_checkpoint: the teacher run's checkpoints/ directory, if the method needs one.
+    name: the run's name in progress lines.
+  """
+  summary_path = os.path.join(run_dir, RUN_SUMMARY)
+  if os.path.exists(summary_path):
+    return files.read_json(summary_path)
+  validate_config(config, num_devices=jax.device_count())
+  method = methods_lib.build_method(config)
+  if method.needs_teacher and not teacher_checkpoint:
+    raise checkpoint_lib.CheckpointError(
+        f"Method {config.method!r} needs a teacher; set config.teacher.checkpoint or put "
+        "'teacher' first in config.suite.")
+
+  is_writer = jax.process_index() == 0
+  parallel = parallel_lib.get_parallel(config.parallel)
+  pipeline = data_lib.InputPipeline(
+      config.dataset, global_batch_size=config.global_batch_size, seed=config.seed,
+      data_dir=config.data_dir or None, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  spec = pipeline.spec
+
+  student_module = models_lib.get_model(config.student.model, num_classes=config.num_classes,
+                                        **_model_kwargs(config.student.model, parallel))
+  student_apply = models_lib.apply_fn(student_module)
+  init_rng, method_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
+  sample = _sample_inputs(spec)
+  student_variables = jax.device_get(
+      models_lib.init_variables(student_module, init_rng, sample))
+
+  teacher_apply, teacher_variables, teacher_sample = None, None, None
+  if method.needs_teacher:
+    teacher_module = models_lib.get_model(config.teacher.model, num_classes=config.num_classes,
+                                          **_model_kwargs(config.teacher.model, parallel))
+    teacher_apply = models_lib.apply_fn(teacher_module)
+    expected = jax.eval_shape(
+        lambda: models_lib.init_variables(teacher_module, init_rng, sample))
+    teacher_variables = checkpoint_lib.load_model_variables(
+        teacher_checkpoint, expected, model_name=config.teacher.model)
+    teacher_sample, _ = teacher_apply(teacher_variables, sample, train=False)
+
+  student_sample, _ = student_apply(student_variables, sample, train=False)
+  method_params, method_state = method.init(method_rng, Batch(
+      student=student_sample, teacher=teacher_sample, labels=np.zeros((2,), np.int32),
+      where=np.ones((2,), bool), step=jnp.zeros((), jnp.int32)))
+  optimizer = optimizer_lib.build_optimizer(config.optimizer, config.num_steps)
+  host_state = jax.device_get(state_lib.create(
+      student_variables=student_variables, method_params=method_params,
+      method_state=method_state, optimizer=optimizer, rng=train_rng))
+
+  fingerprint = config_fingerprint(config)
+  identity = {"model": config.student.model, "method": config.method,
+              "fingerprint": fingerprint}
+  checkpointer = checkpoint_lib.Checkpointer(os.path.join(run_dir, "checkpoints"),
+                                             max_to_keep=config.keep_checkpoints)
+  writer = metrics_lib.MetricWriter(run_dir, enabled=is_writer)
+  window = []  # Host metrics of the steps since the last log line.
+  start_step = 0
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
+                            host_state)
+    host_state, meta = checkpointer.restore(latest, abstract)
+    for key, value in identity.items():
+      if meta.get(key) != value:
+        raise checkpoint_lib.CheckpointError(
+            f"The checkpoint in {checkpointer.directory!r} (step {latest}) was written with "
+            f"{key}={meta.get(key)!r}, but this run has {key}={value!r}. Use another workdir "
+            "or delete that run directory.")
+    window = meta.get("window", [])
+    start_step = int(host_state.step)
+    writer.truncate_after(start_step)
+    print(f"[{name}] resumed from step {start_step}", flush=True)
+  if is_writer:
+    files.write_json_atomic(os.path.join(run_dir, "config.json"), json.loads(config.to_json()))
+
+  state = parallel.put_replicated(host_state)
+  teacher_on_device = parallel.put_replicated(teacher_variables) if teacher_variables else None
+  train_step = parallel.compile_train_step(step_lib.make_train_step(
+      student_apply=student_apply, teacher_apply=teacher_apply, method=method,
+      optimizer=optimizer, reduce_gradients=parallel.reduce_gradients,
+      skip_nonfinite=config.on_nonfinite == "skip"))
+  eval_step = parallel.compile_eval_step(step_lib.make_eval_step(
+      student_apply=student_apply, teacher_apply=teacher_apply if method.needs_teacher else None))
+
+  def evaluate(state):
+    totals = {}
+    for batch in pipeline.eval_batches(config.eval_batch_size):
+      sums = eval_step(state, teacher_on_device, parallel.put_batch(batch))
+      for k, v in parallel_lib.metrics_to_host(parallel, sums).items():
+        totals[k] = totals.get(k, 0.0) + v
+    count = max(totals.pop("count"), 1.0)
+    result = {"accuracy": totals["correct"] / count,
+              "cross_entropy": totals["cross_entropy"] / count}
+    if "teacher_agreement" in totals:
+      result["teacher_agreement"] = totals["teacher_agreement"] / count
+      result["teacher_accuracy"] = totals["teacher_correct"] / count
+    return result
+
+  def save(step, state, window):
+    checkpointer.save(step, parallel.to_host(state), dict(identity, window=window))
+
+  progress = metrics_lib.Progress(name, config.num_steps, start_step,
+                                  enabled=is_writer and config.progress)
+  pending = []  # (step, device metrics) not yet copied to the host.
+  timed_steps, timed_seconds, last_time = 0, 0.0, None
+  with _StopSignals() as stop:
+    for step in range(start_step, config.num_steps):
+      batch = parallel.put_batch(pipeline.train_batch(step))
+      state, step_metrics = train_step(state, teacher_on_device, batch)
+      pending.append((step + 1, step_metrics))
+      done = step + 1
+      is_log = done % config.log_every_steps == 0 or done == config.num_steps
+      is_checkpoint = done % config.checkpoint_every_steps == 0 or done == config.num_steps
+      if is_log or is_checkpoint or stop.received:
+        for pending_step, device_metrics in pending:
+          host = parallel_lib.metrics_to_host(parallel, device_metrics)
+          bad = [k for k in ("loss", "grad_norm") if not np.isfinite(host[k])]
+          if bad and config.on_nonfinite == "stop":
+            raise NonFiniteLoss(
+                f"[{name}] non-finite {', '.join(bad)} at step {pending_step} "
+                f"({', '.join(f'{k}={host[k]}' for k in bad)}); the last good checkpoint "
+                f"(step {checkpointer.latest_step()}) is kept in {checkpointer.directory}.")
+          window.append(host)
+        pending = []
+        now = time.perf_counter()
+        if last_time is not None:  # The first interval includes compilation: not timed.
+          timed_seconds += now - last_time
+          timed_steps += done - last_step
+        last_time, last_step = now, done
+      if is_log:
+        scalars = _mean_window(window)
+        window = []
+        examples_per_sec = (timed_steps * config.global_batch_size / timed_seconds
+                            if timed_seconds else None)
+        if examples_per_sec:
+          scalars["examples_per_sec"] = examples_per_sec
+        writer.write(done, "train", scalars)
+        progress.update(done, scalars, examples_per_sec)
+        last_train_scalars = scalars
+      if done % config.eval_every_steps == 0 and done != config.num_steps:
+        writer.write(done, "eval", evaluate(state))
+      if is_checkpoint or stop.received:
+        save(done, state, window)
+        if stop.received and done != config.num_steps:
+          writer.close()
+          raise Preempted(f"[{name}] received {stop.received}: checkpoint written at step "
+                          f"{done}; rerun the same command to continue.")
+
+  if start_step >= config.num_steps:  # Restored a finished run whose summary was lost.
+    last_train_scalars = _last_logged(writer.path)
+  final_eval = evaluate(state)
+  writer.write(config.num_steps, "eval", final_eval)
+  writer.close()
+  summary = {
+      "eval_accuracy": final_eval["accuracy"],
+      "eval_cross_entropy": final_eval["cross_entropy"],
+      "final_train_loss": last_train_scalars["loss"],
+      "steps": int(config.num_steps),
+      "train_examples_per_sec": (timed_steps * config.global_batch_size / timed_seconds
+                                 if timed_seconds else float("nan")),
+      "method": config.method,
+      "student": config.student.model,
+      "student_params": int(models_lib.count_params(host_state.params["student"])),
+  }
+  if "teacher_agreement" in final_eval:
+    summary["teacher_agreement"] = final_eval["teacher_agreement"]
+    summary["teacher_eval_accuracy"] = final_eval["teacher_accuracy"]
+  checkpointer.close()
+  if is_writer:
+    files.write_json_atomic(summary_path, summary)
+  return summary
+
+
+def _last_logged(metrics_path: str) -> dict:
+  with open(metrics_path) as f:
+    lines = [json.loads(l) for l in f if l.strip()]
+  return [l for l in lines if l["split"] == "train"][-1]

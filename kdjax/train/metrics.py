@@ -1,0 +1,78 @@
+"""Metric logging: JSON lines (always) and TensorBoard event files (tensorboardX, no TF)."""
+
+import json
+import os
+import time
+from typing import Dict, Optional
+
+
+class MetricWriter:
+  """Appends `{'step': int, 'split': str, **scalars}` lines to `metrics.jsonl` and writes the
+  same scalars as TensorBoard events under `tensorboard/`. Only process 0 writes."""
+
+  def __init__(self, directory: str, *, enabled: bool = True):
+    self.enabled = enabled
+    self.path = os.path.join(directory, "metrics.jsonl")
+    self._tensorboard = None
+    if enabled:
+      os.makedirs(directory, exist_ok=True)
+      try:
+        from tensorboardX import SummaryWriter
+        self._tensorboard = SummaryWriter(os.path.join(directory, "tensorboard"))
+      except ImportError:  # TensorBoard output is optional; JSON lines always exist.
+        self._tensorboard = None
+
+  def write(self, step: int, split: str, scalars: Dict[str, float]):
+    if not self.enabled:
+      return
+    with open(self.path, "a") as f:
+      f.write(json.dumps({"step": int(step), "split": split, **scalars}) + "\n")
+      f.flush()
+    if self._tensorboard is not None:
+      for name, value in scalars.items():
+        self._tensorboard.add_scalar(f"{split}/{name}", value, step)
+      self._tensorboard.flush()
+
+  def truncate_after(self, step: int):
+    """Drops lines logged after `step` (written before a crash, redone after resuming)."""
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      lines = [l for l in f if l.strip() and json.loads(l)["step"] <= step]
+    tmp = self.path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(lines)
+    os.replace(tmp, self.path)
+
+  def close(self):
+    if self._tensorboard is not None:
+      self._tensorboard.close()
+
+
+def read_metrics(directory: str):
+  path = os.path.join(directory, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class Progress:
+  """Prints `run: step i/n loss .. ex/s .. ETA ..` lines while training."""
+
+  def __init__(self, name: str, total_steps: int, start_step: int, *, enabled: bool = True):
+    self.name, self.total, self.enabled = name, total_steps, enabled
+    self.start_step, self.start_time = start_step, None
+
+  def update(self, step: int, scalars: Dict[str, float], examples_per_sec: Optional[float]):
+    if not self.enabled:
+      return
+    now = time.perf_counter()
+    if self.start_time is None:
+      self.start_time, self.start_step = now, step
+    done = step - self.start_step
+    eta = (now - self.start_time) / done * (self.total - step) if done > 0 else float("nan")
+    rate = f"{examples_per_sec:,.0f} ex/s" if examples_per_sec else "compiling"
+    shown = " ".join(f"{k} {v:.4f}" for k, v in scalars.items() if k in ("loss", "accuracy"))
+    eta_text = f"{eta:5.1f}s" if eta == eta else "  ?"
+    print(f"[{self.name}] step {step}/{self.total} {shown} {rate} ETA {eta_text}", flush=True)

@@ -1,0 +1,107 @@
+"""Whole-config validation, run before any data is prepared or any model compiled.
+
+Every error names the config field, the value given and what is allowed.
+"""
+
+import os
+from typing import Iterable
+
+import ml_collections
+
+from kdjax.data.catalog import DATASETS, get_dataset_spec
+from kdjax.methods.registry import METHODS, get_method_class
+from kdjax.models.registry import MODELS, model_input_kind
+from kdjax.train import optimizer as optimizer_lib
+from kdjax.train.parallel import PARALLEL_KINDS, check_batch_divisible
+
+ON_NONFINITE = ("stop", "skip")
+SPECIAL_RUNS = ("teacher",)
+
+
+class ConfigError(ValueError):
+  pass
+
+
+def _one_of(field: str, value, allowed: Iterable[str]):
+  allowed = sorted(allowed)
+  if value not in allowed:
+    raise ConfigError(f"config.{field}={value!r} is not valid; valid values: "
+                      f"{', '.join(map(str, allowed))}.")
+
+
+def _positive_int(config, field: str):
+  value = config
+  for part in field.split("."):
+    value = value[part]
+  if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    raise ConfigError(f"config.{field} must be a positive integer, got {value!r}.")
+
+
+def suite_runs(config) -> list:
+  """The run names of `config.suite` ('teacher,scratch,kd'), in order."""
+  return [name.strip() for name in str(config.suite).split(",") if name.strip()]
+
+
+def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
+  """Raises ConfigError for the first problem found in the run configuration."""
+  _one_of("dataset", config.dataset, DATASETS)
+  _one_of("method", config.method, METHODS)
+  _one_of("student.model", config.student.model, MODELS)
+  _one_of("teacher.model", config.teacher.model, MODELS)
+  _one_of("parallel", config.parallel, PARALLEL_KINDS)
+  _one_of("on_nonfinite", config.on_nonfinite, ON_NONFINITE)
+  _one_of("optimizer.name", config.optimizer.name, optimizer_lib.OPTIMIZERS)
+  _one_of("optimizer.schedule", config.optimizer.schedule, optimizer_lib.SCHEDULES)
+  for field in ("global_batch_size", "eval_batch_size", "num_steps", "log_every_steps",
+                "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+    _positive_int(config, field)
+  if not isinstance(config.optimizer.learning_rate, (int, float)) or \
+      config.optimizer.learning_rate <= 0:
+    raise ConfigError("config.optimizer.learning_rate must be a positive number, got "
+                      f"{config.optimizer.learning_rate!r}.")
+  if config.optimizer.weight_decay < 0:
+    raise ConfigError("config.optimizer.weight_decay must be >= 0, got "
+                      f"{config.optimizer.weight_decay!r}.")
+  for field in ("global_batch_size", "eval_batch_size"):
+    try:
+      check_batch_divisible(config[field], num_devices, f"config.{field}")
+    except ValueError as error:
+      raise ConfigError(str(error)) from None
+
+  spec = get_dataset_spec(config.dataset)
+  for role in ("student", "teacher"):
+    name = config[role].model
+    if model_input_kind(name) != spec.input_kind:
+      compatible = sorted(m for m in MODELS if model_input_kind(m) == spec.input_kind)
+      raise ConfigError(
+          f"config.{role}.model={name!r} takes {model_input_kind(name)} inputs but dataset "
+          f"{config.dataset!r} has {spec.input_kind} inputs; models for it: "
+          f"{', '.join(compatible)}.")
+  if config.num_classes != spec.num_classes:
+    raise ConfigError(f"config.num_classes={config.num_classes} but dataset "
+                      f"{config.dataset!r} has {spec.num_classes} classes.")
+
+  method_class = get_method_class(config.method)
+  method_config = config.get(config.method, method_class.default_config())
+  try:
+    method_class(method_config)
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
+
+  runs = suite_runs(config)
+  for run in runs:
+    if run not in METHODS and run not in SPECIAL_RUNS:
+      raise ConfigError(f"config.suite names run {run!r}, which is neither a method nor "
+                        f"'teacher'; valid runs: {', '.join(SPECIAL_RUNS + tuple(sorted(METHODS)))}.")
+    if run in METHODS:
+      run_class = get_method_class(run)
+      try:
+        run_class(config.get(run, run_class.default_config()))
+      except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+  teacher_checkpoint = config.teacher.checkpoint
+  if teacher_checkpoint and not os.path.isdir(teacher_checkpoint):
+    raise ConfigError(f"config.teacher.checkpoint={teacher_checkpoint!r} does not exist; give a "
+                      "kdjax run's checkpoints/ directory or leave it empty to use the suite's "
+                      "teacher run.")
