@@ -197,6 +197,28 @@ def benchmark(student="resnet8x4", teacher="resnet32x4", num_classes=100,
     }
 
 
+def make_timed_runner(student="resnet8x4", teacher="resnet32x4", num_classes=100,
+                      batch_size=32, seed=0):
+    """Return ``run(n) -> seconds`` timing ``n`` KD train steps, for interleaved rounds."""
+    torch.manual_seed(seed)
+    s_model = build_model(student, num_classes)
+    t_model = build_model(teacher, num_classes)
+    optimizer = make_optimizer(s_model)
+    images = torch.randn(batch_size, 3, 32, 32, dtype=torch.float32)
+    labels = torch.randint(0, num_classes, (batch_size,))
+
+    def run(steps):
+        start = time.perf_counter()
+        loss = None
+        for _ in range(steps):
+            loss = kd_train_step(s_model, t_model, optimizer, images, labels)
+        if loss is not None:
+            loss.item()
+        return time.perf_counter() - start
+
+    return run
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="PyTorch CPU reference KD train-step benchmark")
     p.add_argument("--student", default="resnet8x4", choices=sorted(ARCHS))

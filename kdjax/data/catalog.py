@@ -27,7 +27,8 @@ class DatasetSpec:
     train_split / eval_split: TFDS split names.
     local_builder: a `GeneratorBasedBuilder` class that generates the data offline, or None
       for datasets that must be prepared by `tfds build` beforehand.
-    preprocess: `(inputs [B, ...] raw, rng or None) -> float32 inputs`; `rng` is None at eval.
+    preprocess: `(inputs [B, ...] raw, rng or None) -> float32 inputs`; augments the training
+      batches with `rng`; `rng` is None at evaluation (and when augmentation is off).
   """
   tfds_name: str
   input_key: str
@@ -46,6 +47,11 @@ def _mnist1d_builder():
   return Mnist1d
 
 
+def _mnist1d_preprocess(signals, rng):
+  signals = np.asarray(signals, np.float32)
+  return signals if rng is None else augment.random_shift_and_scale(signals, rng)
+
+
 def _cifar_preprocess(mean, std):
   def preprocess(images, rng):
     images = np.asarray(images, np.float32) / 255.0
@@ -58,7 +64,8 @@ def _cifar_preprocess(mean, std):
 DATASETS = {
     "mnist1d": DatasetSpec(
         tfds_name="mnist1d", input_key="signal", label_key="label", num_classes=10,
-        input_shape=(40,), input_kind="signal1d", local_builder=_mnist1d_builder),
+        input_shape=(40,), input_kind="signal1d", local_builder=_mnist1d_builder,
+        preprocess=_mnist1d_preprocess),
     "cifar100": DatasetSpec(
         tfds_name="cifar100", input_key="image", label_key="label", num_classes=100,
         input_shape=(32, 32, 3), preprocess=_cifar_preprocess(_CIFAR100_MEAN, _CIFAR100_STD)),

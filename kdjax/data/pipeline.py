@@ -62,7 +62,7 @@ class InputPipeline:
 
   def __init__(self, dataset: str, *, global_batch_size: int, seed: int,
                data_dir: Optional[str] = None, process_index: int = 0, process_count: int = 1,
-               in_memory: Optional[bool] = None):
+               in_memory: Optional[bool] = None, augment: bool = True):
     if global_batch_size % process_count:
       raise ValueError(f"global_batch_size={global_batch_size} is not divisible by the process "
                        f"count {process_count}.")
@@ -71,6 +71,7 @@ class InputPipeline:
     self.local_batch_size = global_batch_size // process_count
     self.process_index = process_index
     self.seed = seed
+    self.augment = augment
     self._train = _reader(self.spec, self.spec.train_split, data_dir, in_memory)
     self._eval = _reader(self.spec, self.spec.eval_split, data_dir, in_memory)
     # Infinite stream of example indices, reshuffled every epoch.
@@ -95,7 +96,7 @@ class InputPipeline:
     """This process's rows of global training batch `step`."""
     start = step * self.global_batch_size + self.process_index * self.local_batch_size
     indices = np.array([self._order[start + i] for i in range(self.local_batch_size)])
-    rng = np.random.default_rng([self.seed, step, self.process_index])
+    rng = np.random.default_rng([self.seed, step, self.process_index]) if self.augment else None
     return self._prepare(self._train.gather(indices), rng)
 
   def eval_batches(self, global_batch_size: Optional[int] = None) -> Iterator[dict]:

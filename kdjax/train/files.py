@@ -22,7 +22,7 @@ def write_atomic(path: str, text: str):
 
 
 def write_json_atomic(path: str, data) -> None:
-  write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+  write_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def read_json(path: str):

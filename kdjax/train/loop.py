@@ -111,7 +111,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run_dir: str, *,
   pipeline = data_lib.InputPipeline(
       config.dataset, global_batch_size=config.global_batch_size, seed=config.seed,
       data_dir=config.data_dir or None, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      process_count=jax.process_count(), augment=config.augment)
   spec = pipeline.spec
 
   student_module = models_lib.get_model(config.student.model, num_classes=config.num_classes,

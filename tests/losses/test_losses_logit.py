@@ -240,12 +240,35 @@ def _sparse_ref(s, v, i, lead_shape):
 
 
 ALL = sorted(CASES)
-# Jitted versions keep the suite fast: eager mode compiles every op per shape.
+# Jitted versions keep the suite fast (eager mode compiles every op for every
+# new shape); module-level so that tests with equal shapes share compilations.
 JIT = {name: jax.jit(case.fn) for name, case in CASES.items()}
+
+
+def _make_grad(case):
+  def total(*arrays, **kwargs):
+    return jnp.sum(case.fn(*arrays, **kwargs))
+  return jax.jit(jax.grad(total, argnums=case.float_args))
+
+
+JIT_GRAD = {name: _make_grad(case) for name, case in CASES.items()}
 
 
 def _float64(arrays):
   return tuple(jnp.asarray(a) for a in arrays)
+
+
+def _over_float_args(case, arrays, *, reduce=False, **kwargs):
+  """The loss as a function of its float (logit) arguments only."""
+
+  def fn(*float_arrays):
+    args = list(arrays)
+    for pos, a in zip(case.float_args, float_arrays):
+      args[pos] = a
+    out = case.fn(*args, **kwargs)
+    return jnp.sum(out) if reduce else out
+
+  return fn
 
 
 def _lead_first(array, lead_axis):
@@ -269,12 +292,12 @@ def test_matches_reference_dense(name):
   rng = np.random.default_rng(0)
   arrays = case.make(rng, (5,), 7)
   with jax.enable_x64(True):
-    got = case.fn(*_float64(arrays))
+    got = JIT[name](*_float64(arrays))
     assert got.shape == (5,)
     assert got.dtype == jnp.float64
     np.testing.assert_allclose(got, case.ref(*arrays, lead_shape=(5,)),
                                rtol=1e-10, atol=1e-12)
-  got32 = case.fn(*(jnp.asarray(a, jnp.float32) if a.dtype == np.float64 else
+  got32 = JIT[name](*(jnp.asarray(a, jnp.float32) if a.dtype == np.float64 else
                     jnp.asarray(a) for a in arrays))
   assert got32.dtype == jnp.float32
   np.testing.assert_allclose(got32, case.ref(*arrays, lead_shape=(5,)),
@@ -289,13 +312,13 @@ def test_matches_reference_masked_sequence(name):
   arrays = case.make(rng, lead, 11)
   where = np.array([[True, False, True], [False, True, True]])
   with jax.enable_x64(True):
-    got = case.fn(*_float64(arrays), where=jnp.asarray(where))
+    got = JIT[name](*_float64(arrays), where=jnp.asarray(where))
     assert got.shape == lead
     expected = np.where(where, case.ref(*arrays, lead_shape=lead), 0.0)
     np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
     np.testing.assert_array_equal(np.asarray(got)[~where], 0.0)
     # A 0/1 integer mask means the same as the boolean one.
-    got01 = case.fn(*_float64(arrays), where=jnp.asarray(where, jnp.int32))
+    got01 = JIT[name](*_float64(arrays), where=jnp.asarray(where, jnp.int32))
     np.testing.assert_array_equal(got01, got)
 
 
@@ -325,17 +348,13 @@ def test_masked_equals_sliced_and_zero_gradient(name):
       a = np.asarray(a)
       flat = a.reshape(a.shape[:axis] + (-1,) + a.shape[axis + len(lead):])
       sliced.append(jnp.asarray(_lead_slice(flat, axis, kept)))
-    expected = case.fn(*sliced)
+    expected = JIT[name](*sliced)
     np.testing.assert_allclose(np.asarray(got)[where], expected, rtol=1e-12,
                                atol=1e-14)
 
-    for pos in case.float_args:
-      def scalar(x, pos=pos):
-        args = list(arrays_j)
-        args[pos] = x
-        return jnp.sum(case.fn(*args, where=jnp.asarray(where)))
-      grad = np.asarray(jax.jit(jax.grad(scalar))(arrays_j[pos]))
-      grad = _lead_first(grad, case.lead_axis[pos])
+    grads = JIT_GRAD[name](*arrays_j, where=jnp.asarray(where))
+    for grad, pos in zip(grads, case.float_args):
+      grad = _lead_first(np.asarray(grad), case.lead_axis[pos])
       assert np.all(np.isfinite(grad)), (name, pos)
       np.testing.assert_array_equal(grad[~where], 0.0)
 
@@ -348,13 +367,9 @@ def test_check_grads(name):
   where = jnp.asarray([True, False, True])
   with jax.enable_x64(True):
     arrays_j = _float64(arrays)
-    for pos in case.float_args:
-      def partial_fn(x, pos=pos):
-        args = list(arrays_j)
-        args[pos] = x
-        return case.fn(*args, where=where)
-      check_grads(jax.jit(partial_fn), (arrays_j[pos],), order=1,
-                  modes=["rev"])
+    check_grads(jax.jit(_over_float_args(case, arrays_j, where=where)),
+                tuple(arrays_j[pos] for pos in case.float_args), order=1,
+                modes=["rev"])
 
 
 def test_taid_student_gradient_treats_target_as_constant():
@@ -387,22 +402,9 @@ def test_taid_endpoints():
 # ----------------------------------------------------------------------------
 
 
-def _values_and_grads(case, arrays):
+def _values_and_grads(name, arrays):
   arrays = [jnp.asarray(a) for a in arrays]
-
-  @jax.jit
-  def run(arrays):
-    value = case.fn(*arrays)
-    grads = []
-    for pos in case.float_args:
-      def scalar(x, pos=pos):
-        args = list(arrays)
-        args[pos] = x
-        return jnp.sum(case.fn(*args))
-      grads.append(jax.grad(scalar)(arrays[pos]))
-    return value, grads
-
-  return run(arrays)
+  return JIT[name](*arrays), JIT_GRAD[name](*arrays)
 
 
 def _assert_finite(name, value, grads):
@@ -418,7 +420,7 @@ def test_large_magnitude_logits(name):
   arrays = [np.asarray(a) for a in case.make(rng, (2, 3), 8)]
   for pos in case.float_args:
     arrays[pos] = (arrays[pos] * 5e3).astype(np.float32)  # |z| ~ 1e4
-  value, grads = _values_and_grads(case, arrays)
+  value, grads = _values_and_grads(name, arrays)
   assert value.dtype == jnp.float32
   _assert_finite(name, value, grads)
 
@@ -427,13 +429,13 @@ def test_large_magnitude_logits(name):
 def test_one_hot_like_teacher(name):
   case = CASES[name]
   rng = np.random.default_rng(7)
-  arrays = [np.asarray(a) for a in case.make(rng, (4,), 6)]
+  arrays = [np.asarray(a) for a in case.make(rng, (2, 3), 8)]
   for pos in case.float_args[1:] if name != "taid" else case.float_args:
     a = np.zeros_like(arrays[pos])
     a[..., 0] = 1e4
     arrays[pos] = a.astype(np.float32)
   arrays[0] = arrays[0].astype(np.float32)
-  value, grads = _values_and_grads(case, arrays)
+  value, grads = _values_and_grads(name, arrays)
   _assert_finite(name, value, grads)
 
 
@@ -466,7 +468,7 @@ def test_shared_negative_infinity_logits(name):
     arrays[0][..., BANNED] = -np.inf
   arrays = [a.astype(np.float32) if a.dtype == np.float64 else a
             for a in arrays]
-  value, grads = _values_and_grads(case, arrays)
+  value, grads = _values_and_grads(name, arrays)
   _assert_finite(name, value, grads)
   for g, pos in zip(grads, case.float_args):
     if name != "sparse_kd" or pos == 0:
@@ -476,7 +478,7 @@ def test_shared_negative_infinity_logits(name):
   # Banning classes in both models is the same as deleting them.
   keep = [c for c in range(8) if c not in BANNED]
   reduced = [a[..., keep] for a in arrays]
-  np.testing.assert_allclose(value, case.fn(*map(jnp.asarray, reduced)),
+  np.testing.assert_allclose(value, JIT[name](*map(jnp.asarray, reduced)),
                              rtol=1e-5, atol=1e-6)
 
 
@@ -505,14 +507,14 @@ def test_bfloat16_inputs_give_float32(name):
   arrays = [np.asarray(a) for a in case.make(rng, (2, 3), 8)]
   bf16 = [jnp.asarray(a, jnp.bfloat16) if a.dtype == np.float64 else
           jnp.asarray(a) for a in arrays]
-  value, grads = _values_and_grads(case, bf16)
+  value, grads = _values_and_grads(name, bf16)
   assert value.dtype == jnp.float32
   _assert_finite(name, value, grads)
   for g, pos in zip(grads, case.float_args):
     assert g.dtype == jnp.bfloat16  # gradients come back in the input dtype
   # fp32 math on the bf16-rounded values.
   f32 = [a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a for a in bf16]
-  np.testing.assert_allclose(value, case.fn(*f32), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(value, JIT[name](*f32), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ALL)

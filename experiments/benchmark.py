@@ -1,0 +1,129 @@
+"""Times the jitted distillation train step on random CIFAR-shaped data.
+
+    python -m experiments.benchmark --student=resnet8x4 --teacher=resnet32x4 \
+        --num_classes=100 --batch_size=32 --steps=10 --method=kd [--reference=torch]
+
+The step is kdjax's real train step (teacher forward in eval mode, student forward/backward,
+method loss, SGD update) compiled by the configured parallel strategy. Timing starts after a
+warm-up (compilation) and blocks on the results. With `--reference=torch` the PyTorch reference
+of the same two models and loss (experiments/torch_reference.py) is timed in the same
+invocation, interleaved with the JAX runs over `--rounds` rounds, and the best of each is
+compared. The last line printed is one JSON object.
+"""
+
+import json
+import time
+
+from absl import app, flags, logging
+
+flags.DEFINE_string("student", "resnet8x4", "Student model name.")
+flags.DEFINE_string("teacher", "resnet32x4", "Teacher model name.")
+flags.DEFINE_integer("num_classes", 100, "Number of classes.")
+flags.DEFINE_integer("batch_size", 32, "Global batch size.")
+flags.DEFINE_integer("steps", 10, "Timed steps per round.")
+flags.DEFINE_integer("warmup", 2, "Untimed steps before timing (compilation).")
+flags.DEFINE_integer("rounds", 1, "Timing rounds (best is reported); interleaved with torch.")
+flags.DEFINE_string("method", "kd", "Distillation method.")
+flags.DEFINE_string("parallel", "jit", "jit | pmap.")
+flags.DEFINE_enum("reference", "none", ["none", "torch"], "Also time the PyTorch reference.")
+FLAGS = flags.FLAGS
+
+
+def build_jax_step(student_name, teacher_name, num_classes, batch_size, method_name, parallel):
+  """Returns (run(n) -> seconds, student_params, teacher_params)."""
+  import jax
+  import jax.numpy as jnp
+  import ml_collections
+  import numpy as np
+  from kdjax import methods, models
+  from kdjax.methods.base import Batch
+  from kdjax.train import optimizer as optimizer_lib
+  from kdjax.train import parallel as parallel_lib, state as state_lib, step as step_lib
+
+  parallel = parallel_lib.get_parallel(parallel)
+  parallel_lib.check_batch_divisible(batch_size, parallel.num_devices, "--batch_size")
+  kwargs = lambda name: ({"batch_norm_axis_name": parallel.batch_norm_axis_name}
+                         if name in models.USES_BATCH_NORM and parallel.batch_norm_axis_name
+                         else {})
+  student = models.get_model(student_name, num_classes=num_classes, **kwargs(student_name))
+  teacher = models.get_model(teacher_name, num_classes=num_classes, **kwargs(teacher_name))
+  sample = jnp.zeros((2, 32, 32, 3))
+  student_variables = models.init_variables(student, jax.random.key(0), sample)
+  teacher_variables = models.init_variables(teacher, jax.random.key(1), sample)
+  method_class = methods.get_method_class(method_name)
+  method = method_class(method_class.default_config())
+  student_apply, teacher_apply = models.apply_fn(student), models.apply_fn(teacher)
+  s_out, _ = student_apply(student_variables, sample, train=False)
+  t_out, _ = teacher_apply(teacher_variables, sample, train=False)
+  method_params, method_state = method.init(jax.random.key(2), Batch(
+      s_out, t_out, jnp.zeros((2,), jnp.int32), jnp.ones((2,), bool), jnp.zeros((), jnp.int32)))
+  opt_config = ml_collections.ConfigDict(dict(
+      name="sgd", learning_rate=0.05, schedule="constant", warmup_steps=0, weight_decay=5e-4,
+      momentum=0.9, nesterov=False))
+  optimizer = optimizer_lib.build_optimizer(opt_config, 1000)
+  state = parallel.put_replicated(jax.device_get(state_lib.create(
+      student_variables=student_variables, method_params=method_params,
+      method_state=method_state, optimizer=optimizer, rng=jax.random.PRNGKey(0))))
+  teacher_on_device = parallel.put_replicated(jax.device_get(teacher_variables))
+  train_step = parallel.compile_train_step(step_lib.make_train_step(
+      student_apply=student_apply, teacher_apply=teacher_apply, method=method,
+      optimizer=optimizer, reduce_gradients=parallel.reduce_gradients))
+  rng = np.random.default_rng(0)
+  batch = parallel.put_batch({
+      "inputs": rng.normal(size=(batch_size, 32, 32, 3)).astype(np.float32),
+      "labels": rng.integers(0, num_classes, size=(batch_size,)).astype(np.int32)})
+  holder = {"state": state}
+
+  def run(num_steps):
+    start = time.perf_counter()
+    for _ in range(num_steps):
+      holder["state"], metrics = train_step(holder["state"], teacher_on_device, batch)
+    jax.block_until_ready((holder["state"], metrics))
+    return time.perf_counter() - start
+
+  return (run, models.count_params(student_variables["params"]),
+          models.count_params(teacher_variables["params"]), jax)
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  run, student_params, teacher_params, jax = build_jax_step(
+      FLAGS.student, FLAGS.teacher, FLAGS.num_classes, FLAGS.batch_size, FLAGS.method,
+      FLAGS.parallel)
+  run(FLAGS.warmup)
+  torch_run = None
+  if FLAGS.reference == "torch":
+    from experiments import torch_reference
+    torch_run = torch_reference.make_timed_runner(
+        FLAGS.student, FLAGS.teacher, FLAGS.num_classes, FLAGS.batch_size)
+    torch_run(FLAGS.warmup)
+  jax_times, torch_times = [], []
+  for _ in range(FLAGS.rounds):
+    jax_times.append(run(FLAGS.steps))
+    if torch_run:
+      torch_times.append(torch_run(FLAGS.steps))
+  result = {
+      "examples_per_sec": FLAGS.batch_size * FLAGS.steps / min(jax_times),
+      "step_ms": 1000 * min(jax_times) / FLAGS.steps,
+      "student_params": int(student_params),
+      "teacher_params": int(teacher_params),
+      "devices": jax.device_count(),
+      "backend": jax.default_backend(),
+      "device_kind": jax.devices()[0].device_kind,
+      "method": FLAGS.method,
+      "parallel": FLAGS.parallel,
+      "batch_size": FLAGS.batch_size,
+      "steps": FLAGS.steps,
+      "rounds": FLAGS.rounds,
+  }
+  if torch_times:
+    import torch
+    result["torch_examples_per_sec"] = FLAGS.batch_size * FLAGS.steps / min(torch_times)
+    result["torch_threads"] = torch.get_num_threads()
+    result["speedup_vs_torch"] = result["examples_per_sec"] / result["torch_examples_per_sec"]
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  app.run(main)

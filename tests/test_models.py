@@ -1,0 +1,58 @@
+"""Model registry, Output contract, apply functions and the RepDistiller parameter counts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kdjax import models
+
+
+@pytest.mark.parametrize("name, expected", [("resnet8x4", 1_233_540), ("resnet32x4", 7_433_860)])
+def test_cifar_resnet_parameter_counts_match_repdistiller(name, expected):
+  module = models.get_model(name, num_classes=100)
+  variables = jax.eval_shape(
+      lambda: models.init_variables(module, jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+  assert models.count_params(variables["params"]) == expected
+
+
+@pytest.mark.parametrize("name", sorted(models.MODELS))
+def test_every_model_returns_output_with_embedding(name):
+  image = models.registry.model_input_kind(name) == "image32"
+  inputs = jnp.zeros((2, 32, 32, 3) if image else (2, 40))
+  module = models.get_model(name, num_classes=7)
+  variables = jax.eval_shape(lambda: models.init_variables(module, jax.random.key(0), inputs))
+  output, _ = jax.eval_shape(
+      lambda v: models.apply_fn(module)(v, inputs, train=False), variables)
+  assert isinstance(output, models.Output)
+  assert output.logits.shape == (2, 7)
+  assert "embedding" in output.features and output.features["embedding"].shape[0] == 2
+
+
+def test_apply_fn_updates_batch_stats_only_in_training():
+  module = models.get_model("resnet8", num_classes=10)
+  inputs = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+  variables = models.init_variables(module, jax.random.key(0), inputs)
+  apply = models.apply_fn(module)
+  _, new_state = apply(variables, inputs, train=True)
+  assert set(new_state) == {"batch_stats"}
+  before = variables["batch_stats"]["stem_bn"]["mean"]
+  assert not np.allclose(new_state["batch_stats"]["stem_bn"]["mean"], before)
+  _, eval_state = apply(variables, inputs, train=False)
+  assert eval_state == {}
+
+
+def test_cifar_resnet_taps_have_documented_shapes():
+  module = models.get_model("resnet8x4", num_classes=100)
+  inputs = jnp.zeros((2, 32, 32, 3))
+  variables = jax.eval_shape(lambda: models.init_variables(module, jax.random.key(0), inputs))
+  output, _ = jax.eval_shape(lambda v: models.apply_fn(module)(v, inputs, train=False),
+                             variables)
+  shapes = {k: v.shape for k, v in output.features.items()}
+  assert shapes == {"stem": (2, 32, 32, 32), "stage1": (2, 32, 32, 64),
+                    "stage2": (2, 16, 16, 128), "stage3": (2, 8, 8, 256), "embedding": (2, 256)}
+
+
+def test_unknown_model_lists_valid_names():
+  with pytest.raises(ValueError, match=r"Unknown model 'resnet9000'; valid models: .*cnn1d.*mlp"):
+    models.get_model("resnet9000", num_classes=10)

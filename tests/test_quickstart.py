@@ -1,0 +1,92 @@
+"""The smoke quickstart end to end, in fresh processes: devices, parallel strategies, resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, run_python
+
+SMOKE = ["-m", "experiments.main", "--config=configs/quickstart.py:smoke"]
+
+
+def _summary(workdir):
+  with open(os.path.join(workdir, "summary.json")) as f:
+    return json.load(f)["runs"]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, data_dir):
+  """The smoke quickstart on 1 device, uninterrupted."""
+  workdir = str(tmp_path_factory.mktemp("smoke_1dev"))
+  result = run_python(SMOKE + [f"--workdir={workdir}", f"--config.data_dir={data_dir}"])
+  return workdir, result.stdout
+
+
+def test_smoke_quickstart_writes_every_result(reference_run):
+  workdir, stdout = reference_run
+  runs = _summary(workdir)
+  assert list(runs) == ["teacher", "scratch", "kd", "dkd"]
+  for name, run in runs.items():
+    assert 0.0 <= run["eval_accuracy"] <= 1.0
+    assert run["final_train_loss"] > 0 and run["train_examples_per_sec"] > 0
+    assert run["steps"] == (60 if name == "teacher" else 40)
+    assert ("teacher_agreement" in run) == (name in ("kd", "dkd"))
+  for path in ("results.md", "results.png", "teacher/checkpoints", "kd/metrics.jsonl",
+               "kd/run_summary.json", "kd/config.json"):
+    assert os.path.exists(os.path.join(workdir, path)), path
+  assert os.listdir(os.path.join(workdir, "kd", "tensorboard"))
+  assert "| kd | kd | mlp |" in stdout
+  with open(os.path.join(workdir, "results.md")) as f:
+    assert "| dkd | dkd | mlp |" in f.read()
+
+
+@pytest.mark.parametrize("parallel", ["jit", "pmap"])
+def test_eight_devices_give_the_single_device_numbers(reference_run, tmp_path, data_dir,
+                                                      parallel):
+  reference = _summary(reference_run[0])
+  run_python(SMOKE + [f"--workdir={tmp_path}", f"--config.data_dir={data_dir}",
+                      f"--config.parallel={parallel}"],
+             env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+  for name, run in _summary(str(tmp_path)).items():
+    expected = reference[name]
+    assert abs(run["final_train_loss"] - expected["final_train_loss"]) <= \
+        1e-3 * abs(expected["final_train_loss"]), (name, run, expected)
+    assert abs(run["eval_accuracy"] - expected["eval_accuracy"]) <= 0.01, (name, run, expected)
+
+
+def test_rerun_of_a_finished_suite_trains_nothing(reference_run, data_dir):
+  workdir, _ = reference_run
+  before = _summary(workdir)
+  result = run_python(SMOKE + [f"--workdir={workdir}", f"--config.data_dir={data_dir}"])
+  assert "step " not in result.stdout  # No progress lines: nothing was trained.
+  assert _summary(workdir) == before
+
+
+def test_sigkill_after_first_checkpoint_then_rerun_gives_identical_summary(
+    reference_run, tmp_path, data_dir):
+  env = dict(os.environ, PYTHONPATH=REPO)
+  env.pop("XLA_FLAGS", None)
+  args = [sys.executable] + SMOKE + [f"--workdir={tmp_path}", f"--config.data_dir={data_dir}"]
+  process = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+  checkpoints = tmp_path / "kd" / "checkpoints"
+  deadline = time.time() + 300
+  while time.time() < deadline and process.poll() is None:
+    if checkpoints.exists() and any(p.name.isdigit() for p in checkpoints.iterdir()):
+      break
+    time.sleep(0.05)
+  assert process.poll() is None, "the run ended before it could be killed"
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert not (tmp_path / "kd" / "run_summary.json").exists()
+  result = run_python(SMOKE + [f"--workdir={tmp_path}", f"--config.data_dir={data_dir}"])
+  assert "[kd] resumed from step" in result.stdout
+  assert _summary(str(tmp_path)) | {} == {
+      name: {**run, "train_examples_per_sec": _summary(str(tmp_path))[name][
+          "train_examples_per_sec"]}
+      for name, run in _summary(reference_run[0]).items()}
