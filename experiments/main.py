@@ -12,7 +12,22 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and results.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-host: host:port of process 0 (jax.distributed). "
+    "Leave unset on one host, or on clusters where jax.distributed autodetects.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _initialize_distributed(jax):
+  if _COORDINATOR.value is None and _NUM_PROCESSES.value is None:
+    return
+  if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
+    # CPU collectives across processes need an implementation; gloo ships with jaxlib.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                             num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
 
 
 def main(argv):
@@ -21,6 +36,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   import jax  # After flag parsing, so that XLA_FLAGS / platform flags set by users apply.
 
+  _initialize_distributed(jax)
   from experiments import report
   from kdjax import train
   try:

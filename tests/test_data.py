@@ -41,11 +41,12 @@ def test_one_epoch_visits_every_example_once(data_dir):
   assert len(np.unique(signals, axis=0)) == 4000
 
 
-def test_process_shards_partition_the_global_batch(data_dir):
+@pytest.mark.parametrize("augment", [False, True])
+def test_process_shards_partition_the_global_batch(data_dir, augment):
   whole = data.InputPipeline("mnist1d", global_batch_size=64, seed=1, data_dir=data_dir,
-                             augment=False)
+                             augment=augment)
   halves = [data.InputPipeline("mnist1d", global_batch_size=64, seed=1, data_dir=data_dir,
-                               process_index=i, process_count=2, augment=False)
+                               process_index=i, process_count=2, augment=augment)
             for i in range(2)]
   for step in (0, 9):
     joined = np.concatenate([h.train_batch(step)["inputs"] for h in halves])
@@ -90,3 +91,6 @@ def test_cifar_augmentation_is_seeded():
   b = augment.random_crop_and_flip(images, np.random.default_rng(7))
   np.testing.assert_array_equal(a, b)
   assert a.shape == images.shape
+  halves = [augment.random_crop_and_flip(images[i * 2:(i + 1) * 2], np.random.default_rng(7),
+                                         rows=(i * 2, 4)) for i in range(2)]
+  np.testing.assert_array_equal(np.concatenate(halves), a)

@@ -27,8 +27,9 @@ class DatasetSpec:
     train_split / eval_split: TFDS split names.
     local_builder: a `GeneratorBasedBuilder` class that generates the data offline, or None
       for datasets that must be prepared by `tfds build` beforehand.
-    preprocess: `(inputs [B, ...] raw, rng or None) -> float32 inputs`; augments the training
-      batches with `rng`; `rng` is None at evaluation (and when augmentation is off).
+    preprocess: `(inputs [b, ...] raw, rng or None, rows) -> float32 inputs`; augments the
+      training batches with `rng`; `rng` is None at evaluation (and when augmentation is off).
+      `rows` = (offset, global batch size) places the b rows within the global batch.
   """
   tfds_name: str
   input_key: str
@@ -39,7 +40,7 @@ class DatasetSpec:
   train_split: str = "train"
   eval_split: str = "test"
   local_builder: Optional[Callable] = None
-  preprocess: Callable = lambda inputs, rng: np.asarray(inputs, np.float32)
+  preprocess: Callable = lambda inputs, rng, rows=None: np.asarray(inputs, np.float32)
 
 
 def _mnist1d_builder():
@@ -47,16 +48,16 @@ def _mnist1d_builder():
   return Mnist1d
 
 
-def _mnist1d_preprocess(signals, rng):
+def _mnist1d_preprocess(signals, rng, rows=None):
   signals = np.asarray(signals, np.float32)
-  return signals if rng is None else augment.random_shift_and_scale(signals, rng)
+  return signals if rng is None else augment.random_shift_and_scale(signals, rng, rows=rows)
 
 
 def _cifar_preprocess(mean, std):
-  def preprocess(images, rng):
+  def preprocess(images, rng, rows=None):
     images = np.asarray(images, np.float32) / 255.0
     if rng is not None:
-      images = augment.random_crop_and_flip(images, rng, padding=4)
+      images = augment.random_crop_and_flip(images, rng, padding=4, rows=rows)
     return (images - mean) / std
   return preprocess
 

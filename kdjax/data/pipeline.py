@@ -86,9 +86,9 @@ class InputPipeline:
   def num_eval_examples(self) -> int:
     return self._eval.num_examples
 
-  def _prepare(self, raw: dict, rng) -> dict:
+  def _prepare(self, raw: dict, rng, rows=None) -> dict:
     return {
-        "inputs": self.spec.preprocess(raw[self.spec.input_key], rng),
+        "inputs": self.spec.preprocess(raw[self.spec.input_key], rng, rows),
         "labels": np.asarray(raw[self.spec.label_key], np.int32),
     }
 
@@ -96,8 +96,11 @@ class InputPipeline:
     """This process's rows of global training batch `step`."""
     start = step * self.global_batch_size + self.process_index * self.local_batch_size
     indices = np.array([self._order[start + i] for i in range(self.local_batch_size)])
-    rng = np.random.default_rng([self.seed, step, self.process_index]) if self.augment else None
-    return self._prepare(self._train.gather(indices), rng)
+    # One generator per global batch: an example's augmentation is the same however the
+    # batch is split over processes.
+    rng = np.random.default_rng([self.seed, step]) if self.augment else None
+    rows = (self.process_index * self.local_batch_size, self.global_batch_size)
+    return self._prepare(self._train.gather(indices), rng, rows)
 
   def eval_batches(self, global_batch_size: Optional[int] = None) -> Iterator[dict]:
     """The whole eval split once, in order, last batch padded (mask False on padding)."""

@@ -6,9 +6,9 @@ probabilities and their cotangents): for `[8, 512, 32000]` that is many times
 the 262 MB of one bf16 logits tensor (see `experiments/loss_benchmark.py`).
 
 `chunked(loss_fn)` runs `loss_fn` over blocks of `chunk_size` tokens with
-`jax.lax.map`, and wraps each block in `jax.checkpoint`, so the forward pass
-keeps nothing but the block's inputs and the backward pass recomputes one
-block's float32 intermediates at a time. Peak temporary memory then scales with
+`jax.lax.map`, with a custom VJP whose backward pass maps `jax.vjp` over the
+blocks again, so the forward pass keeps nothing but its inputs and the backward
+pass recomputes one block's float32 intermediates at a time. Peak temporary memory then scales with
 `chunk_size * V` instead of `B * T * V`; values and gradients are the same as the
 unchunked loss (up to float rounding).
 """
@@ -31,6 +31,59 @@ Numeric = Union[float, jax.Array]
 __all__ = ["chunked", "chunked_kd", "chunked_forward_kl"]
 
 
+def _is_half(dtype) -> bool:
+  return jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize == 2
+
+
+def _to_transport(x: jax.Array) -> jax.Array:
+  # 16-bit floats travel through the loop as uint16 bit patterns. The CPU
+  # backend has no native bf16 slicing: it rewrites a bf16 dynamic-slice (and
+  # the dynamic-update-slice that stacks per-block results) as float32 ops on
+  # a converted copy of the *whole* array, and then hoists that conversion out
+  # of the loop, which would undo the chunking.
+  return jax.lax.bitcast_convert_type(x, jnp.uint16) if _is_half(x.dtype) else x
+
+
+def _from_transport(x: jax.Array, dtype) -> jax.Array:
+  return jax.lax.bitcast_convert_type(x, dtype) if _is_half(dtype) else x
+
+
+def _map_blocks(fn, arrays, num_chunks, chunk):
+  """lax.map of `fn` over the leading (token) axis of `arrays`, in blocks.
+
+  `arrays` have a leading token axis of length `num_tokens <= num_chunks *
+  chunk`; they are padded with zeros, split into `[num_chunks, chunk, ...]`
+  blocks and `fn(list_of_blocks)` returns a pytree of per-block arrays, which
+  come back concatenated over tokens and cut to `num_tokens`.
+  """
+  num_tokens = arrays[0].shape[0]
+  padding = num_chunks * chunk - num_tokens
+  dtypes = [a.dtype for a in arrays]
+
+  def blocks(a):
+    a = _to_transport(a)
+    if padding:
+      a = jnp.pad(a, [(0, padding)] + [(0, 0)] * (a.ndim - 1))
+    return a.reshape((num_chunks, chunk) + a.shape[1:])
+
+  out_dtypes = jax.tree.map(
+      lambda o: o.dtype,
+      jax.eval_shape(fn, [jax.ShapeDtypeStruct((chunk,) + a.shape[1:], a.dtype)
+                          for a in arrays]))
+
+  def body(block):
+    out = fn([_from_transport(b, d) for b, d in zip(block, dtypes)])
+    return jax.tree.map(_to_transport, out)
+
+  stacked = jax.lax.map(body, [blocks(a) for a in arrays])
+
+  def unblock(o, dtype):
+    o = o.reshape((num_chunks * chunk,) + o.shape[2:])[:num_tokens]
+    return _from_transport(o, dtype)
+
+  return jax.tree.map(unblock, stacked, out_dtypes)
+
+
 def chunked(loss_fn: Callable[..., jax.Array], *, chunk_size: int = 1024
             ) -> Callable[..., jax.Array]:
   """Wraps a per-token logit loss to evaluate it `chunk_size` tokens at a time.
@@ -40,6 +93,13 @@ def chunked(loss_fn: Callable[..., jax.Array], *, chunk_size: int = 1024
   `[...]`, top-k arrays `[..., k]`), keyword hyper-parameters and `where`. It
   does not apply to losses whose arrays have other leading axes
   (`multi_teacher_kd`) or to batch-relational losses (`dist`).
+
+  The forward pass maps `loss_fn` over the blocks; a custom VJP maps
+  `jax.vjp(loss_fn)` over them again in the backward pass (recomputing each
+  block's forward), so only one block's float32 intermediates are alive at a
+  time. Gradients flow to every floating positional array; array-valued
+  hyper-parameters (e.g. TAID's traced `t`) get a zero gradient. Being a
+  custom VJP, it supports reverse-mode, first-order differentiation only.
 
   Args:
     loss_fn: an unreduced loss from `kdjax.losses.logit`, e.g. `kd`.
@@ -89,29 +149,61 @@ def chunked(loss_fn: Callable[..., jax.Array], *, chunk_size: int = 1024
     mask = _checks.check_where(name, where, lead_shape)
     chunk = min(chunk_size, num_tokens)
     num_chunks = -(-num_tokens // chunk)
-    padding = num_chunks * chunk - num_tokens
+    if mask is None and num_chunks * chunk != num_tokens:
+      mask = jnp.ones(lead_shape, bool)  # so padded tokens are masked out
 
-    def blocks(a):
-      a = a.reshape((num_tokens,) + a.shape[lead_ndim:])
-      if padding:
-        a = jnp.pad(a, [(0, padding)] + [(0, 0)] * (a.ndim - 1))
-      return a.reshape((num_chunks, chunk) + a.shape[1:])
-
-    inputs = [blocks(student_logits)] + [blocks(a) for a in arrays]
-    if mask is None and padding:
-      mask = jnp.ones(lead_shape, bool)
+    inputs = [a.reshape((num_tokens,) + a.shape[lead_ndim:])
+              for a in (student_logits,) + arrays]
     if mask is not None:
-      inputs.append(blocks(mask))  # padded tokens come out False
+      inputs.append(mask.reshape(num_tokens))
+    has_mask = mask is not None
+    array_hyper_names = sorted(
+        k for k, v in hyper.items()
+        if isinstance(v, (jax.Array, jax.core.Tracer)))
+    static_hyper = {k: v for k, v in hyper.items()
+                    if k not in array_hyper_names}
+    differentiable = [i for i, a in enumerate(inputs)
+                      if jnp.issubdtype(a.dtype, jnp.floating)]
 
-    @jax.checkpoint
-    def block_loss(block):
-      if mask is None:
-        return loss_fn(*block, **hyper)
-      *block_arrays, block_mask = block
-      return loss_fn(*block_arrays, where=block_mask, **hyper)
+    def block_loss(block, hyper_values):
+      kwargs = dict(static_hyper, **dict(zip(array_hyper_names, hyper_values)))
+      if has_mask:
+        *block_arrays, block_mask = block
+        return loss_fn(*block_arrays, where=block_mask, **kwargs)
+      return loss_fn(*block, **kwargs)
 
-    losses = jax.lax.map(block_loss, tuple(inputs))
-    return losses.reshape(-1)[:num_tokens].reshape(lead_shape)
+    @jax.custom_vjp
+    def run(inputs, hyper_values):
+      return _map_blocks(lambda block: block_loss(block, hyper_values),
+                         inputs, num_chunks, chunk)
+
+    def run_fwd(inputs, hyper_values):
+      return run(inputs, hyper_values), (inputs, hyper_values)
+
+    def run_bwd(residuals, cotangent):
+      inputs, hyper_values = residuals
+
+      def block_grads(block):
+        *block, block_cotangent = block
+
+        def of_floats(*floats):
+          args = list(block)
+          for i, x in zip(differentiable, floats):
+            args[i] = x
+          return block_loss(args, hyper_values)
+
+        _, vjp = jax.vjp(of_floats, *[block[i] for i in differentiable])
+        return list(vjp(block_cotangent))
+
+      grads = _map_blocks(block_grads, inputs + [cotangent], num_chunks, chunk)
+      input_cotangents = [None] * len(inputs)
+      for i, g in zip(differentiable, grads):
+        input_cotangents[i] = g
+      return input_cotangents, jax.tree.map(jnp.zeros_like, hyper_values)
+
+    run.defvjp(run_fwd, run_bwd)
+    losses = run(inputs, [jnp.asarray(hyper[k]) for k in array_hyper_names])
+    return losses.reshape(lead_shape)
 
   return wrapped
 

@@ -99,7 +99,7 @@ class PmapParallel:
         lambda x: np.broadcast_to(np.asarray(x), (self.num_local_devices,) + np.shape(x)), tree)
     # One identity pmap lays every leaf out one copy per device, so later steps don't
     # re-transfer host arrays.
-    return jax.pmap(lambda t: t, devices=self.devices)(stacked)
+    return jax.pmap(lambda t: t)(stacked)
 
   def put_batch(self, local_batch: dict):
     def split(x):
@@ -108,7 +108,7 @@ class PmapParallel:
     return {k: split(v) for k, v in local_batch.items()}
 
   def to_host(self, tree):
-    return jax.device_get(jax.tree.map(lambda x: x[0], tree))
+    return jax.tree.map(first_local_replica, tree)
 
   def compile_train_step(self, train_step: Callable) -> Callable:
     step = functools.partial(train_step, ops=_pmap_ops())
@@ -117,17 +117,24 @@ class PmapParallel:
       new_state, metrics = step(state, teacher_variables, batch)
       return new_state, jax.lax.pmean(metrics, PMAP_AXIS)
 
-    return jax.pmap(replicated_step, axis_name=PMAP_AXIS, devices=self.devices,
+    return jax.pmap(replicated_step, axis_name=PMAP_AXIS,
                     donate_argnums=(0,))
 
   def compile_eval_step(self, eval_step: Callable) -> Callable:
     def summed(state, teacher_variables, batch):
       return jax.lax.psum(eval_step(state, teacher_variables, batch), PMAP_AXIS)
-    return jax.pmap(summed, axis_name=PMAP_AXIS, devices=self.devices)
+    return jax.pmap(summed, axis_name=PMAP_AXIS)
 
   @staticmethod
   def reduce_gradients(grads):
     return jax.lax.pmean(grads, PMAP_AXIS)
+
+
+def first_local_replica(x) -> np.ndarray:
+  """Replica 0 of a pmapped array, read from this process's devices only (`x[0]` would
+  address a global, multi-host array)."""
+  shard = np.asarray(x.addressable_shards[0].data)
+  return shard[0] if shard.ndim == x.ndim else shard
 
 
 def get_parallel(kind: str):
@@ -141,5 +148,5 @@ def get_parallel(kind: str):
 def metrics_to_host(parallel, metrics) -> dict:
   """Device metrics (replicated) to Python floats."""
   if parallel.kind == "pmap":
-    metrics = jax.tree.map(lambda x: x[0], metrics)
+    return {k: float(first_local_replica(v)) for k, v in metrics.items()}
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
