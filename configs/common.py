@@ -24,6 +24,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 2
   config.on_nonfinite = "stop"  # stop | skip
   config.progress = True
+  config.allow_config_change = False  # Rerun into a workdir whose runs used another config.
 
   config.student = ml_collections.ConfigDict(dict(model="mlp"))
   config.teacher = ml_collections.ConfigDict(dict(

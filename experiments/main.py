@@ -39,11 +39,16 @@ def main(argv):
   _initialize_distributed(jax)
   from experiments import report
   from kdjax import train
+  from kdjax.data import DatasetNotPreparedError
   try:
     summary = train.run_suite(_CONFIG.value, _WORKDIR.value, num_devices=jax.device_count())
-  except (train.ConfigError, train.Preempted) as error:
+  except train.Preempted as error:
     print(f"\n{error}", file=sys.stderr, flush=True)
-    sys.exit(2 if isinstance(error, train.ConfigError) else 0)
+    sys.exit(0)
+  except (train.ConfigError, train.ConfigChanged, train.NonFiniteLoss,
+          train.CheckpointError, DatasetNotPreparedError) as error:
+    print(f"\nError: {error}", file=sys.stderr, flush=True)
+    sys.exit(2)
   if jax.process_index() == 0:
     table = report.write_report(summary, _WORKDIR.value)
     print("\n" + table + f"\nResults in {_WORKDIR.value}/ (summary.json, results.md, results.png)")

@@ -40,10 +40,11 @@ def single_device_ops() -> BatchOps:
 class Batch:
   """One step's inputs to a method's loss.
 
-  student: the student's Output (with gradient).
-  teacher: the teacher's Output under stop_gradient, or None for methods without teacher.
-  labels: [b] int labels.
-  where: [b] bool, False on padding rows.
+  student: the student's Output (with gradient); logits [b, C], or [b, T, V] for sequences.
+  teacher: the teacher's Output under stop_gradient, or None for methods without teacher;
+    for `multiple_teachers` methods its logits are stacked: [N_teachers, *student logits].
+  labels: [b] int labels ([b, T] for sequences).
+  where: [b] bool ([b, T] for sequences), False on padding rows / tokens.
   step: scalar int, the optimizer step (for warm-ups and curricula).
   """
   student: Output
@@ -62,6 +63,9 @@ class Method:
 
   name: ClassVar[str]
   needs_teacher: ClassVar[bool] = True
+  # True for methods that distil from several teachers at once: their `Batch.teacher.logits`
+  # is the teachers' logits stacked on a new leading axis, [N_teachers, b, ..., C].
+  multiple_teachers: ClassVar[bool] = False
 
   @classmethod
   def default_config(cls) -> ml_collections.ConfigDict:
@@ -79,13 +83,28 @@ class Method:
     raise NotImplementedError
 
 
+def mask_rows(x: jax.Array, where: jax.Array) -> jax.Array:
+  """`x` ([b, ..., C]) with the rows (or tokens) where `where` ([b, ...]) is False set to 0.
+
+  Padding rows may hold anything (inf, NaN, "ignore" labels such as -100); replacing them
+  before any arithmetic keeps them out of values and gradients, where multiplying by the mask
+  afterwards would not (NaN * 0 is NaN).
+  """
+  where = where.astype(bool)
+  return jnp.where(where.reshape(where.shape + (1,) * (x.ndim - where.ndim)), x, 0)
+
+
 def cross_entropy(batch: Batch, ops: BatchOps) -> jax.Array:
-  per_example = optax.softmax_cross_entropy_with_integer_labels(
-      batch.student.logits.astype(jnp.float32), batch.labels)
+  """Mean cross-entropy of the student on the labels; logits [b, C] with labels [b], or
+  [b, T, V] with labels [b, T] (per-token, `batch.where` [b, T])."""
+  logits = mask_rows(batch.student.logits.astype(jnp.float32), batch.where)
+  labels = mask_rows(batch.labels, batch.where)
+  per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   return ops.mean(per_example, batch.where)
 
 
 def accuracy(batch: Batch, ops: BatchOps) -> jax.Array:
+  """Top-1 accuracy (per token for [b, T, V] logits)."""
   correct = (jnp.argmax(batch.student.logits, -1) == batch.labels).astype(jnp.float32)
   return ops.mean(correct, batch.where)
 
@@ -100,3 +119,31 @@ def check_non_negative(config, method: str, field: str):
   value = config[field]
   if not isinstance(value, (int, float)) or value < 0:
     raise ValueError(f"config.{method}.{field} must be a number >= 0, got {value!r}.")
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_number(config, method: str, field: str):
+  value = config[field]
+  if not _is_number(value) or value != value or abs(value) == float("inf"):
+    raise ValueError(f"config.{method}.{field} must be a finite number, got {value!r}.")
+
+
+def check_interval(config, method: str, field: str, low: float, high: float, *,
+                   low_inclusive: bool = True, high_inclusive: bool = True):
+  """Checks `low <= value <= high` (either end optionally open)."""
+  value = config[field]
+  ok = _is_number(value) and (low <= value if low_inclusive else low < value) and (
+      value <= high if high_inclusive else value < high)
+  if not ok:
+    interval = (("[" if low_inclusive else "(") + f"{low}, {high}"
+                + ("]" if high_inclusive else ")"))
+    raise ValueError(f"config.{method}.{field} must be a number in {interval}, got {value!r}.")
+
+
+def check_positive_int(config, method: str, field: str):
+  value = config[field]
+  if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    raise ValueError(f"config.{method}.{field} must be a positive integer, got {value!r}.")

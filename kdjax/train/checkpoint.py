@@ -46,8 +46,76 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     return restored["state"], dict(restored["meta"])
 
+  def restore_raw(self, step: int):
+    """The saved state as nested dicts of numpy arrays (no target structure needed)."""
+    return self._manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+
+  def restore_meta(self, step: int) -> dict:
+    return dict(self._manager.restore(
+        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+
+  def restore_latest_good(self, abstract_state: Any, *, check_meta=lambda step, meta: None,
+                          log=print) -> Tuple[Optional[int], Any, Optional[dict]]:
+    """Restores the newest checkpoint that reads back whole.
+
+    A damaged checkpoint (truncated files, half-written metadata) is reported, moved aside to
+    `<step>.damaged` (kept for inspection, and out of the way of the step's next save) and the
+    previous one is tried. Raises CheckpointError if checkpoints exist but none is readable:
+    a run never silently restarts from step 0. `check_meta(step, meta)` runs on each
+    checkpoint's metadata before its state is read and raises to refuse it (e.g. a checkpoint
+    of another model): such a refusal is not treated as damage.
+
+    Returns:
+      (step, state, meta), or (None, None, None) when there is no checkpoint at all.
+    """
+    steps = sorted(self.all_steps(), reverse=True)
+    if not steps:
+      return None, None, None
+    failures = []
+    for step in steps:
+      try:
+        meta = self.restore_meta(step)
+      except Exception as error:  # pylint: disable=broad-except
+        meta, meta_error = None, error
+      if meta is not None:
+        check_meta(step, meta)  # Raises for a checkpoint of another run; not damage.
+      try:
+        if meta is None:
+          raise meta_error
+        state, meta = self.restore(step, abstract_state)
+        _check_finite_shapes(state, abstract_state)
+      except Exception as error:  # orbax/tensorstore raise many types for damaged data.
+        failures.append(f"step {step}: {type(error).__name__}: {str(error)[:300]}")
+        log(f"Checkpoint at step {step} in {self.directory} is damaged or unreadable "
+            f"({type(error).__name__}: {str(error)[:200]}); trying an earlier one.")
+        self._set_aside(step)
+        continue
+      return step, state, meta
+    raise CheckpointError(
+        f"Checkpoints exist in {self.directory} but none could be restored (moved aside as "
+        "*.damaged); refusing to restart from step 0. Errors:\n  " + "\n  ".join(failures))
+
+  def _set_aside(self, step: int):
+    source = os.path.join(self.directory, str(step))
+    if os.path.isdir(source):
+      target = source + ".damaged"
+      suffix = 1
+      while os.path.exists(target):
+        target = f"{source}.damaged{suffix}"
+        suffix += 1
+      os.rename(source, target)
+    self._manager.reload()
+
   def close(self):
     self._manager.close()
+
+
+def _check_finite_shapes(state, abstract_state):
+  """A restored tree must have exactly the expected leaf shapes."""
+  for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(abstract_state)):
+    if np.shape(got) != tuple(want.shape):
+      raise CheckpointError(f"restored leaf of shape {np.shape(got)}, expected {want.shape}")
 
 
 def load_model_variables(directory: str, expected_variables: Any, *, model_name: str) -> dict:

@@ -39,12 +39,66 @@ class NonFiniteLoss(FloatingPointError):
   pass
 
 
+class ConfigChanged(ValueError):
+  """The run directory holds a run of another config."""
+
+
+# Fields that do not change the trained numbers: a run may resume under different values.
+_NOT_FINGERPRINTED = {"parallel", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+                      "suite", "data_dir", "progress", "allow_config_change", "on_nonfinite"}
+
+
+def _training_fields(config) -> dict:
+  """The fields that determine a run's numbers: not logging or parallelism, and of the
+  per-method hyper-parameter blocks only the run's own method's."""
+  data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  other_methods = set(methods_lib.METHODS) - {data.get("method")}
+  return {k: v for k, v in data.items() if k not in _NOT_FINGERPRINTED | other_methods}
+
+
 def config_fingerprint(config: ml_collections.ConfigDict) -> str:
   """A hash of everything that changes the trained numbers (not logging / parallelism)."""
-  ignored = {"parallel", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-             "suite", "data_dir", "progress"}
-  relevant = {k: v for k, v in config.to_dict().items() if k not in ignored}
+  relevant = _training_fields(config)
   return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _flatten(tree, prefix=""):
+  if isinstance(tree, dict):
+    out = {}
+    for k, v in tree.items():
+      out.update(_flatten(v, f"{prefix}{k}."))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def _config_changes(old: dict, new: dict) -> list:
+  old_flat, new_flat = _flatten(_training_fields(old)), _flatten(_training_fields(new))
+  keys = sorted(set(old_flat) | set(new_flat))
+  return [f"{k}: {old_flat.get(k)!r} -> {new_flat.get(k)!r}" for k in keys
+          if json.dumps(old_flat.get(k), default=str) != json.dumps(new_flat.get(k), default=str)]
+
+
+def _check_run_dir(config, run_dir: str, name: str):
+  """Refuses to reuse a run directory written with a different training config; with
+  `config.allow_config_change` the old directory is moved aside (never deleted)."""
+  path = os.path.join(run_dir, "config.json")
+  if not os.path.exists(path):
+    return
+  old = files.read_json(path)
+  changes = _config_changes(old, json.loads(config.to_json()))
+  if not changes:
+    return
+  if not config.get("allow_config_change", False):
+    raise ConfigChanged(
+        f"Run {name!r} in {run_dir!r} was trained with a different config ("
+        + "; ".join(changes[:8]) + (" ..." if len(changes) > 8 else "") +
+        "). Use a new --workdir, or pass --config.allow_config_change=True to move the old run "
+        "aside and train it again.")
+  aside = f"{run_dir.rstrip(os.sep)}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+  if jax.process_index() == 0:
+    os.rename(run_dir, aside)
+  print(f"[{name}] config changed ({'; '.join(changes[:3])}); old run moved to {aside}",
+        flush=True)
 
 
 class _StopSignals:
@@ -96,10 +150,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run_dir: str, *,
     teacher_checkpoint: the teacher run's checkpoints/ directory, if the method needs one.
     name: the run's name in progress lines.
   """
+  validate_config(config, num_devices=jax.device_count())
+  _check_run_dir(config, run_dir, name)
   summary_path = os.path.join(run_dir, RUN_SUMMARY)
   if os.path.exists(summary_path):
     return files.read_json(summary_path)
-  validate_config(config, num_devices=jax.device_count())
   method = methods_lib.build_method(config)
   if method.needs_teacher and not teacher_checkpoint:
     raise checkpoint_lib.CheckpointError(
@@ -150,17 +205,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run_dir: str, *,
   writer = metrics_lib.MetricWriter(run_dir, enabled=is_writer)
   window = []  # Host metrics of the steps since the last log line.
   start_step = 0
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
-                            host_state)
-    host_state, meta = checkpointer.restore(latest, abstract)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
+                          host_state)
+
+  def check_identity(step, meta):
     for key, value in identity.items():
       if meta.get(key) != value:
         raise checkpoint_lib.CheckpointError(
-            f"The checkpoint in {checkpointer.directory!r} (step {latest}) was written with "
+            f"The checkpoint in {checkpointer.directory!r} (step {step}) was written with "
             f"{key}={meta.get(key)!r}, but this run has {key}={value!r}. Use another workdir "
             "or delete that run directory.")
+
+  latest, restored, meta = checkpointer.restore_latest_good(
+      abstract, check_meta=check_identity,
+      log=lambda message: print(f"[{name}] {message}", flush=True))
+  if latest is not None:
+    host_state = restored
     window = meta.get("window", [])
     start_step = int(host_state.step)
     writer.truncate_after(start_step)

@@ -22,6 +22,7 @@ class ConfigError(ValueError):
   pass
 
 
+
 def _one_of(field: str, value, allowed: Iterable[str]):
   allowed = sorted(allowed)
   if value not in allowed:

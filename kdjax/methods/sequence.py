@@ -1,0 +1,90 @@
+"""Divergence methods for LM-style (token-level) distillation, also usable on classifiers.
+
+Each is `ce_weight * CE + kd_weight * divergence(s, t, temperature, ...)` averaged over the
+selected tokens: logits `[b, T, V]` with labels and `where` `[b, T]` (or `[b, C]` with `[b]`).
+Defaults: `ce_weight` 0 (pure distillation, as GKD and DistiLLM train), `kd_weight` 1,
+`temperature` 1; `jsd` `beta` 0.5 (TRL's `GKDTrainer` default); skew `alpha` 0.1 (DistiLLM's
+default skew, also SakanaAI/TAID's `--skew_beta`).
+"""
+
+from typing import Callable, ClassVar, Dict, Tuple
+
+import ml_collections
+
+from kdjax import losses
+from kdjax.methods import base
+
+
+class _Divergence(base.Method):
+  """Shared body: subclasses name the loss function and its extra hyper-parameters."""
+  divergence: ClassVar[Callable]
+  # field -> (default, low, high, high_inclusive): the loss's own hyper-parameters.
+  extra_fields: ClassVar[Dict[str, Tuple[float, float, float, bool]]] = {}
+
+  @classmethod
+  def default_config(cls):
+    config = dict(ce_weight=0.0, kd_weight=1.0, temperature=1.0)
+    config.update({field: spec[0] for field, spec in cls.extra_fields.items()})
+    return ml_collections.ConfigDict(config)
+
+  def __init__(self, config):
+    for field in ("ce_weight", "kd_weight"):
+      base.check_non_negative(config, self.name, field)
+    base.check_positive(config, self.name, "temperature")
+    for field, (_, low, high, high_inclusive) in self.extra_fields.items():
+      base.check_interval(config, self.name, field, low, high, high_inclusive=high_inclusive)
+    self.config = config
+
+  def loss(self, params, state, batch, ops):
+    c = self.config
+    extra = {field: c[field] for field in self.extra_fields}
+    ce = base.cross_entropy(batch, ops)
+    divergence = ops.mean(type(self).divergence(
+        batch.student.logits, batch.teacher.logits, temperature=c.temperature,
+        where=batch.where, **extra), batch.where)
+    loss = c.ce_weight * ce + c.kd_weight * divergence
+    return loss, {"loss": loss, "ce": ce, self.name: divergence,
+                  "accuracy": base.accuracy(batch, ops)}, state
+
+
+class ForwardKL(_Divergence):
+  """`KL(p_t || p_s)` per token (`losses.forward_kl`): mean-seeking, as in word-level KD."""
+  name = "fkl"
+  divergence = staticmethod(losses.forward_kl)
+
+
+class ReverseKL(_Divergence):
+  """`KL(p_s || p_t)` per token (`losses.reverse_kl`): mode-seeking (MiniLLM, GKD)."""
+  name = "rkl"
+  divergence = staticmethod(losses.reverse_kl)
+
+
+class JSD(_Divergence):
+  """Generalized JSD with mixture weight `beta` (`losses.generalized_jsd`, GKD / TRL);
+  `beta` 0 is forward KL, 1 reverse KL."""
+  name = "jsd"
+  divergence = staticmethod(losses.generalized_jsd)
+  extra_fields = {"beta": (0.5, 0.0, 1.0, True)}
+
+
+class SkewForwardKL(_Divergence):
+  """`KL(p_t || alpha p_t + (1 - alpha) p_s)` (`losses.skew_forward_kl`, DistiLLM)."""
+  name = "skew_fkl"
+  divergence = staticmethod(losses.skew_forward_kl)
+  extra_fields = {"alpha": (0.1, 0.0, 1.0, False)}
+
+
+class SkewReverseKL(_Divergence):
+  """`KL(p_s || alpha p_s + (1 - alpha) p_t)` (`losses.skew_reverse_kl`, DistiLLM)."""
+  name = "skew_rkl"
+  divergence = staticmethod(losses.skew_reverse_kl)
+  extra_fields = {"alpha": (0.1, 0.0, 1.0, False)}
+
+
+class TotalVariation(_Divergence):
+  """`0.5 * sum |p_t - p_s|` per token (`losses.total_variation`)."""
+  name = "tvd"
+  divergence = staticmethod(losses.total_variation)
+
+
+SEQUENCE_METHODS = (ForwardKL, ReverseKL, JSD, SkewForwardKL, SkewReverseKL, TotalVariation)
