@@ -78,9 +78,10 @@ def _config_changes(old: dict, new: dict) -> list:
           if json.dumps(old_flat.get(k), default=str) != json.dumps(new_flat.get(k), default=str)]
 
 
-def _check_run_dir(config, run_dir: str, name: str):
+def check_run_dir(config, run_dir: str, name: str, *, move_aside: bool = True):
   """Refuses to reuse a run directory written with a different training config; with
-  `config.allow_config_change` the old directory is moved aside (never deleted)."""
+  `config.allow_config_change` the old directory is moved aside (never deleted) when
+  `move_aside`, i.e. when the run starts."""
   path = os.path.join(run_dir, "config.json")
   if not os.path.exists(path):
     return
@@ -94,6 +95,8 @@ def _check_run_dir(config, run_dir: str, name: str):
         + "; ".join(changes[:8]) + (" ..." if len(changes) > 8 else "") +
         "). Use a new --workdir, or pass --config.allow_config_change=True to move the old run "
         "aside and train it again.")
+  if not move_aside:  # A pre-flight check: the move happens when the run starts.
+    return
   aside = f"{run_dir.rstrip(os.sep)}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
   if jax.process_index() == 0:
     os.rename(run_dir, aside)
@@ -136,8 +139,17 @@ def _sample_inputs(spec, batch_size=2):
 
 
 def _mean_window(window):
+  """Means over the logged steps; skipped non-finite steps are counted, not averaged in."""
   keys = window[0].keys()
-  return {k: float(np.mean([m[k] for m in window])) for k in keys}
+  out = {}
+  for k in keys:
+    values = np.array([m[k] for m in window], np.float64)
+    if k == "skipped_nonfinite":
+      out[k] = float(values.sum())
+    else:
+      finite = values[np.isfinite(values)]
+      out[k] = float(finite.mean()) if finite.size else float("nan")
+  return out
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, run_dir: str, *,
@@ -151,7 +163,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run_dir: str, *,
     name: the run's name in progress lines.
   """
   validate_config(config, num_devices=jax.device_count())
-  _check_run_dir(config, run_dir, name)
+  check_run_dir(config, run_dir, name)
   summary_path = os.path.join(run_dir, RUN_SUMMARY)
   if os.path.exists(summary_path):
     return files.read_json(summary_path)
@@ -202,7 +214,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run_dir: str, *,
               "fingerprint": fingerprint}
   checkpointer = checkpoint_lib.Checkpointer(os.path.join(run_dir, "checkpoints"),
                                              max_to_keep=config.keep_checkpoints)
-  writer = metrics_lib.MetricWriter(run_dir, enabled=is_writer)
   window = []  # Host metrics of the steps since the last log line.
   start_step = 0
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
@@ -223,6 +234,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run_dir: str, *,
     host_state = restored
     window = meta.get("window", [])
     start_step = int(host_state.step)
+  writer = metrics_lib.MetricWriter(run_dir, enabled=is_writer)
+  if latest is not None:
     writer.truncate_after(start_step)
     print(f"[{name}] resumed from step {start_step}", flush=True)
   if is_writer:
@@ -252,12 +265,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run_dir: str, *,
     return result
 
   def save(step, state, window):
-    checkpointer.save(step, parallel.to_host(state), dict(identity, window=window))
+    checkpointer.save(step, parallel.to_host(state),
+                      dict(identity, window=window, skipped_steps=skipped_steps))
 
   progress = metrics_lib.Progress(name, config.num_steps, start_step,
                                   enabled=is_writer and config.progress)
   pending = []  # (step, device metrics) not yet copied to the host.
   timed_steps, timed_seconds, last_time = 0, 0.0, None
+  skipped_steps = int(meta.get("skipped_steps", 0)) if meta else 0
   with _StopSignals() as stop:
     for step in range(start_step, config.num_steps):
       batch = parallel.put_batch(pipeline.train_batch(step))
@@ -275,6 +290,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run_dir: str, *,
                 f"[{name}] non-finite {', '.join(bad)} at step {pending_step} "
                 f"({', '.join(f'{k}={host[k]}' for k in bad)}); the last good checkpoint "
                 f"(step {checkpointer.latest_step()}) is kept in {checkpointer.directory}.")
+          skipped_steps += int(host.get("skipped_nonfinite", 0))
           window.append(host)
         pending = []
         now = time.perf_counter()
@@ -317,6 +333,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run_dir: str, *,
       "student": config.student.model,
       "student_params": int(models_lib.count_params(host_state.params["student"])),
   }
+  if config.on_nonfinite == "skip":
+    summary["skipped_nonfinite_steps"] = skipped_steps
   if "teacher_agreement" in final_eval:
     summary["teacher_agreement"] = final_eval["teacher_agreement"]
     summary["teacher_eval_accuracy"] = final_eval["teacher_accuracy"]

@@ -12,7 +12,7 @@ import os
 import ml_collections
 
 from kdjax.train import files
-from kdjax.train.loop import train_and_evaluate
+from kdjax.train.loop import check_run_dir, train_and_evaluate
 from kdjax.train.validate import ConfigError, suite_runs, validate_config
 
 SUMMARY = "summary.json"
@@ -49,6 +49,9 @@ def run_suite(config: ml_collections.ConfigDict, workdir: str, *, num_devices: i
     raise ConfigError(
         f"Runs {needs_teacher} need a teacher, but there is no teacher checkpoint at "
         f"{teacher_dir!r}; add 'teacher' to config.suite or set config.teacher.checkpoint.")
+
+  for run, run_cfg in run_configs.items():  # Refuse a changed config before any run starts.
+    check_run_dir(run_cfg, os.path.join(workdir, run), run, move_aside=False)
 
   summary_path = os.path.join(workdir, SUMMARY)
   summary = {"runs": {}, "config": config.to_dict()}

@@ -82,24 +82,19 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
     raise ConfigError(f"config.num_classes={config.num_classes} but dataset "
                       f"{config.dataset!r} has {spec.num_classes} classes.")
 
-  method_class = get_method_class(config.method)
-  method_config = config.get(config.method, method_class.default_config())
-  try:
-    method_class(method_config)
-  except ValueError as error:
-    raise ConfigError(str(error)) from None
+  # Every method's block is checked, used or not: a typo'd value is an error either way.
+  for method_name, method_class in METHODS.items():
+    if method_name in config:
+      try:
+        method_class(config[method_name])
+      except ValueError as error:
+        raise ConfigError(str(error)) from None
 
   runs = suite_runs(config)
   for run in runs:
     if run not in METHODS and run not in SPECIAL_RUNS:
       raise ConfigError(f"config.suite names run {run!r}, which is neither a method nor "
                         f"'teacher'; valid runs: {', '.join(SPECIAL_RUNS + tuple(sorted(METHODS)))}.")
-    if run in METHODS:
-      run_class = get_method_class(run)
-      try:
-        run_class(config.get(run, run_class.default_config()))
-      except ValueError as error:
-        raise ConfigError(str(error)) from None
 
   teacher_checkpoint = config.teacher.checkpoint
   if teacher_checkpoint and not os.path.isdir(teacher_checkpoint):
