@@ -30,7 +30,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.teacher = ml_collections.ConfigDict(dict(
       model="cnn1d",
       checkpoint=config_dict.placeholder(str),  # A run's checkpoints/ dir; default: suite's.
-      num_steps=0))  # Steps of the suite's teacher run; 0 means config.num_steps.
+      num_steps=0,  # Steps of the suite's teacher runs; 0 means config.num_steps.
+      extra=""))  # More teachers for multi-teacher methods: "model[:checkpoint_dir],...".
 
   config.optimizer = ml_collections.ConfigDict(dict(
       name="adam", learning_rate=1e-2, schedule="cosine", warmup_steps=0, weight_decay=0.0,

@@ -103,7 +103,7 @@ def test_batch_not_divisible_by_device_count_names_both_numbers(field, finished_
 
 
 def test_missing_teacher_checkpoint_fails_before_any_run(tmp_path, data_dir):
-  with pytest.raises(ConfigError, match=r"need a teacher, but there is no teacher checkpoint"):
+  with pytest.raises(ConfigError, match=r"Run 'kd' needs the teacher 'cnn1d', but there is no checkpoint at "):
     run_suite(_config(data_dir, suite="scratch,kd"), str(tmp_path), num_devices=1)
   assert not os.path.exists(tmp_path / "scratch")  # Not even the scratch run started.
 
@@ -128,11 +128,12 @@ def test_allow_config_change_moves_the_old_run_aside(finished_workdir, tmp_path,
 
 def test_teacher_checkpoint_of_another_model_is_refused(finished_workdir, tmp_path, data_dir):
   teacher = os.path.join(finished_workdir, "teacher", "checkpoints")
-  config = _config(data_dir, suite="kd", teacher__model="cnn1d_small",
+  config = _config(data_dir, suite="scratch,kd", teacher__model="cnn1d_small",
                    teacher__checkpoint=teacher)
   with pytest.raises(CheckpointError, match=r"is of model 'cnn1d', but the teacher is configured "
-                                            r"as 'cnn1d_small' \(config.teacher.model\)"):
+                                            r"as 'cnn1d_small' \(config.teacher.model"):
     run_suite(config, str(tmp_path), num_devices=1)
+  assert not os.path.exists(tmp_path / "scratch")  # Refused before the first run.
 
 
 def test_run_checkpoint_of_another_model_is_refused(finished_workdir, tmp_path, data_dir):
@@ -145,8 +146,8 @@ def test_run_checkpoint_of_another_model_is_refused(finished_workdir, tmp_path, 
   with pytest.raises(CheckpointError, match=r"was written with model='mlp', but this run has "
                                             r"model='cnn1d_small'"):
     train_and_evaluate(config, str(run_dir),
-                       teacher_checkpoint=os.path.join(finished_workdir, "teacher",
-                                                       "checkpoints"))
+                       teacher_checkpoints=[os.path.join(finished_workdir, "teacher",
+                                                        "checkpoints")])
   assert _snapshot(run_dir) == before  # Refused, not mistaken for damage and moved aside.
 
 
@@ -224,3 +225,19 @@ BAD_LOSS_CALLS = [
 def test_bad_loss_arguments_name_the_function_and_shapes(call, error, message):
   with pytest.raises(error, match=message):
     call()
+
+
+def test_extra_teacher_without_checkpoint_or_run_is_refused(tmp_path, finished_workdir,
+                                                            data_dir):
+  config = _config(data_dir, suite="multi_teacher_kd", teacher__extra="cnn1d_small",
+                   teacher__checkpoint=os.path.join(finished_workdir, "teacher", "checkpoints"))
+  with pytest.raises(ConfigError, match=r"Run 'multi_teacher_kd' needs the teacher "
+                                        r"'cnn1d_small'.*add 'teacher_1' to config.suite"):
+    run_suite(config, str(tmp_path), num_devices=1)
+
+
+def test_unknown_extra_teacher_model_lists_valid_models(data_dir):
+  from kdjax.train import validate_config
+  with pytest.raises(ConfigError, match=r"config.teacher.extra='convnext' is not valid; valid "
+                                        r"values: .*cnn1d"):
+    validate_config(_config(data_dir, teacher__extra="convnext"), num_devices=1)

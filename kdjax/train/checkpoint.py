@@ -118,6 +118,20 @@ def _check_finite_shapes(state, abstract_state):
       raise CheckpointError(f"restored leaf of shape {np.shape(got)}, expected {want.shape}")
 
 
+def saved_model_name(directory: str) -> Optional[str]:
+  """The model name recorded in the latest checkpoint of a kdjax run (None if unknown)."""
+  manager = ocp.CheckpointManager(directory, item_names=("state", "meta"),
+                                  options=ocp.CheckpointManagerOptions(create=False))
+  try:
+    step = manager.latest_step()
+    if step is None:
+      raise CheckpointError(f"No complete checkpoint in {directory!r}.")
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return dict(meta).get("model")
+  finally:
+    manager.close()
+
+
 def load_model_variables(directory: str, expected_variables: Any, *, model_name: str) -> dict:
   """Loads a trained model's variables from a kdjax run's checkpoint directory.
 

@@ -1,6 +1,6 @@
 """One training run: student (and its method) trained against a fixed teacher.
 
-    summary = train_and_evaluate(config, run_dir, teacher_checkpoint=...)
+    summary = train_and_evaluate(config, run_dir, teacher_checkpoints=[...])
 
 Resumes from the latest checkpoint in `run_dir/checkpoints`; a finished run (with
 `run_dir/run_summary.json`) is not retrained. SIGTERM / SIGINT write a checkpoint at the next
@@ -12,7 +12,7 @@ import json
 import os
 import signal
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,7 @@ from kdjax.methods.base import Batch
 from kdjax.train import checkpoint as checkpoint_lib
 from kdjax.train import files, metrics as metrics_lib, optimizer as optimizer_lib
 from kdjax.train import parallel as parallel_lib, state as state_lib, step as step_lib
+from kdjax.train import teachers as teachers_lib
 from kdjax.train.validate import validate_config
 
 RUN_SUMMARY = "run_summary.json"
@@ -153,13 +154,15 @@ def _mean_window(window):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, run_dir: str, *,
-                       teacher_checkpoint: Optional[str] = None, name: str = "run") -> dict:
+                       teacher_checkpoints: Sequence[str] = (), name: str = "run") -> dict:
   """Trains `config.student.model` with `config.method`; returns the run summary.
 
   Args:
     config: a validated experiment config for this one run.
     run_dir: the run's directory (checkpoints, metrics, summary).
-    teacher_checkpoint: the teacher run's checkpoints/ directory, if the method needs one.
+    teacher_checkpoints: the checkpoints/ directories of the teachers of
+      `teachers.teacher_specs(config)`, in that order, if the method needs a teacher (methods
+      with `multiple_teachers` use all of them, the others the first).
     name: the run's name in progress lines.
   """
   validate_config(config, num_devices=jax.device_count())
@@ -168,7 +171,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run_dir: str, *,
   if os.path.exists(summary_path):
     return files.read_json(summary_path)
   method = methods_lib.build_method(config)
-  if method.needs_teacher and not teacher_checkpoint:
+  if isinstance(teacher_checkpoints, str):
+    teacher_checkpoints = [teacher_checkpoints]
+  if method.needs_teacher and not teacher_checkpoints:
     raise checkpoint_lib.CheckpointError(
         f"Method {config.method!r} needs a teacher; set config.teacher.checkpoint or put "
         "'teacher' first in config.suite.")
@@ -191,13 +196,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run_dir: str, *,
 
   teacher_apply, teacher_variables, teacher_sample = None, None, None
   if method.needs_teacher:
-    teacher_module = models_lib.get_model(config.teacher.model, num_classes=config.num_classes,
-                                          **_model_kwargs(config.teacher.model, parallel))
-    teacher_apply = models_lib.apply_fn(teacher_module)
-    expected = jax.eval_shape(
-        lambda: models_lib.init_variables(teacher_module, init_rng, sample))
-    teacher_variables = checkpoint_lib.load_model_variables(
-        teacher_checkpoint, expected, model_name=config.teacher.model)
+    specs = teachers_lib.teacher_specs(config)
+    if not method.multiple_teachers:
+      specs = specs[:1]
+    if len(teacher_checkpoints) < len(specs):
+      raise checkpoint_lib.CheckpointError(
+          f"Method {config.method!r} needs {len(specs)} teacher checkpoints, got "
+          f"{len(teacher_checkpoints)}.")
+    applies, variables = [], []
+    for spec, directory in zip(specs, teacher_checkpoints):
+      module = models_lib.get_model(spec.model, num_classes=config.num_classes,
+                                    **_model_kwargs(spec.model, parallel))
+      expected = jax.eval_shape(lambda m=module: models_lib.init_variables(m, init_rng, sample))
+      variables.append(checkpoint_lib.load_model_variables(directory, expected,
+                                                           model_name=spec.model))
+      applies.append(models_lib.apply_fn(module))
+    if method.multiple_teachers:
+      teacher_apply = teachers_lib.ensemble_apply_fn(applies)
+      teacher_variables = variables
+    else:
+      teacher_apply, teacher_variables = applies[0], variables[0]
     teacher_sample, _ = teacher_apply(teacher_variables, sample, train=False)
 
   student_sample, _ = student_apply(student_variables, sample, train=False)
@@ -242,7 +260,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run_dir: str, *,
     files.write_json_atomic(os.path.join(run_dir, "config.json"), json.loads(config.to_json()))
 
   state = parallel.put_replicated(host_state)
-  teacher_on_device = parallel.put_replicated(teacher_variables) if teacher_variables else None
+  teacher_on_device = (parallel.put_replicated(teacher_variables)
+                       if teacher_variables is not None else None)
   train_step = parallel.compile_train_step(step_lib.make_train_step(
       student_apply=student_apply, teacher_apply=teacher_apply, method=method,
       optimizer=optimizer, reduce_gradients=parallel.reduce_gradients,

@@ -96,7 +96,10 @@ def make_eval_step(*, student_apply: ApplyFn, teacher_apply: Optional[ApplyFn]) 
     }
     teacher = teacher_outputs(teacher_apply, teacher_variables, batch)
     if teacher is not None:
-      teacher_prediction = jnp.argmax(teacher.logits, -1)
+      teacher_logits = teacher.logits.astype(jnp.float32)
+      if teacher_logits.ndim > logits.ndim:  # Several teachers: their average prediction.
+        teacher_logits = jnp.mean(jax.nn.log_softmax(teacher_logits), axis=0)
+      teacher_prediction = jnp.argmax(teacher_logits, -1)
       sums["teacher_correct"] = jnp.sum((teacher_prediction == batch["labels"]) * where)
       sums["teacher_agreement"] = jnp.sum((teacher_prediction == prediction) * where)
     return sums

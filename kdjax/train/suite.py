@@ -1,7 +1,8 @@
 """A suite of runs from one config: the teacher, then each student method.
 
 `config.suite = 'teacher,scratch,kd,dkd'`: run `teacher` trains `config.teacher.model` from
-scratch (for `config.teacher.num_steps` steps when set); every other run trains
+scratch (for `config.teacher.num_steps` steps when set), `teacher_<i>` the i-th model of
+`config.teacher.extra` (for multi-teacher methods); every other run trains
 `config.student.model` with the method of the same name, distilling from the teacher run's
 checkpoint (or `config.teacher.checkpoint` when given). Each run lives in `workdir/<name>/`;
 a finished run is not retrained. `workdir/summary.json` collects the run summaries.
@@ -11,7 +12,10 @@ import os
 
 import ml_collections
 
+from kdjax.methods.registry import get_method_class
 from kdjax.train import files
+from kdjax.train import teachers as teachers_lib
+from kdjax.train.checkpoint import CheckpointError, saved_model_name
 from kdjax.train.loop import check_run_dir, train_and_evaluate
 from kdjax.train.validate import ConfigError, suite_runs, validate_config
 
@@ -21,18 +25,17 @@ SUMMARY = "summary.json"
 def run_config(config: ml_collections.ConfigDict, run: str) -> ml_collections.ConfigDict:
   """The single-run config for suite entry `run`."""
   run_cfg = ml_collections.ConfigDict(config.to_dict())
-  if run == "teacher":
+  specs = {spec.run: spec for spec in teachers_lib.teacher_specs(config)}
+  if run in specs:  # teacher, teacher_1, ...: trained from scratch, each with its own seed.
+    index = list(specs).index(run)
     run_cfg.method = "scratch"
-    run_cfg.student.model = config.teacher.model
+    run_cfg.student.model = specs[run].model
+    run_cfg.seed = config.seed + index
     if config.teacher.num_steps:
       run_cfg.num_steps = config.teacher.num_steps
   else:
     run_cfg.method = run
   return run_cfg
-
-
-def teacher_checkpoint_dir(config, workdir: str) -> str:
-  return config.teacher.checkpoint or os.path.join(workdir, "teacher", "checkpoints")
 
 
 def run_suite(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int) -> dict:
@@ -43,13 +46,27 @@ def run_suite(config: ml_collections.ConfigDict, workdir: str, *, num_devices: i
   run_configs = {run: run_config(config, run) for run in runs}
   for run_cfg in run_configs.values():  # Every run is checked before the first one starts.
     validate_config(run_cfg, num_devices=num_devices)
-  teacher_dir = teacher_checkpoint_dir(config, workdir)
-  needs_teacher = [r for r in runs if r != "teacher" and r != "scratch"]
-  if needs_teacher and "teacher" not in runs and not os.path.isdir(teacher_dir):
-    raise ConfigError(
-        f"Runs {needs_teacher} need a teacher, but there is no teacher checkpoint at "
-        f"{teacher_dir!r}; add 'teacher' to config.suite or set config.teacher.checkpoint.")
+  specs = teachers_lib.teacher_specs(config)
+  teacher_dirs = teachers_lib.checkpoint_dirs(config, workdir)
+  teacher_runs = [spec.run for spec in specs]
+  students = [r for r in runs if r not in teacher_runs and get_method_class(r).needs_teacher]
+  for run in students:
+    count = len(specs) if get_method_class(run).multiple_teachers else 1
+    for spec, directory in zip(specs[:count], teacher_dirs[:count]):
+      if spec.run not in runs and not os.path.isdir(directory):
+        raise ConfigError(
+            f"Run {run!r} needs the teacher {spec.model!r}, but there is no checkpoint at "
+            f"{directory!r}; add {spec.run!r} to config.suite before it, or give the "
+            "checkpoint in config.teacher.checkpoint / config.teacher.extra.")
+  needs_teacher = students
 
+  for spec in specs:  # A teacher given by its checkpoint must be the configured model.
+    if needs_teacher and spec.checkpoint and os.path.isdir(spec.checkpoint):
+      saved = saved_model_name(spec.checkpoint)
+      if saved is not None and saved != spec.model:
+        raise CheckpointError(
+            f"The checkpoint in {spec.checkpoint!r} is of model {saved!r}, but the teacher is "
+            f"configured as {spec.model!r} (config.teacher.model / config.teacher.extra).")
   for run, run_cfg in run_configs.items():  # Refuse a changed config before any run starts.
     check_run_dir(run_cfg, os.path.join(workdir, run), run, move_aside=False)
 
@@ -58,7 +75,7 @@ def run_suite(config: ml_collections.ConfigDict, workdir: str, *, num_devices: i
   for run, run_cfg in run_configs.items():
     result = train_and_evaluate(
         run_cfg, os.path.join(workdir, run),
-        teacher_checkpoint=None if run == "teacher" else teacher_dir, name=run)
+        teacher_checkpoints=() if run in teacher_runs else teacher_dirs, name=run)
     summary["runs"][run] = result
     files.write_json_atomic(summary_path, summary)  # Partial results survive a later crash.
   return summary

@@ -13,9 +13,9 @@ from kdjax.methods.registry import METHODS, get_method_class
 from kdjax.models.registry import MODELS, model_input_kind
 from kdjax.train import optimizer as optimizer_lib
 from kdjax.train.parallel import PARALLEL_KINDS, check_batch_divisible
+from kdjax.train.teachers import teacher_specs
 
 ON_NONFINITE = ("stop", "skip")
-SPECIAL_RUNS = ("teacher",)
 
 
 class ConfigError(ValueError):
@@ -69,18 +69,21 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
     except ValueError as error:
       raise ConfigError(str(error)) from None
 
-  spec = get_dataset_spec(config.dataset)
-  for role in ("student", "teacher"):
-    name = config[role].model
-    if model_input_kind(name) != spec.input_kind:
-      compatible = sorted(m for m in MODELS if model_input_kind(m) == spec.input_kind)
+  dataset = get_dataset_spec(config.dataset)
+  roles = [("student.model", config.student.model)] + [
+      ("teacher.model" if i == 0 else "teacher.extra", teacher.model)
+      for i, teacher in enumerate(teacher_specs(config))]
+  for field, name in roles:
+    _one_of(field, name, MODELS)
+    if model_input_kind(name) != dataset.input_kind:
+      compatible = sorted(m for m in MODELS if model_input_kind(m) == dataset.input_kind)
       raise ConfigError(
-          f"config.{role}.model={name!r} takes {model_input_kind(name)} inputs but dataset "
-          f"{config.dataset!r} has {spec.input_kind} inputs; models for it: "
+          f"config.{field}={name!r} takes {model_input_kind(name)} inputs but dataset "
+          f"{config.dataset!r} has {dataset.input_kind} inputs; models for it: "
           f"{', '.join(compatible)}.")
-  if config.num_classes != spec.num_classes:
+  if config.num_classes != dataset.num_classes:
     raise ConfigError(f"config.num_classes={config.num_classes} but dataset "
-                      f"{config.dataset!r} has {spec.num_classes} classes.")
+                      f"{config.dataset!r} has {dataset.num_classes} classes.")
 
   # Every method's block is checked, used or not: a typo'd value is an error either way.
   for method_name, method_class in METHODS.items():
@@ -90,11 +93,17 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
       except ValueError as error:
         raise ConfigError(str(error)) from None
 
+  specs = teacher_specs(config)
+  for spec in specs[1:]:
+    if spec.checkpoint and not os.path.isdir(spec.checkpoint):
+      raise ConfigError(f"config.teacher.extra names checkpoint {spec.checkpoint!r}, which does "
+                        "not exist.")
+  teacher_runs = tuple(spec.run for spec in specs)
   runs = suite_runs(config)
   for run in runs:
-    if run not in METHODS and run not in SPECIAL_RUNS:
-      raise ConfigError(f"config.suite names run {run!r}, which is neither a method nor "
-                        f"'teacher'; valid runs: {', '.join(SPECIAL_RUNS + tuple(sorted(METHODS)))}.")
+    if run not in METHODS and run not in teacher_runs:
+      raise ConfigError(f"config.suite names run {run!r}, which is neither a method nor a "
+                        f"teacher run; valid runs: {', '.join(teacher_runs + tuple(sorted(METHODS)))}.")
 
   teacher_checkpoint = config.teacher.checkpoint
   if teacher_checkpoint and not os.path.isdir(teacher_checkpoint):

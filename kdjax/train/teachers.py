@@ -1,0 +1,46 @@
+"""Teachers of a run: one, or several for methods that distil from an ensemble.
+
+`config.teacher.model` is the main teacher; `config.teacher.extra` lists more as
+comma-separated `model` or `model:checkpoint_dir` entries. In a suite, an extra teacher
+without a checkpoint is trained by the run `teacher_<i>` (i = 1, 2, ...; seed + i).
+"""
+
+import os
+from typing import List, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from kdjax.models.output import Output
+
+
+class TeacherSpec(NamedTuple):
+  run: str  # The suite run that trains it ('teacher', 'teacher_1', ...).
+  model: str
+  checkpoint: Optional[str]  # Given explicitly in the config, else the run's checkpoints/.
+
+
+def teacher_specs(config) -> List[TeacherSpec]:
+  specs = [TeacherSpec("teacher", config.teacher.model, config.teacher.checkpoint or None)]
+  for i, entry in enumerate(e.strip() for e in str(config.teacher.extra).split(",")):
+    if not entry:
+      continue
+    model, _, checkpoint = entry.partition(":")
+    specs.append(TeacherSpec(f"teacher_{len(specs)}", model.strip(), checkpoint.strip() or None))
+  return specs
+
+
+def checkpoint_dirs(config, workdir: str) -> List[str]:
+  return [spec.checkpoint or os.path.join(workdir, spec.run, "checkpoints")
+          for spec in teacher_specs(config)]
+
+
+def ensemble_apply_fn(apply_fns):
+  """One apply function for several teachers: logits stacked as [N, *logits.shape], the
+  features of the first teacher. `variables` is the list of the teachers' variables."""
+
+  def apply(variables, inputs, *, train: bool, rng: Optional[jax.Array] = None):
+    outputs = [fn(v, inputs, train=train, rng=rng)[0] for fn, v in zip(apply_fns, variables)]
+    return Output(jnp.stack([o.logits for o in outputs]), outputs[0].features), {}
+
+  return apply
