@@ -14,6 +14,7 @@ ARGS = ["-m", "experiments.main", "--config=configs/quickstart.py:smoke",
         "--config.suite=teacher,kd"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["jit", "pmap"])
 def test_two_processes_match_one_process(tmp_path, data_dir, parallel):
   common = ARGS + [f"--config.data_dir={data_dir}", f"--config.parallel={parallel}"]

@@ -30,12 +30,13 @@ def reference_run(tmp_path_factory, data_dir):
 def test_smoke_quickstart_writes_every_result(reference_run):
   workdir, stdout = reference_run
   runs = _summary(workdir)
-  assert list(runs) == ["teacher", "scratch", "kd", "dkd"]
+  students = ["kd", "dkd", "dist", "kd_std", "nkd"]
+  assert list(runs) == ["teacher", "scratch"] + students
   for name, run in runs.items():
     assert 0.0 <= run["eval_accuracy"] <= 1.0
     assert run["final_train_loss"] > 0 and run["train_examples_per_sec"] > 0
     assert run["steps"] == (60 if name == "teacher" else 40)
-    assert ("teacher_agreement" in run) == (name in ("kd", "dkd"))
+    assert ("teacher_agreement" in run) == (name in students)
   for path in ("results.md", "results.png", "teacher/checkpoints", "kd/metrics.jsonl",
                "kd/run_summary.json", "kd/config.json"):
     assert os.path.exists(os.path.join(workdir, path)), path
@@ -101,5 +102,22 @@ def test_full_quickstart_teacher_beats_scratch_and_kd_gains_a_point(tmp_path, da
   runs = _summary(str(tmp_path))
   assert runs["teacher"]["eval_accuracy"] > runs["scratch"]["eval_accuracy"]
   assert runs["kd"]["eval_accuracy"] >= runs["scratch"]["eval_accuracy"] + 0.01
+  assert runs["dist"]["eval_accuracy"] >= runs["scratch"]["eval_accuracy"] + 0.01
   assert runs["teacher"]["eval_accuracy"] >= 0.9
   assert wall < 600, f"quickstart took {wall:.0f} s"
+
+
+def test_every_other_method_runs_from_the_quickstart_suite(tmp_path, data_dir):
+  """CTKD, TAID, multi-teacher KD and the sequence divergences through the real launcher."""
+  students = ["ctkd", "taid", "multi_teacher_kd", "fkl", "rkl", "jsd", "skew_fkl", "skew_rkl",
+              "tvd"]
+  run_python(SMOKE + [f"--workdir={tmp_path}", f"--config.data_dir={data_dir}",
+                      "--config.teacher.extra=cnn1d_small",
+                      "--config.suite=" + ",".join(["teacher", "teacher_1"] + students)])
+  runs = _summary(str(tmp_path))
+  assert runs["teacher_1"]["student"] == "cnn1d_small"
+  for name in students:
+    assert 0.0 < runs[name]["eval_accuracy"] <= 1.0 and runs[name]["teacher_agreement"] > 0
+  metrics = [json.loads(line) for line in open(tmp_path / "ctkd" / "metrics.jsonl")]
+  temperatures = [m["temperature"] for m in metrics if m["split"] == "train"]
+  assert len(set(temperatures)) > 1  # The learnable temperature was trained.

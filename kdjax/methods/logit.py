@@ -42,7 +42,7 @@ class KD(base.Method):
     c = self.config
     ce = base.cross_entropy(batch, ops)
     kd = ops.mean(losses.kd(batch.student.logits, batch.teacher.logits,
-                            temperature=c.temperature), batch.where)
+                            temperature=c.temperature, where=batch.where), batch.where)
     loss = c.ce_weight * ce + c.kd_weight * kd
     return loss, {"loss": loss, "ce": ce, "kd": kd, "accuracy": base.accuracy(batch, ops)}, state
 
@@ -70,8 +70,8 @@ class DKD(base.Method):
     c = self.config
     ce = base.cross_entropy(batch, ops)
     dkd = ops.mean(losses.dkd(batch.student.logits, batch.teacher.logits, batch.labels,
-                              alpha=c.alpha, beta=c.beta, temperature=c.temperature),
-                   batch.where)
+                              alpha=c.alpha, beta=c.beta, temperature=c.temperature,
+                              where=batch.where), batch.where)
     warmup = (jnp.minimum(batch.step.astype(jnp.float32) / c.warmup_steps, 1.0)
               if c.warmup_steps else 1.0)
     loss = c.ce_weight * ce + warmup * dkd

@@ -74,7 +74,9 @@ def _flatten(tree, prefix=""):
 
 def _config_changes(old: dict, new: dict) -> list:
   old_flat, new_flat = _flatten(_training_fields(old)), _flatten(_training_fields(new))
-  keys = sorted(set(old_flat) | set(new_flat))
+  # Only fields both configs have: a field added to kdjax after the run was written (or one
+  # since removed) says nothing about how the run was trained.
+  keys = sorted(set(old_flat) & set(new_flat))
   return [f"{k}: {old_flat.get(k)!r} -> {new_flat.get(k)!r}" for k in keys
           if json.dumps(old_flat.get(k), default=str) != json.dumps(new_flat.get(k), default=str)]
 
