@@ -56,3 +56,12 @@ def test_cifar_resnet_taps_have_documented_shapes():
 def test_unknown_model_lists_valid_names():
   with pytest.raises(ValueError, match=r"Unknown model 'resnet9000'; valid models: .*cnn1d.*mlp"):
     models.get_model("resnet9000", num_classes=10)
+
+
+def test_importing_losses_pulls_in_nothing_but_jax():
+  from conftest import run_python
+  code = ("import sys; from kdjax import losses; "
+          "heavy = [m for m in ('flax', 'tensorflow_datasets', 'optax', 'orbax', 'grain', "
+          "'ml_collections', 'kdjax.train', 'kdjax.models') if m in sys.modules]; "
+          "assert not heavy, heavy")
+  run_python(["-c", code])
