@@ -9,7 +9,6 @@ No BatchNorm, so one step gives the same numbers however the batch is split over
 from typing import Sequence
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 from kdjax.models.output import Output
 

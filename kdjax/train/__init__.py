@@ -1,6 +1,7 @@
 """The train engine: state, pure steps, parallel strategies, checkpoints, loop and suites."""
 
-from kdjax.train.loop import ConfigChanged, NonFiniteLoss, Preempted, train_and_evaluate
+from kdjax.train.loop import NonFiniteLoss, Preempted, train_and_evaluate
+from kdjax.train.run_dir import ConfigChanged
 from kdjax.train.checkpoint import CheckpointError
 from kdjax.train.state import TrainState
 from kdjax.train.step import make_eval_step, make_train_step

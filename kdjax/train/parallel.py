@@ -12,7 +12,7 @@ Both give the same numbers as a single device (up to float summation order). Mul
 """
 
 import functools
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp

@@ -16,7 +16,8 @@ from kdjax.methods.registry import get_method_class
 from kdjax.train import files
 from kdjax.train import teachers as teachers_lib
 from kdjax.train.checkpoint import CheckpointError, saved_model_name
-from kdjax.train.loop import check_run_dir, train_and_evaluate
+from kdjax.train.loop import train_and_evaluate
+from kdjax.train.run_dir import check_run_dir
 from kdjax.train.validate import ConfigError, suite_runs, validate_config
 
 SUMMARY = "summary.json"

@@ -9,7 +9,7 @@ from typing import Iterable
 import ml_collections
 
 from kdjax.data.catalog import DATASETS, get_dataset_spec
-from kdjax.methods.registry import METHODS, get_method_class
+from kdjax.methods.registry import METHODS
 from kdjax.models.registry import MODELS, model_input_kind
 from kdjax.train import optimizer as optimizer_lib
 from kdjax.train.parallel import PARALLEL_KINDS, check_batch_divisible

@@ -6,7 +6,6 @@ with the formulas written out as in the papers / official code.
 
 from __future__ import annotations
 
-import functools
 from typing import Callable, NamedTuple, Tuple
 
 import jax
