@@ -38,6 +38,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 
 # name -> (depth, filters); as in RepDistiller models/resnet.py.
 ARCHS = {
+    **{f"resnet{d}": (d, (16, 16, 32, 64)) for d in (8, 14, 20, 32, 44, 56, 110)},
     "resnet8x4": (8, (32, 64, 128, 256)),
     "resnet32x4": (32, (32, 64, 128, 256)),
 }
@@ -106,7 +107,7 @@ class CifarResNet(nn.Module):
 
 
 def build_model(name, num_classes=100):
-    """Build ``resnet8x4`` or ``resnet32x4``."""
+    """Build a CIFAR ResNet of RepDistiller by name (see ``ARCHS``)."""
     if name not in ARCHS:
         raise ValueError(f"unknown model {name!r}; choose from {sorted(ARCHS)}")
     depth, filters = ARCHS[name]
