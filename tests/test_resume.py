@@ -144,3 +144,25 @@ def test_all_checkpoints_damaged_refuses_to_restart_from_zero(uninterrupted, tmp
   assert result.returncode == 2
   assert "none could be restored" in result.stderr and "refusing to restart from step 0" in \
       result.stderr
+
+
+def test_method_parameters_and_state_resume_exactly(tmp_path, data_dir):
+  """CTKD's learnable temperature (method params) and TAID's schedule (method state)."""
+  args = ARGS[:-3] + ["--config.suite=teacher,ctkd,taid", "--config.num_steps=60",
+                      "--config.teacher.num_steps=20", f"--config.data_dir={data_dir}"]
+  run_python(args + [f"--workdir={tmp_path / 'reference'}"])
+  workdir = tmp_path / "interrupted"
+  env = dict(os.environ, PYTHONPATH=REPO)
+  env.pop("XLA_FLAGS", None)
+  for run in ("ctkd", "taid"):  # Kill once inside each run, after its first checkpoint.
+    process = subprocess.Popen([sys.executable] + args + [f"--workdir={workdir}"], cwd=REPO,
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert _wait_for(process, lambda: _steps(str(workdir / run)) != [])
+    process.kill()
+    process.wait()
+  run_python(args + [f"--workdir={workdir}"])
+  for run in ("ctkd", "taid"):
+    got, want = _final_state(str(workdir / run)), _final_state(str(tmp_path / "reference" / run))
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, got, want))), run
+  assert _final_state(str(workdir / "ctkd"))["params"]["method"]  # It has trainable params.
+  assert _final_state(str(workdir / "taid"))["method_state"]  # It has state.
