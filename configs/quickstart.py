@@ -46,8 +46,9 @@ def get_config(arg=None):
   config.dkd.warmup_steps = 200
   config.kd_std.ce_weight = 1.0
   config.nkd.gamma = 0.5
-  config.taid.num_train_steps = config.num_steps
-  config.ctkd.curriculum_steps = config.num_steps // 24  # Official ramp: 10 of 240 epochs.
+  # References, so that --config.num_steps=N moves these along.
+  config.taid.num_train_steps = config.get_ref("num_steps")
+  config.ctkd.curriculum_steps = config.get_ref("num_steps") // 24  # Official: 10 of 240 epochs.
   config.suite = "teacher,scratch,kd,dkd,dist,kd_std,nkd"
 
   if arg == "smoke":  # Same runs, few steps: checks the whole pipeline in seconds.
@@ -57,8 +58,6 @@ def get_config(arg=None):
     config.eval_every_steps = 20
     config.checkpoint_every_steps = 20
     config.dkd.warmup_steps = 10
-    config.taid.num_train_steps = config.num_steps
-    config.ctkd.curriculum_steps = 2
   elif arg not in (None, ""):
     raise ValueError(f"Unknown quickstart variant {arg!r}; valid: '' (full), 'smoke'.")
   return config

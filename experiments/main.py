@@ -20,6 +20,10 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+# EX_TEMPFAIL: "try again". A preempted run has checkpointed and exits with this status.
+PREEMPTED_EXIT_CODE = 75
+
+
 def _initialize_distributed(jax):
   if _COORDINATOR.value is None and _NUM_PROCESSES.value is None:
     return
@@ -43,8 +47,9 @@ def main(argv):
   try:
     summary = train.run_suite(_CONFIG.value, _WORKDIR.value, num_devices=jax.device_count())
   except train.Preempted as error:
+    # Not 0: schedulers (SLURM requeue, Kubernetes Jobs) must see the job as unfinished.
     print(f"\n{error}", file=sys.stderr, flush=True)
-    sys.exit(0)
+    sys.exit(PREEMPTED_EXIT_CODE)
   except (train.ConfigError, train.ConfigChanged, train.NonFiniteLoss,
           train.CheckpointError, DatasetNotPreparedError) as error:
     print(f"\nError: {error}", file=sys.stderr, flush=True)

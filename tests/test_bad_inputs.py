@@ -153,8 +153,8 @@ def test_run_checkpoint_of_another_model_is_refused(finished_workdir, tmp_path, 
 
 def test_non_finite_loss_stops_with_step_and_metric(tmp_path, data_dir):
   config = _config(data_dir, method="scratch", suite="", optimizer__learning_rate=1e36)
-  with pytest.raises(NonFiniteLoss, match=r"non-finite loss.* at step \d+ .*last good "
-                                          r"checkpoint"):
+  with pytest.raises(NonFiniteLoss, match=r"non-finite loss.* at step \d+ .*no checkpoint had "
+                                          r"been written yet.*on_nonfinite='skip'"):
     train_and_evaluate(config, str(tmp_path))
   assert not os.path.exists(tmp_path / "checkpoints" / "20")  # No NaN state was saved.
 
@@ -241,3 +241,20 @@ def test_unknown_extra_teacher_model_lists_valid_models(data_dir):
   with pytest.raises(ConfigError, match=r"config.teacher.extra='convnext' is not valid; valid "
                                         r"values: .*cnn1d"):
     validate_config(_config(data_dir, teacher__extra="convnext"), num_devices=1)
+
+
+def test_student_listed_before_its_teacher_is_refused(tmp_path, data_dir):
+  with pytest.raises(ConfigError, match=r"runs 'kd' before its teacher run 'teacher'; list "
+                                        r"'teacher' first"):
+    run_suite(_config(data_dir, suite="kd,teacher"), str(tmp_path), num_devices=1)
+
+
+def test_unfinished_teacher_run_is_not_used(finished_workdir, tmp_path, data_dir):
+  workdir = tmp_path / "w"
+  shutil.copytree(finished_workdir, workdir)
+  os.remove(workdir / "teacher" / "run_summary.json")
+  before = _snapshot(str(workdir))
+  with pytest.raises(ConfigError, match=r"needs the teacher run 'teacher', which has not "
+                                        r"finished"):
+    run_suite(_config(data_dir, suite="kd"), str(workdir), num_devices=1)
+  assert _snapshot(str(workdir)) == before

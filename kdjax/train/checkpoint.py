@@ -71,6 +71,12 @@ class Checkpointer:
     """
     steps = sorted(self.all_steps(), reverse=True)
     if not steps:
+      damaged = sorted(n for n in os.listdir(self.directory) if ".damaged" in n) if \
+          os.path.isdir(self.directory) else []
+      if damaged:  # An earlier attempt set every checkpoint aside: still no silent restart.
+        raise CheckpointError(
+            f"{self.directory} holds only damaged checkpoints ({', '.join(damaged)}); refusing "
+            "to restart from step 0. Repair them, or delete them to train from scratch.")
       return None, None, None
     failures = []
     for step in steps:
@@ -84,7 +90,7 @@ class Checkpointer:
         if meta is None:
           raise meta_error
         state, meta = self.restore(step, abstract_state)
-        _check_finite_shapes(state, abstract_state)
+        _check_shapes(state, abstract_state)
       except Exception as error:  # orbax/tensorstore raise many types for damaged data.
         failures.append(f"step {step}: {type(error).__name__}: {str(error)[:300]}")
         log(f"Checkpoint at step {step} in {self.directory} is damaged or unreadable "
@@ -98,20 +104,23 @@ class Checkpointer:
 
   def _set_aside(self, step: int):
     source = os.path.join(self.directory, str(step))
-    if os.path.isdir(source):
+    if os.path.isdir(source) and jax.process_index() == 0:
       target = source + ".damaged"
       suffix = 1
       while os.path.exists(target):
         target = f"{source}.damaged{suffix}"
         suffix += 1
-      os.rename(source, target)
+      try:
+        os.rename(source, target)
+      except FileNotFoundError:  # Another process of a multi-host run moved it first.
+        pass
     self._manager.reload()
 
   def close(self):
     self._manager.close()
 
 
-def _check_finite_shapes(state, abstract_state):
+def _check_shapes(state, abstract_state):
   """A restored tree must have exactly the expected leaf shapes."""
   for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(abstract_state)):
     if np.shape(got) != tuple(want.shape):

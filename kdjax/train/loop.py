@@ -40,6 +40,11 @@ class NonFiniteLoss(FloatingPointError):
   pass
 
 
+def _any_process(flag: bool) -> bool:
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
+
+
 def _model_kwargs(name: str, parallel) -> dict:
   if name in models_lib.USES_BATCH_NORM and parallel.batch_norm_axis_name:
     return {"batch_norm_axis_name": parallel.batch_norm_axis_name}
@@ -163,10 +168,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run_dir: str, *,
     host_state = restored
     window = meta.get("window", [])
     start_step = int(host_state.step)
-  writer = metrics_lib.MetricWriter(run_dir, enabled=is_writer)
-  if latest is not None:
-    writer.truncate_after(start_step)
     print(f"[{name}] resumed from step {start_step}", flush=True)
+  writer = metrics_lib.MetricWriter(run_dir, enabled=is_writer)
+  # Lines logged after the restored step (or, with no checkpoint, any at all) are redone.
+  writer.truncate_after(start_step)
   if is_writer:
     files.write_json_atomic(os.path.join(run_dir, "config.json"), json.loads(config.to_json()))
 
@@ -203,6 +208,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run_dir: str, *,
   pending = []  # (step, device metrics) not yet copied to the host.
   timed_steps, timed_seconds, last_time, last_step = 0, 0.0, None, start_step
   skipped_steps = int(meta.get("skipped_steps", 0)) if meta else 0
+  multi_host = jax.process_count() > 1
   with StopSignals() as stop:
     for step in range(start_step, config.num_steps):
       batch = parallel.put_batch(pipeline.train_batch(step))
@@ -211,15 +217,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run_dir: str, *,
       done = step + 1
       is_log = done % config.log_every_steps == 0 or done == config.num_steps
       is_checkpoint = done % config.checkpoint_every_steps == 0 or done == config.num_steps
-      if is_log or is_checkpoint or stop.received:
+      # Every process must stop at the same step (its collectives and the checkpoint save
+      # involve all of them), so on several hosts the signal is agreed at log boundaries.
+      stopping = stop.received is not None
+      if multi_host:
+        stopping = is_log and _any_process(stopping)
+      if is_log or is_checkpoint or stopping:
         for pending_step, device_metrics in pending:
           host = parallel_lib.metrics_to_host(parallel, device_metrics)
           bad = [k for k in ("loss", "grad_norm") if not np.isfinite(host[k])]
           if bad and config.on_nonfinite == "stop":
+            latest_good = checkpointer.latest_step()
             raise NonFiniteLoss(
                 f"[{name}] non-finite {', '.join(bad)} at step {pending_step} "
-                f"({', '.join(f'{k}={host[k]}' for k in bad)}); the last good checkpoint "
-                f"(step {checkpointer.latest_step()}) is kept in {checkpointer.directory}.")
+                f"({', '.join(f'{k}={host[k]}' for k in bad)}); " +
+                (f"the last good checkpoint (step {latest_good}) is kept in "
+                 f"{checkpointer.directory}." if latest_good is not None else
+                 "no checkpoint had been written yet.") +
+                " Set config.on_nonfinite='skip' to drop such steps instead.")
           skipped_steps += int(host.get("skipped_nonfinite", 0))
           window.append(host)
         pending = []
@@ -238,14 +253,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run_dir: str, *,
         writer.write(done, "train", scalars)
         progress.update(done, scalars, examples_per_sec)
         last_train_scalars = scalars
+      if stopping:  # Save before anything else: the grace period after SIGTERM is short.
+        save(done, state, window)
+        if done != config.num_steps:
+          writer.close()
+          checkpointer.close()
+          raise Preempted(f"[{name}] received {stop.received or 'a stop signal on another host'}"
+                          f": checkpoint written at step {done}; rerun the same command to "
+                          "continue.")
       if done % config.eval_every_steps == 0 and done != config.num_steps:
         writer.write(done, "eval", evaluate(state))
-      if is_checkpoint or stop.received:
+        last_time = time.perf_counter()  # Evaluation is not training throughput.
+      if is_checkpoint and not stopping:
         save(done, state, window)
-        if stop.received and done != config.num_steps:
-          writer.close()
-          raise Preempted(f"[{name}] received {stop.received}: checkpoint written at step "
-                          f"{done}; rerun the same command to continue.")
+        last_time = time.perf_counter()
 
   if start_step >= config.num_steps:  # Restored a finished run whose summary was lost.
     last_train_scalars = _last_logged(writer.path)

@@ -35,8 +35,9 @@ def make_train_step(*, student_apply: ApplyFn, teacher_apply: Optional[ApplyFn],
 
   `batch` is {'inputs': [b, ...], 'labels': [b], optional 'mask': [b] bool, optional
   'teacher_logits': [b, C]}. `ops` and `reduce_gradients` come from the parallel strategy.
-  With `skip_nonfinite`, a step whose loss or gradients are not finite leaves the state
-  unchanged except for the step counter, and reports `skipped_nonfinite` = 1.
+  With `skip_nonfinite`, a step whose gradients are not finite leaves the state unchanged
+  except for the step counter, and reports `skipped_nonfinite` = 1. (optax's own step count,
+  which drives the learning-rate schedule, does not advance on a skipped step.)
   """
 
   def train_step(state: TrainState, teacher_variables, batch: dict, ops: BatchOps):
@@ -66,7 +67,9 @@ def make_train_step(*, student_apply: ApplyFn, teacher_apply: Optional[ApplyFn],
         model_state={**state.model_state, **new_model_state}, method_state=new_method_state)
     metrics = dict(metrics, grad_norm=grad_norm)
     if skip_nonfinite:
-      finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+      # Decided on the gradients, which are already reduced over devices, so every replica
+      # of a pmap makes the same choice (a local loss could differ between replicas).
+      finite = jnp.isfinite(grad_norm)
       kept = state.replace(step=state.step + 1)
       new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, kept)
       metrics["skipped_nonfinite"] = 1.0 - finite.astype(jnp.float32)

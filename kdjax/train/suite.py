@@ -10,13 +10,14 @@ a finished run is not retrained. `workdir/summary.json` collects the run summari
 
 import os
 
+import jax
 import ml_collections
 
 from kdjax.methods.registry import get_method_class
 from kdjax.train import files
 from kdjax.train import teachers as teachers_lib
 from kdjax.train.checkpoint import CheckpointError, saved_model_name
-from kdjax.train.loop import train_and_evaluate
+from kdjax.train.loop import RUN_SUMMARY, train_and_evaluate
 from kdjax.train.run_dir import check_run_dir
 from kdjax.train.validate import ConfigError, suite_runs, validate_config
 
@@ -54,11 +55,21 @@ def run_suite(config: ml_collections.ConfigDict, workdir: str, *, num_devices: i
   for run in students:
     count = len(specs) if get_method_class(run).multiple_teachers else 1
     for spec, directory in zip(specs[:count], teacher_dirs[:count]):
-      if spec.run not in runs and not os.path.isdir(directory):
+      if spec.run in runs:
+        if runs.index(spec.run) > runs.index(run):
+          raise ConfigError(f"config.suite={config.suite!r} runs {run!r} before its teacher "
+                            f"run {spec.run!r}; list {spec.run!r} first.")
+        continue
+      if not os.path.isdir(directory):
         raise ConfigError(
             f"Run {run!r} needs the teacher {spec.model!r}, but there is no checkpoint at "
             f"{directory!r}; add {spec.run!r} to config.suite before it, or give the "
             "checkpoint in config.teacher.checkpoint / config.teacher.extra.")
+      own_run = os.path.join(workdir, spec.run)
+      if not spec.checkpoint and not os.path.exists(os.path.join(own_run, RUN_SUMMARY)):
+        raise ConfigError(
+            f"Run {run!r} needs the teacher run {spec.run!r}, which has not finished in "
+            f"{own_run!r} (no {RUN_SUMMARY}); add {spec.run!r} to config.suite to finish it.")
   needs_teacher = students
 
   for spec in specs:  # A teacher given by its checkpoint must be the configured model.
@@ -78,5 +89,6 @@ def run_suite(config: ml_collections.ConfigDict, workdir: str, *, num_devices: i
         run_cfg, os.path.join(workdir, run),
         teacher_checkpoints=() if run in teacher_runs else teacher_dirs, name=run)
     summary["runs"][run] = result
-    files.write_json_atomic(summary_path, summary)  # Partial results survive a later crash.
+    if jax.process_index() == 0:  # Partial results survive a later crash.
+      files.write_json_atomic(summary_path, summary)
   return summary
