@@ -112,26 +112,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run_dir: str, *,
 
   teacher_apply, teacher_variables, teacher_sample = None, None, None
   if method.needs_teacher:
-    specs = teachers_lib.teacher_specs(config)
-    if not method.multiple_teachers:
-      specs = specs[:1]
-    if len(teacher_checkpoints) < len(specs):
-      raise checkpoint_lib.CheckpointError(
-          f"Method {config.method!r} needs {len(specs)} teacher checkpoints, got "
-          f"{len(teacher_checkpoints)}.")
-    applies, variables = [], []
-    for spec, directory in zip(specs, teacher_checkpoints):
-      module = models_lib.get_model(spec.model, num_classes=config.num_classes,
-                                    **_model_kwargs(spec.model, parallel))
-      expected = jax.eval_shape(lambda m=module: models_lib.init_variables(m, init_rng, sample))
-      variables.append(checkpoint_lib.load_model_variables(directory, expected,
-                                                           model_name=spec.model))
-      applies.append(models_lib.apply_fn(module))
-    if method.multiple_teachers:
-      teacher_apply = teachers_lib.ensemble_apply_fn(applies)
-      teacher_variables = variables
-    else:
-      teacher_apply, teacher_variables = applies[0], variables[0]
+    teacher_apply, teacher_variables = teachers_lib.load_teachers(
+        config, method, teacher_checkpoints, sample,
+        model_kwargs=lambda name: _model_kwargs(name, parallel))
     teacher_sample, _ = teacher_apply(teacher_variables, sample, train=False)
 
   student_sample, _ = student_apply(student_variables, sample, train=False)
@@ -186,18 +169,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run_dir: str, *,
       student_apply=student_apply, teacher_apply=teacher_apply if method.needs_teacher else None))
 
   def evaluate(state):
-    totals = {}
-    for batch in pipeline.eval_batches(config.eval_batch_size):
-      sums = eval_step(state, teacher_on_device, parallel.put_batch(batch))
-      for k, v in parallel_lib.metrics_to_host(parallel, sums).items():
-        totals[k] = totals.get(k, 0.0) + v
-    count = max(totals.pop("count"), 1.0)
-    result = {"accuracy": totals["correct"] / count,
-              "cross_entropy": totals["cross_entropy"] / count}
-    if "teacher_agreement" in totals:
-      result["teacher_agreement"] = totals["teacher_agreement"] / count
-      result["teacher_accuracy"] = totals["teacher_correct"] / count
-    return result
+    return _evaluate(eval_step, state, teacher_on_device, parallel,
+                     pipeline.eval_batches(config.eval_batch_size))
 
   def save(step, state, window):
     checkpointer.save(step, parallel.to_host(state),
@@ -293,6 +266,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run_dir: str, *,
   if is_writer:
     files.write_json_atomic(summary_path, summary)
   return summary
+
+
+def _evaluate(eval_step, state, teacher_on_device, parallel, batches) -> dict:
+  """Accuracy, cross-entropy and (with a teacher) agreement over the whole eval split."""
+  totals = {}
+  for batch in batches:
+    sums = eval_step(state, teacher_on_device, parallel.put_batch(batch))
+    for k, v in parallel_lib.metrics_to_host(parallel, sums).items():
+      totals[k] = totals.get(k, 0.0) + v
+  count = max(totals.pop("count"), 1.0)
+  result = {"accuracy": totals["correct"] / count,
+            "cross_entropy": totals["cross_entropy"] / count}
+  if "teacher_agreement" in totals:
+    result["teacher_agreement"] = totals["teacher_agreement"] / count
+    result["teacher_accuracy"] = totals["teacher_correct"] / count
+  return result
 
 
 def _last_logged(metrics_path: str) -> dict:

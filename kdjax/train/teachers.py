@@ -6,12 +6,14 @@ without a checkpoint is trained by the run `teacher_<i>` (i = 1, 2, ...; seed + 
 """
 
 import os
-from typing import List, NamedTuple, Optional
+from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 
+from kdjax import models as models_lib
 from kdjax.models.output import Output
+from kdjax.train.checkpoint import CheckpointError, load_model_variables
 
 
 class TeacherSpec(NamedTuple):
@@ -33,6 +35,32 @@ def teacher_specs(config) -> List[TeacherSpec]:
 def checkpoint_dirs(config, workdir: str) -> List[str]:
   return [spec.checkpoint or os.path.join(workdir, spec.run, "checkpoints")
           for spec in teacher_specs(config)]
+
+
+def load_teachers(config, method, checkpoint_dirs: Sequence[str], sample_inputs, *,
+                  model_kwargs: Callable[[str], dict]):
+  """Builds the teacher apply function and loads its variables.
+
+  Methods with `multiple_teachers` get every teacher of `teacher_specs(config)` as one
+  ensemble apply (variables: a list); the others get the first teacher alone.
+  """
+  specs = teacher_specs(config)
+  if not method.multiple_teachers:
+    specs = specs[:1]
+  if len(checkpoint_dirs) < len(specs):
+    raise CheckpointError(f"Method {config.method!r} needs {len(specs)} teacher checkpoints, "
+                          f"got {len(checkpoint_dirs)}.")
+  applies, variables = [], []
+  for spec, directory in zip(specs, checkpoint_dirs):
+    module = models_lib.get_model(spec.model, num_classes=config.num_classes,
+                                  **model_kwargs(spec.model))
+    expected = jax.eval_shape(lambda m=module: models_lib.init_variables(
+        m, jax.random.PRNGKey(0), sample_inputs))
+    variables.append(load_model_variables(directory, expected, model_name=spec.model))
+    applies.append(models_lib.apply_fn(module))
+  if method.multiple_teachers:
+    return ensemble_apply_fn(applies), variables
+  return applies[0], variables[0]
 
 
 def ensemble_apply_fn(apply_fns):
