@@ -38,11 +38,16 @@ class KD(base.Method):
     base.check_positive(config, self.name, "temperature")
     self.config = config
 
+  def kd_logits(self, batch):
+    """The (student, teacher) logits the KD term compares; subclasses transform them."""
+    return batch.student.logits, batch.teacher.logits
+
   def loss(self, params, state, batch, ops):
     c = self.config
     ce = base.cross_entropy(batch, ops)
-    kd = ops.mean(losses.kd(batch.student.logits, batch.teacher.logits,
-                            temperature=c.temperature, where=batch.where), batch.where)
+    student, teacher = self.kd_logits(batch)
+    kd = ops.mean(losses.kd(student, teacher, temperature=c.temperature, where=batch.where),
+                  batch.where)
     loss = c.ce_weight * ce + c.kd_weight * kd
     return loss, {"loss": loss, "ce": ce, "kd": kd, "accuracy": base.accuracy(batch, ops)}, state
 
@@ -81,7 +86,7 @@ class DKD(base.Method):
                   "accuracy": base.accuracy(batch, ops)}, state
 
 
-class KDStd(base.Method):
+class KDStd(KD):
   """KD on standardized logits (Sun et al., "Logit Standardization in Knowledge Distillation",
   CVPR 2024): `ce_weight * CE + kd_weight * kd(standardize_logits(s), standardize_logits(t), T)`.
 
@@ -97,22 +102,11 @@ class KDStd(base.Method):
   def default_config(cls):
     return ml_collections.ConfigDict(dict(ce_weight=0.1, kd_weight=9.0, temperature=2.0))
 
-  def __init__(self, config):
-    for field in ("ce_weight", "kd_weight"):
-      base.check_non_negative(config, self.name, field)
-    base.check_positive(config, self.name, "temperature")
-    self.config = config
-
-  def loss(self, params, state, batch, ops):
-    c = self.config
-    ce = base.cross_entropy(batch, ops)
+  def kd_logits(self, batch):
     # Padding rows are zeroed before standardizing: a NaN row would poison the gradient.
     student = losses.standardize_logits(base.mask_rows(batch.student.logits, batch.where))
     teacher = losses.standardize_logits(base.mask_rows(batch.teacher.logits, batch.where))
-    kd = ops.mean(losses.kd(student, teacher, temperature=c.temperature, where=batch.where),
-                  batch.where)
-    loss = c.ce_weight * ce + c.kd_weight * kd
-    return loss, {"loss": loss, "ce": ce, "kd": kd, "accuracy": base.accuracy(batch, ops)}, state
+    return student, teacher
 
 
 class NKD(base.Method):
