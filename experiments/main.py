@@ -17,6 +17,9 @@ _COORDINATOR = flags.DEFINE_string(
     "Leave unset on one host, or on clusters where jax.distributed autodetects.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Multi-host: call jax.distributed.initialize() and let it detect the "
+    "cluster (Cloud TPU, SLURM, ...), without the three flags above.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -26,6 +29,8 @@ PREEMPTED_EXIT_CODE = 75
 
 def _initialize_distributed(jax):
   if _COORDINATOR.value is None and _NUM_PROCESSES.value is None:
+    if _DISTRIBUTED.value:
+      jax.distributed.initialize()
     return
   if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
     # CPU collectives across processes need an implementation; gloo ships with jaxlib.
