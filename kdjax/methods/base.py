@@ -7,6 +7,7 @@ train state. It knows nothing of devices: the step hands it `BatchOps` whose `me
 over the global batch and whose `gather` returns the global batch for relational losses.
 """
 
+import abc
 import dataclasses
 from typing import Any, Callable, ClassVar, Dict, NamedTuple, Optional, Tuple
 
@@ -57,12 +58,19 @@ class Batch:
 Metrics = Dict[str, jax.Array]
 
 
-class Method:
-  """Base class. Subclasses set `name`, read their hyper-parameters from
-  `config[name]` in `__init__`, and implement `loss`."""
+class Method(abc.ABC):
+  """Base class. Subclasses set `name` and implement `loss`; they are constructed from their
+  hyper-parameters `config[name]`, which `__init__` checks and keeps as `self.config`.
+
+  The common checks are declared, not written: fields in `non_negative_fields` must be numbers
+  >= 0 and those in `positive_fields` numbers > 0. A method with further rules extends
+  `__init__` after calling `super().__init__(config)`.
+  """
 
   name: ClassVar[str]
   needs_teacher: ClassVar[bool] = True
+  non_negative_fields: ClassVar[Tuple[str, ...]] = ()
+  positive_fields: ClassVar[Tuple[str, ...]] = ()
   # True for methods that distil from several teachers at once: their `Batch.teacher.logits`
   # is the teachers' logits stacked on a new leading axis, [N_teachers, b, ..., C].
   multiple_teachers: ClassVar[bool] = False
@@ -72,15 +80,22 @@ class Method:
     """The method's hyper-parameters, stored in experiment configs as `config.<name>`."""
     return ml_collections.ConfigDict()
 
+  def __init__(self, config: ml_collections.ConfigDict):
+    for field in self.non_negative_fields:
+      check_non_negative(config, self.name, field)
+    for field in self.positive_fields:
+      check_positive(config, self.name, field)
+    self.config = config
+
   def init(self, rng: jax.Array, sample: Batch) -> Tuple[Any, Any]:
     """Returns (trainable params, non-trainable state); both empty by default."""
     del rng, sample
     return {}, {}
 
+  @abc.abstractmethod
   def loss(self, params: Any, state: Any, batch: Batch,
            ops: BatchOps) -> Tuple[jax.Array, Metrics, Any]:
     """Returns (scalar loss, metrics of scalars, new state)."""
-    raise NotImplementedError
 
 
 def mask_rows(x: jax.Array, where: jax.Array) -> jax.Array:

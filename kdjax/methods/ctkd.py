@@ -66,17 +66,16 @@ class CTKD(base.Method):
         ce_weight=0.1, kd_weight=0.9, temperature_min=1.0, temperature_range=20.0,
         temperature_logit_init=1.0, lambda_min=0.0, lambda_max=1.0, curriculum_steps=7820))
 
+  non_negative_fields = ("ce_weight", "kd_weight", "lambda_min", "lambda_max")
+  positive_fields = ("temperature_min", "temperature_range")
+
   def __init__(self, config):
-    for field in ("ce_weight", "kd_weight", "lambda_min", "lambda_max"):
-      base.check_non_negative(config, self.name, field)
-    for field in ("temperature_min", "temperature_range"):
-      base.check_positive(config, self.name, field)
+    super().__init__(config)
     base.check_number(config, self.name, "temperature_logit_init")
     base.check_positive_int(config, self.name, "curriculum_steps")
     if config.lambda_max < config.lambda_min:
       raise ValueError(f"config.{self.name}.lambda_max={config.lambda_max!r} must be >= "
                        f"config.{self.name}.lambda_min={config.lambda_min!r}.")
-    self.config = config
 
   def init(self, rng, sample):
     del rng, sample

@@ -13,9 +13,6 @@ class Scratch(base.Method):
   name = "scratch"
   needs_teacher = False
 
-  def __init__(self, config: ml_collections.ConfigDict):
-    del config
-
   def loss(self, params, state, batch, ops):
     ce = base.cross_entropy(batch, ops)
     return ce, {"loss": ce, "ce": ce, "accuracy": base.accuracy(batch, ops)}, state
@@ -32,11 +29,8 @@ class KD(base.Method):
   def default_config(cls):
     return ml_collections.ConfigDict(dict(ce_weight=0.1, kd_weight=0.9, temperature=4.0))
 
-  def __init__(self, config):
-    for field in ("ce_weight", "kd_weight"):
-      base.check_non_negative(config, self.name, field)
-    base.check_positive(config, self.name, "temperature")
-    self.config = config
+  non_negative_fields = ("ce_weight", "kd_weight")
+  positive_fields = ("temperature",)
 
   def kd_logits(self, batch):
     """The (student, teacher) logits the KD term compares; subclasses transform them."""
@@ -67,11 +61,8 @@ class DKD(base.Method):
     return ml_collections.ConfigDict(
         dict(ce_weight=1.0, alpha=1.0, beta=8.0, temperature=4.0, warmup_steps=0))
 
-  def __init__(self, config):
-    for field in ("ce_weight", "alpha", "beta", "warmup_steps"):
-      base.check_non_negative(config, self.name, field)
-    base.check_positive(config, self.name, "temperature")
-    self.config = config
+  non_negative_fields = ("ce_weight", "alpha", "beta", "warmup_steps")
+  positive_fields = ("temperature",)
 
   def loss(self, params, state, batch, ops):
     c = self.config
@@ -124,11 +115,8 @@ class NKD(base.Method):
     return ml_collections.ConfigDict(
         dict(ce_weight=1.0, nkd_weight=1.0, temperature=1.0, gamma=1.5))
 
-  def __init__(self, config):
-    for field in ("ce_weight", "nkd_weight", "gamma"):
-      base.check_non_negative(config, self.name, field)
-    base.check_positive(config, self.name, "temperature")
-    self.config = config
+  non_negative_fields = ("ce_weight", "nkd_weight", "gamma")
+  positive_fields = ("temperature",)
 
   def loss(self, params, state, batch, ops):
     c = self.config

@@ -34,9 +34,10 @@ class MultiTeacherKD(base.Method):
     return ml_collections.ConfigDict(
         dict(ce_weight=0.1, kd_weight=0.9, weights=(), temperatures=(4.0,)))
 
+  non_negative_fields = ("ce_weight", "kd_weight")
+
   def __init__(self, config):
-    for field in ("ce_weight", "kd_weight"):
-      base.check_non_negative(config, self.name, field)
+    super().__init__(config)
     weights = _numbers(config.weights)
     if weights is None or any(w < 0 for w in weights):
       raise ValueError(f"config.{self.name}.weights must be a tuple of numbers >= 0 (one per "
@@ -50,7 +51,6 @@ class MultiTeacherKD(base.Method):
                        f"teacher), got {config.temperatures!r}.")
     self.weights = weights or None
     self.temperatures = temperatures[0] if len(temperatures) == 1 else temperatures
-    self.config = config
 
   def loss(self, params, state, batch, ops):
     c = self.config

@@ -28,11 +28,8 @@ class DIST(base.Method):
   def default_config(cls):
     return ml_collections.ConfigDict(dict(ce_weight=1.0, beta=2.0, gamma=2.0, temperature=4.0))
 
-  def __init__(self, config):
-    for field in ("ce_weight", "beta", "gamma"):
-      base.check_non_negative(config, self.name, field)
-    base.check_positive(config, self.name, "temperature")
-    self.config = config
+  non_negative_fields = ("ce_weight", "beta", "gamma")
+  positive_fields = ("temperature",)
 
   def loss(self, params, state, batch, ops):
     c = self.config

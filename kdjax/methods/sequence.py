@@ -27,13 +27,13 @@ class _Divergence(base.Method):
     config.update({field: spec[0] for field, spec in cls.extra_fields.items()})
     return ml_collections.ConfigDict(config)
 
+  non_negative_fields = ("ce_weight", "kd_weight")
+  positive_fields = ("temperature",)
+
   def __init__(self, config):
-    for field in ("ce_weight", "kd_weight"):
-      base.check_non_negative(config, self.name, field)
-    base.check_positive(config, self.name, "temperature")
+    super().__init__(config)
     for field, (_, low, high, high_inclusive) in self.extra_fields.items():
       base.check_interval(config, self.name, field, low, high, high_inclusive=high_inclusive)
-    self.config = config
 
   def loss(self, params, state, batch, ops):
     c = self.config

@@ -85,9 +85,10 @@ class TAID(base.Method):
         ce_weight=0.0, taid_weight=1.0, t_start=0.4, t_end=1.0, alpha=5e-4, beta=0.99,
         adaptive=True, num_train_steps=1000))
 
+  non_negative_fields = ("ce_weight", "taid_weight")
+
   def __init__(self, config):
-    for field in ("ce_weight", "taid_weight"):
-      base.check_non_negative(config, self.name, field)
+    super().__init__(config)
     base.check_interval(config, self.name, "t_start", 0.0, 1.0, high_inclusive=False)
     base.check_interval(config, self.name, "t_end", 0.0, 1.0, low_inclusive=False)
     if config.t_end < config.t_start:
@@ -99,7 +100,6 @@ class TAID(base.Method):
       raise ValueError(f"config.{self.name}.adaptive must be True or False, got "
                        f"{config.adaptive!r}.")
     base.check_positive_int(config, self.name, "num_train_steps")
-    self.config = config
 
   def init(self, rng, sample):
     del rng, sample
