@@ -1,13 +1,17 @@
 """Runs an experiment config: `python -m experiments.main --config=configs/X.py --workdir=DIR`.
 
-Any config field can be overridden: `--config.method=dkd --config.parallel=pmap`. Results:
-DIR/summary.json, DIR/results.md, DIR/results.png, and one subdirectory per run.
+Any config field can be overridden: `--config.method=dkd --config.parallel=pmap`; list them
+with `--config=configs/X.py --help`. Results: DIR/summary.json, DIR/results.md,
+DIR/results.png, and one subdirectory per run. Paths may be relative or start with '~'.
+Mistakes end in one line `Error: ...` and exit status 2, before any work.
 """
 
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
+
+from experiments import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -47,22 +51,27 @@ def main(argv):
 
   _initialize_distributed(jax)
   from experiments import report
-  from kdjax import train
-  from kdjax.data import DatasetNotPreparedError
+  from kdjax import data, paths, train
+  workdir = paths.resolve(_WORKDIR.value)
+  # The user's mistakes (config, paths, a busy workdir): one line, status 2, nothing done.
+  # A run that went wrong (non-finite loss, full disk): one line naming what, status 1.
+  user_errors = (train.ConfigError, train.ConfigChanged, train.CheckpointError,
+                 train.WorkdirError, data.DatasetNotPreparedError, data.InvalidLabelsError)
   try:
-    summary = train.run_suite(_CONFIG.value, _WORKDIR.value, num_devices=jax.device_count())
+    summary = train.run_suite(_CONFIG.value, workdir, num_devices=jax.device_count())
+    if jax.process_index() == 0:
+      table = report.write_report(summary, workdir)
   except train.Preempted as error:
     # Not 0: schedulers (SLURM requeue, Kubernetes Jobs) must see the job as unfinished.
     print(f"\n{error}", file=sys.stderr, flush=True)
     sys.exit(PREEMPTED_EXIT_CODE)
-  except (train.ConfigError, train.ConfigChanged, train.NonFiniteLoss,
-          train.CheckpointError, DatasetNotPreparedError) as error:
-    print(f"\nError: {error}", file=sys.stderr, flush=True)
-    sys.exit(2)
+  except user_errors as error:
+    cli.fail(str(error))
+  except (train.NonFiniteLoss, train.DiskFullError) as error:
+    cli.fail(str(error), exit_code=1)
   if jax.process_index() == 0:
-    table = report.write_report(summary, _WORKDIR.value)
-    print("\n" + table + f"\nResults in {_WORKDIR.value}/ (summary.json, results.md, results.png)")
+    print("\n" + table + f"\nResults in {workdir}/ (summary.json, results.md, results.png)")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

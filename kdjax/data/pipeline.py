@@ -42,6 +42,32 @@ class _RecordReader:
     return {k: np.stack([np.asarray(r[k]) for r in records]) for k in self.keys}
 
 
+class InvalidLabelsError(ValueError):
+  """A dataset's labels do not fit its number of classes."""
+
+
+def _check_labels(spec, split, source, reader):
+  """Labels outside [0, num_classes) are refused once, here: inside the jitted step a loss
+  cannot raise, and an out-of-range label would silently index a wrong (clipped) class."""
+  if isinstance(reader, _RecordArrays):
+    labels = reader.arrays[spec.label_key]
+    bad = np.flatnonzero((labels < 0) | (labels >= spec.num_classes))
+    if bad.size:
+      raise InvalidLabelsError(
+          f"Dataset {spec.tfds_name!r} split {split!r}: {bad.size} labels lie outside "
+          f"[0, {spec.num_classes}) (e.g. record {int(bad[0])} has label "
+          f"{int(labels[bad[0]])}); the dataset does not match num_classes={spec.num_classes}.")
+    return
+  # Records read lazily: the declared ClassLabel size is what can be checked up front.
+  info = getattr(source, "dataset_info", None)
+  feature = info.features[spec.label_key] if info is not None else None
+  declared = getattr(feature, "num_classes", None)
+  if declared is not None and declared > spec.num_classes:
+    raise InvalidLabelsError(
+        f"Dataset {spec.tfds_name!r} split {split!r} declares {declared} classes for "
+        f"{spec.label_key!r}, more than num_classes={spec.num_classes}.")
+
+
 def _reader(spec, split, data_dir, in_memory):
   source = sources.load_split(spec, split, data_dir)
   keys = (spec.input_key, spec.label_key)
@@ -49,7 +75,9 @@ def _reader(spec, split, data_dir, in_memory):
     first = source[0]
     record_bytes = sum(np.asarray(first[k]).nbytes for k in keys)
     in_memory = record_bytes * len(source) <= _IN_MEMORY_LIMIT_BYTES
-  return _RecordArrays(source, keys) if in_memory else _RecordReader(source, keys)
+  reader = _RecordArrays(source, keys) if in_memory else _RecordReader(source, keys)
+  _check_labels(spec, split, source, reader)
+  return reader
 
 
 class InputPipeline:

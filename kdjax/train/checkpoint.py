@@ -14,6 +14,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from kdjax import paths
+from kdjax.train import files
+
 
 class CheckpointError(RuntimeError):
   pass
@@ -23,7 +26,7 @@ class Checkpointer:
   """Saves and restores one run's train state under `directory`."""
 
   def __init__(self, directory: str, *, max_to_keep: int = 2):
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.resolve(directory)
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -37,9 +40,20 @@ class Checkpointer:
     return list(self._manager.all_steps())
 
   def save(self, step: int, state_on_host: Any, meta: dict):
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state_on_host), meta=ocp.args.JsonSave(meta)), force=True)
-    self._manager.wait_until_finished()
+    try:
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state_on_host), meta=ocp.args.JsonSave(meta)), force=True)
+      self._manager.wait_until_finished()
+    except Exception as error:  # pylint: disable=broad-except
+      if not files.is_disk_full(error):
+        raise
+      self._manager.reload()
+      latest = self._manager.latest_step()
+      raise files.disk_full_error(
+          os.path.join(self.directory, str(step)),
+          (f"the last good checkpoint (step {latest}) is kept" if latest is not None else
+           "no checkpoint had been written yet") +
+          "; free space and rerun the same command to continue") from None
 
   def restore(self, step: int, abstract_state: Any) -> Tuple[Any, dict]:
     restored = self._manager.restore(step, args=ocp.args.Composite(
@@ -129,6 +143,7 @@ def _check_shapes(state, abstract_state):
 
 def saved_model_name(directory: str) -> Optional[str]:
   """The model name recorded in the latest checkpoint of a kdjax run (None if unknown)."""
+  directory = paths.resolve(directory)
   manager = ocp.CheckpointManager(directory, item_names=("state", "meta"),
                                   options=ocp.CheckpointManagerOptions(create=False))
   try:
@@ -153,6 +168,7 @@ def load_model_variables(directory: str, expected_variables: Any, *, model_name:
   Returns:
     `{'params': ..., **model_state}` as host arrays.
   """
+  directory = paths.resolve(directory)
   if not os.path.isdir(directory):
     raise CheckpointError(
         f"Teacher checkpoint directory {directory!r} does not exist. Train the teacher first "

@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 
 from kdjax import data as data_lib
+from kdjax import paths
 from kdjax import methods as methods_lib
 from kdjax import models as models_lib
 from kdjax.methods.base import Batch
@@ -25,6 +26,7 @@ from kdjax.train import checkpoint as checkpoint_lib
 from kdjax.train import files, metrics as metrics_lib, optimizer as optimizer_lib
 from kdjax.train import parallel as parallel_lib, state as state_lib, step as step_lib
 from kdjax.train import teachers as teachers_lib
+from kdjax.train.config_paths import resolve_config_paths
 from kdjax.train.run_dir import check_run_dir, config_fingerprint
 from kdjax.train.signals import StopSignals
 from kdjax.train.validate import validate_config
@@ -81,20 +83,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run_dir: str, *,
       with `multiple_teachers` use all of them, the others the first).
     name: the run's name in progress lines.
   """
-  validate_config(config, num_devices=jax.device_count())
-  check_run_dir(config, run_dir, name)
-  summary_path = os.path.join(run_dir, RUN_SUMMARY)
-  if os.path.exists(summary_path):
-    return files.read_json(summary_path)
-  method = methods_lib.build_method(config)
+  config = resolve_config_paths(config)
+  run_dir = paths.resolve(run_dir)
   if isinstance(teacher_checkpoints, str):
     teacher_checkpoints = [teacher_checkpoints]
+  teacher_checkpoints = [paths.resolve(directory) for directory in teacher_checkpoints]
+  validate_config(config, num_devices=jax.device_count())
+  check_run_dir(config, run_dir, name)
+  is_writer = jax.process_index() == 0
+  summary_path = os.path.join(run_dir, RUN_SUMMARY)
+  if os.path.exists(summary_path):
+    if is_writer and config.progress:
+      print(f"[{name}] finished earlier ({summary_path}); skipped. Delete {run_dir} to train "
+            "it again.", flush=True)
+    return files.read_json(summary_path)
+  method = methods_lib.build_method(config)
   if method.needs_teacher and not teacher_checkpoints:
     raise checkpoint_lib.CheckpointError(
         f"Method {config.method!r} needs a teacher; set config.teacher.checkpoint or put "
         "'teacher' first in config.suite.")
 
-  is_writer = jax.process_index() == 0
   parallel = parallel_lib.get_parallel(config.parallel)
   pipeline = data_lib.InputPipeline(
       config.dataset, global_batch_size=config.global_batch_size, seed=config.seed,

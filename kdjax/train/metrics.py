@@ -5,6 +5,8 @@ import os
 import time
 from typing import Dict, Optional
 
+from kdjax.train import files
+
 
 class MetricWriter:
   """Appends `{'step': int, 'split': str, **scalars}` lines to `metrics.jsonl` and writes the
@@ -25,13 +27,19 @@ class MetricWriter:
   def write(self, step: int, split: str, scalars: Dict[str, float]):
     if not self.enabled:
       return
-    with open(self.path, "a") as f:
-      f.write(json.dumps({"step": int(step), "split": split, **scalars}) + "\n")
-      f.flush()
-    if self._tensorboard is not None:
-      for name, value in scalars.items():
-        self._tensorboard.add_scalar(f"{split}/{name}", value, step)
-      self._tensorboard.flush()
+    try:
+      with open(self.path, "a") as f:
+        f.write(json.dumps({"step": int(step), "split": split, **scalars}) + "\n")
+        f.flush()
+      if self._tensorboard is not None:
+        for name, value in scalars.items():
+          self._tensorboard.add_scalar(f"{split}/{name}", value, step)
+        self._tensorboard.flush()
+    except OSError as error:
+      if files.is_disk_full(error):
+        raise files.disk_full_error(self.path, "free space and rerun the same command to "
+                                    "continue from the last checkpoint") from None
+      raise
 
   def truncate_after(self, step: int):
     """Drops lines logged after `step` (written before a crash, redone after resuming)."""

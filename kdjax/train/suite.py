@@ -8,18 +8,23 @@ checkpoint (or `config.teacher.checkpoint` when given). Each run lives in `workd
 a finished run is not retrained. `workdir/summary.json` collects the run summaries.
 """
 
+import dataclasses
 import os
+from typing import Dict, List
 
 import jax
 import ml_collections
 
+from kdjax import paths
 from kdjax.methods.registry import get_method_class
 from kdjax.train import files
 from kdjax.train import teachers as teachers_lib
 from kdjax.train.checkpoint import CheckpointError, saved_model_name
 from kdjax.train.loop import RUN_SUMMARY, train_and_evaluate
+from kdjax.train.config_paths import resolve_config_paths
 from kdjax.train.run_dir import check_run_dir
 from kdjax.train.validate import ConfigError, suite_runs, validate_config
+from kdjax.train.workdir import WorkdirLock, prepare_workdir
 
 SUMMARY = "summary.json"
 
@@ -40,9 +45,24 @@ def run_config(config: ml_collections.ConfigDict, run: str) -> ml_collections.Co
   return run_cfg
 
 
-def run_suite(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int) -> dict:
-  """Runs every entry of `config.suite` (or the single run `config.method` if the suite is
-  empty) and writes `workdir/summary.json`. Returns its contents."""
+@dataclasses.dataclass(frozen=True)
+class SuitePlan:
+  """What a suite will run, checked: each run's config and its teachers' checkpoints."""
+  workdir: str  # Absolute.
+  run_configs: Dict[str, ml_collections.ConfigDict]  # In suite order.
+  teacher_runs: List[str]  # 'teacher', 'teacher_1', ...: trained from scratch.
+  teacher_dirs: List[str]  # The checkpoints/ directory of each teacher.
+
+
+def plan_suite(config: ml_collections.ConfigDict, workdir: str, *,
+               num_devices: int) -> SuitePlan:
+  """Checks everything that can be checked before a suite starts; reads, never writes.
+
+  Raises:
+    ConfigError, ConfigChanged, CheckpointError: naming the field or path at fault.
+  """
+  config = resolve_config_paths(config)
+  workdir = paths.resolve(workdir)
   runs = suite_runs(config) or [config.method]
   validate_config(config, num_devices=num_devices)
   run_configs = {run: run_config(config, run) for run in runs}
@@ -70,10 +90,9 @@ def run_suite(config: ml_collections.ConfigDict, workdir: str, *, num_devices: i
         raise ConfigError(
             f"Run {run!r} needs the teacher run {spec.run!r}, which has not finished in "
             f"{own_run!r} (no {RUN_SUMMARY}); add {spec.run!r} to config.suite to finish it.")
-  needs_teacher = students
 
   for spec in specs:  # A teacher given by its checkpoint must be the configured model.
-    if needs_teacher and spec.checkpoint and os.path.isdir(spec.checkpoint):
+    if students and spec.checkpoint and os.path.isdir(spec.checkpoint):
       saved = saved_model_name(spec.checkpoint)
       if saved is not None and saved != spec.model:
         raise CheckpointError(
@@ -81,14 +100,29 @@ def run_suite(config: ml_collections.ConfigDict, workdir: str, *, num_devices: i
             f"configured as {spec.model!r} (config.teacher.model / config.teacher.extra).")
   for run, run_cfg in run_configs.items():  # Refuse a changed config before any run starts.
     check_run_dir(run_cfg, os.path.join(workdir, run), run, move_aside=False)
+  return SuitePlan(workdir=workdir, run_configs=run_configs, teacher_runs=teacher_runs,
+                   teacher_dirs=teacher_dirs)
 
-  summary_path = os.path.join(workdir, SUMMARY)
-  summary = {"runs": {}, "config": config.to_dict()}
-  for run, run_cfg in run_configs.items():
-    result = train_and_evaluate(
-        run_cfg, os.path.join(workdir, run),
-        teacher_checkpoints=() if run in teacher_runs else teacher_dirs, name=run)
-    summary["runs"][run] = result
-    if jax.process_index() == 0:  # Partial results survive a later crash.
-      files.write_json_atomic(summary_path, summary)
+
+def run_suite(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int) -> dict:
+  """Runs every entry of `config.suite` (or the single run `config.method` if the suite is
+  empty) and writes `workdir/summary.json`. Returns its contents.
+
+  Paths may be relative or start with '~'. Every check of `plan_suite` runs first, then the
+  workdir is created and locked against a second live run; only then does any work start.
+  """
+  plan = plan_suite(config, workdir, num_devices=num_devices)
+  is_writer = jax.process_index() == 0
+  if is_writer:
+    prepare_workdir(plan.workdir)
+  summary_path = os.path.join(plan.workdir, SUMMARY)
+  summary = {"runs": {}, "config": resolve_config_paths(config).to_dict()}
+  with WorkdirLock(plan.workdir, enabled=is_writer):
+    for run, run_cfg in plan.run_configs.items():
+      result = train_and_evaluate(
+          run_cfg, os.path.join(plan.workdir, run),
+          teacher_checkpoints=() if run in plan.teacher_runs else plan.teacher_dirs, name=run)
+      summary["runs"][run] = result
+      if is_writer:  # Partial results survive a later crash.
+        files.write_json_atomic(summary_path, summary)
   return summary

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from kdjax import models as models_lib
+from kdjax import paths
 from kdjax.models.output import Output
 from kdjax.train.checkpoint import CheckpointError, load_model_variables
 
@@ -23,12 +24,14 @@ class TeacherSpec(NamedTuple):
 
 
 def teacher_specs(config) -> List[TeacherSpec]:
-  specs = [TeacherSpec("teacher", config.teacher.model, config.teacher.checkpoint or None)]
+  specs = [TeacherSpec("teacher", config.teacher.model,
+                       paths.resolve(config.teacher.checkpoint) or None)]
   for i, entry in enumerate(e.strip() for e in str(config.teacher.extra).split(",")):
     if not entry:
       continue
     model, _, checkpoint = entry.partition(":")
-    specs.append(TeacherSpec(f"teacher_{len(specs)}", model.strip(), checkpoint.strip() or None))
+    specs.append(TeacherSpec(f"teacher_{len(specs)}", model.strip(),
+                             paths.resolve(checkpoint.strip()) or None))
   return specs
 
 

@@ -8,6 +8,7 @@ from typing import Iterable
 
 import ml_collections
 
+from kdjax.names import did_you_mean
 from kdjax.data.catalog import DATASETS, get_dataset_spec
 from kdjax.methods.registry import METHODS
 from kdjax.models.registry import MODELS, model_input_kind
@@ -26,8 +27,8 @@ class ConfigError(ValueError):
 def _one_of(field: str, value, allowed: Iterable[str]):
   allowed = sorted(allowed)
   if value not in allowed:
-    raise ConfigError(f"config.{field}={value!r} is not valid; valid values: "
-                      f"{', '.join(map(str, allowed))}.")
+    raise ConfigError(f"config.{field}={value!r} is not valid{did_you_mean(value, allowed)}; "
+                      f"valid values: {', '.join(map(str, allowed))}.")
 
 
 def _positive_int(config, field: str):
@@ -100,10 +101,12 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
                         "not exist.")
   teacher_runs = tuple(spec.run for spec in specs)
   runs = suite_runs(config)
+  valid_runs = teacher_runs + tuple(sorted(METHODS))
   for run in runs:
     if run not in METHODS and run not in teacher_runs:
       raise ConfigError(f"config.suite names run {run!r}, which is neither a method nor a "
-                        f"teacher run; valid runs: {', '.join(teacher_runs + tuple(sorted(METHODS)))}.")
+                        f"teacher run{did_you_mean(run, valid_runs)}; valid runs: "
+                        f"{', '.join(valid_runs)}.")
 
   teacher_checkpoint = config.teacher.checkpoint
   if teacher_checkpoint and not os.path.isdir(teacher_checkpoint):
