@@ -1,4 +1,4 @@
-"""Times the jitted distillation train step on random CIFAR-shaped data.
+r"""Times the jitted distillation train step on random CIFAR-shaped data.
 
     python -m experiments.benchmark --student=resnet8x4 --teacher=resnet32x4 \
         --num_classes=100 --batch_size=32 --steps=10 --method=kd [--reference=torch]
@@ -11,10 +11,13 @@ invocation, interleaved with the JAX runs over `--rounds` rounds, and the best o
 compared. The last line printed is one JSON object.
 """
 
+import importlib.util
 import json
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from experiments import cli
 
 flags.DEFINE_string("student", "resnet8x4", "Student model name.")
 flags.DEFINE_string("teacher", "resnet32x4", "Teacher model name.")
@@ -85,9 +88,32 @@ def build_jax_step(student_name, teacher_name, num_classes, batch_size, method_n
           models.count_params(teacher_variables["params"]), jax)
 
 
+def _check_flags():
+  """Every mistake in one line before anything is compiled."""
+  from kdjax import methods, models
+  from kdjax.names import did_you_mean
+  from kdjax.train import parallel as parallel_lib
+  for flag, name, valid in (("--student", FLAGS.student, models.MODELS),
+                            ("--teacher", FLAGS.teacher, models.MODELS),
+                            ("--method", FLAGS.method, methods.METHODS),
+                            ("--parallel", FLAGS.parallel, parallel_lib.PARALLEL_KINDS)):
+    if name not in valid:
+      cli.fail(f"{flag}={name!r} is not valid{did_you_mean(name, valid)}; valid values: "
+               f"{', '.join(sorted(valid))}.")
+  for flag in ("num_classes", "batch_size", "steps", "rounds"):
+    if FLAGS[flag].value <= 0:
+      cli.fail(f"--{flag} must be a positive integer, got {FLAGS[flag].value}.")
+  if FLAGS.warmup < 0:
+    cli.fail(f"--warmup must be >= 0, got {FLAGS.warmup}.")
+  if FLAGS.reference == "torch" and importlib.util.find_spec("torch") is None:
+    cli.fail("--reference=torch needs PyTorch, which is not installed; install it with "
+             "`pip install -e \".[torch]\"` (a CPU wheel, torch==2.13.0) or drop --reference.")
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  _check_flags()
   run, student_params, teacher_params, jax = build_jax_step(
       FLAGS.student, FLAGS.teacher, FLAGS.num_classes, FLAGS.batch_size, FLAGS.method,
       FLAGS.parallel)
@@ -126,4 +152,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, config_name=None)

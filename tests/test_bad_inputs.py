@@ -53,26 +53,28 @@ def finished_workdir(tmp_path_factory, data_dir):
 
 
 BAD_CONFIGS = [
-    ({"method": "kdd"}, r"config.method='kdd' is not valid; valid values: .*dkd, .*kd, .*scratch"),
+    ({"method": "kdd"}, r"config.method='kdd' is not valid \(did you mean 'kd'\?\); valid values: "
+                        r".*dkd, .*kd, .*scratch"),
     ({"student__model": "resnet1000"},
-     r"config.student.model='resnet1000' is not valid; valid values: .*cnn1d.*mlp"),
+     r"config.student.model='resnet1000' is not valid.*; valid values: .*cnn1d.*mlp"),
     ({"teacher__model": "vit"}, r"config.teacher.model='vit' is not valid"),
-    ({"dataset": "mnist"}, r"config.dataset='mnist' is not valid; valid values: cifar10, "
+    ({"dataset": "mnist"}, r"config.dataset='mnist' is not valid.*; valid values: cifar10, "
                            r"cifar100, mnist1d"),
     ({"kd__temperature": 0.0}, r"config.kd.temperature must be a positive number, got 0.0"),
     ({"dkd__temperature": -1.0}, r"config.dkd.temperature must be a positive number"),
     ({"kd__ce_weight": -0.5}, r"config.kd.ce_weight must be a number >= 0, got -0.5"),
     ({"dkd__warmup_steps": -3}, r"config.dkd.warmup_steps must be a number >= 0"),
-    ({"parallel": "pjit"}, r"config.parallel='pjit' is not valid; valid values: jit, pmap"),
+    ({"parallel": "pjit"}, r"config.parallel='pjit' is not valid.*; valid values: jit, pmap"),
     ({"num_steps": 0}, r"config.num_steps must be a positive integer, got 0"),
     ({"log_every_steps": -1}, r"config.log_every_steps must be a positive integer"),
-    ({"optimizer__name": "lion"}, r"config.optimizer.name='lion' is not valid; valid values: "
+    ({"optimizer__name": "lion"}, r"config.optimizer.name='lion' is not valid.*; valid values: "
                                   r"adam, adamw, sgd"),
     ({"optimizer__schedule": "linear"}, r"config.optimizer.schedule='linear' is not valid"),
     ({"optimizer__learning_rate": -0.1}, r"config.optimizer.learning_rate must be a positive"),
-    ({"on_nonfinite": "ignore"}, r"config.on_nonfinite='ignore' is not valid; valid values: "
+    ({"on_nonfinite": "ignore"}, r"config.on_nonfinite='ignore' is not valid.*; valid values: "
                                  r"skip, stop"),
-    ({"suite": "teacher,kdx"}, r"config.suite names run 'kdx'.*valid runs: teacher, "),
+    ({"suite": "teacher,kdx"}, r"config.suite names run 'kdx'.*did you mean 'kd'.*valid runs: "
+                               r"teacher, "),
     ({"student__model": "resnet8x4"},
      r"config.student.model='resnet8x4' takes image32 inputs but dataset 'mnist1d' has "
      r"signal1d inputs; models for it: cnn1d, cnn1d_small, mlp"),
@@ -166,26 +168,6 @@ def test_non_finite_loss_can_be_skipped_and_counted(tmp_path, data_dir):
   assert summary["skipped_nonfinite_steps"] > 0
 
 
-@pytest.mark.parametrize("arguments, message", [
-    (["--config.kd.temprature=2"], r"temprature"),
-    (["--config.method=fitnet"], r"config.method='fitnet' is not valid; valid values:"),
-    (["--config.num_steps=abc"], r"num_steps"),
-])
-def test_cli_rejects_bad_overrides_without_writing(arguments, message, tmp_path):
-  import re
-  result = run_python(["-m", "experiments.main", "--config=configs/quickstart.py:smoke",
-                       f"--workdir={tmp_path}"] + arguments, check=False)
-  assert result.returncode != 0
-  assert re.search(message, result.stderr), result.stderr[-2000:]
-  assert not os.listdir(tmp_path)
-
-
-def test_cli_requires_a_workdir():
-  result = run_python(["-m", "experiments.main", "--config=configs/quickstart.py:smoke"],
-                      check=False)
-  assert result.returncode != 0 and "workdir" in result.stderr
-
-
 def test_unknown_quickstart_variant_lists_the_valid_ones():
   with pytest.raises(ValueError, match="valid: '' \\(full\\), 'smoke'"):
     quickstart.get_config("tiny")
@@ -238,7 +220,7 @@ def test_extra_teacher_without_checkpoint_or_run_is_refused(tmp_path, finished_w
 
 def test_unknown_extra_teacher_model_lists_valid_models(data_dir):
   from kdjax.train import validate_config
-  with pytest.raises(ConfigError, match=r"config.teacher.extra='convnext' is not valid; valid "
+  with pytest.raises(ConfigError, match=r"config.teacher.extra='convnext' is not valid.*; valid "
                                         r"values: .*cnn1d"):
     validate_config(_config(data_dir, teacher__extra="convnext"), num_devices=1)
 

@@ -93,20 +93,6 @@ def test_sigkill_after_first_checkpoint_then_rerun_gives_identical_summary(
       for name, run in _summary(reference_run[0]).items()}
 
 
-def test_full_quickstart_teacher_beats_scratch_and_kd_gains_a_point(tmp_path, data_dir):
-  """The README's first command: the distillation effect it promises is really there."""
-  start = time.perf_counter()
-  run_python(["-m", "experiments.main", "--config=configs/quickstart.py",
-              f"--workdir={tmp_path}", f"--config.data_dir={data_dir}"])
-  wall = time.perf_counter() - start
-  runs = _summary(str(tmp_path))
-  assert runs["teacher"]["eval_accuracy"] > runs["scratch"]["eval_accuracy"]
-  assert runs["kd"]["eval_accuracy"] >= runs["scratch"]["eval_accuracy"] + 0.01
-  assert runs["dist"]["eval_accuracy"] >= runs["scratch"]["eval_accuracy"] + 0.01
-  assert runs["teacher"]["eval_accuracy"] >= 0.9
-  assert wall < 600, f"quickstart took {wall:.0f} s"
-
-
 def test_every_other_method_runs_from_the_quickstart_suite(tmp_path, data_dir):
   """CTKD, TAID, multi-teacher KD and the sequence divergences through the real launcher."""
   students = ["ctkd", "taid", "multi_teacher_kd", "fkl", "rkl", "jsd", "skew_fkl", "skew_rkl",

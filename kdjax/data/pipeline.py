@@ -54,8 +54,8 @@ def _check_labels(spec, split, source, reader):
     bad = np.flatnonzero((labels < 0) | (labels >= spec.num_classes))
     if bad.size:
       raise InvalidLabelsError(
-          f"Dataset {spec.tfds_name!r} split {split!r}: {bad.size} labels lie outside "
-          f"[0, {spec.num_classes}) (e.g. record {int(bad[0])} has label "
+          f"Dataset {spec.tfds_name!r} split {split!r}: {bad.size} of {labels.size} labels lie "
+          f"outside [0, {spec.num_classes}) (e.g. record {int(bad[0])} has label "
           f"{int(labels[bad[0]])}); the dataset does not match num_classes={spec.num_classes}.")
     return
   # Records read lazily: the declared ClassLabel size is what can be checked up front.

@@ -8,6 +8,7 @@ checkpoint as the latest.
 """
 
 import os
+import shutil
 from typing import Any, Optional, Tuple
 
 import jax
@@ -40,6 +41,7 @@ class Checkpointer:
     return list(self._manager.all_steps())
 
   def save(self, step: int, state_on_host: Any, meta: dict):
+    self._check_free_space(step, state_on_host)
     try:
       self._manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state_on_host), meta=ocp.args.JsonSave(meta)), force=True)
@@ -48,12 +50,26 @@ class Checkpointer:
       if not files.is_disk_full(error):
         raise
       self._manager.reload()
-      latest = self._manager.latest_step()
-      raise files.disk_full_error(
-          os.path.join(self.directory, str(step)),
-          (f"the last good checkpoint (step {latest}) is kept" if latest is not None else
-           "no checkpoint had been written yet") +
-          "; free space and rerun the same command to continue") from None
+      raise self._disk_full(step) from None
+
+  def _disk_full(self, step: int, detail: str = "") -> files.DiskFullError:
+    latest = self._manager.latest_step()
+    return files.DiskFullError(
+        os.path.join(self.directory, str(step)), detail +
+        (f"the last good checkpoint (step {latest}) is kept" if latest is not None else
+         "no checkpoint had been written yet") +
+        "; free space and rerun the same command to continue")
+
+  def _check_free_space(self, step: int, state_on_host: Any):
+    """Refuses a save that cannot fit before orbax starts writing: a save that runs out of
+    space mid-way ends in pages of tracebacks from orbax's writer threads."""
+    leaves = jax.tree.leaves(state_on_host)
+    # Raw bytes plus orbax's per-array files and metadata (measured: +20-40% on small states).
+    needed = int(1.1 * sum(np.asarray(x).nbytes for x in leaves)) + 2048 * len(leaves) + 65536
+    free = shutil.disk_usage(self.directory).free
+    if free < needed:
+      raise self._disk_full(step, f"the checkpoint needs about {needed / 2**20:.1f} MiB, "
+                                  f"{free / 2**20:.1f} MiB are free; ")
 
   def restore(self, step: int, abstract_state: Any) -> Tuple[Any, dict]:
     restored = self._manager.restore(step, args=ocp.args.Composite(

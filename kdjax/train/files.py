@@ -9,10 +9,14 @@ import tempfile
 class DiskFullError(OSError):
   """The disk filled up while kdjax wrote a file; the message names it."""
 
+  def __init__(self, path: str, detail: str = ""):
+    super().__init__(errno.ENOSPC, "No space left on device", path)
+    self.message = (f"No space left on device while writing {path}"
+                    + (f"; {detail}" if detail else ""))
 
-def disk_full_error(path: str, detail: str = "") -> DiskFullError:
-  return DiskFullError(errno.ENOSPC, f"No space left on device while writing {path}"
-                       + (f"; {detail}" if detail else ""))
+  def __str__(self):
+    return self.message
+
 
 
 def is_disk_full(error: BaseException) -> bool:
@@ -44,7 +48,7 @@ def write_atomic(path: str, text: str):
     if os.path.exists(tmp):
       os.remove(tmp)
     if is_disk_full(error):
-      raise disk_full_error(path, "the previous version of the file is kept") from None
+      raise DiskFullError(path, "the previous version of the file is kept") from None
     raise
 
 

@@ -37,7 +37,7 @@ class MetricWriter:
         self._tensorboard.flush()
     except OSError as error:
       if files.is_disk_full(error):
-        raise files.disk_full_error(self.path, "free space and rerun the same command to "
+        raise files.DiskFullError(self.path, "free space and rerun the same command to "
                                     "continue from the last checkpoint") from None
       raise
 
