@@ -465,7 +465,9 @@ def dkd(student_logits: ArrayLike, teacher_logits: ArrayLike,
   Args:
     student_logits: `[..., C]` student logits, `C >= 2`.
     teacher_logits: `[..., C]` teacher logits, same shape.
-    labels: `[...]` integer ground-truth classes in `[0, C)`.
+    labels: `[...]` integer ground-truth classes in `[0, C)`. Checked when concrete; under
+      `jit` a loss cannot raise, and a label outside `[0, C)` would give an all-zero
+      one-hot target, so kdjax's input pipeline refuses such labels when a dataset opens.
     alpha: TCKD weight.
     beta: NCKD weight.
     temperature: softmax temperature `T > 0`.
@@ -521,7 +523,9 @@ def nkd(student_logits: ArrayLike, teacher_logits: ArrayLike,
   Args:
     student_logits: `[..., C]` student logits, `C >= 2`.
     teacher_logits: `[..., C]` teacher logits, same shape.
-    labels: `[...]` integer ground-truth classes in `[0, C)`.
+    labels: `[...]` integer ground-truth classes in `[0, C)`. Checked when concrete; under
+      `jit` a loss cannot raise, and a label outside `[0, C)` would give an all-zero
+      one-hot target, so kdjax's input pipeline refuses such labels when a dataset opens.
     temperature: temperature `T > 0` of the non-target term.
     gamma: weight of the non-target term.
     where: optional `[...]` mask; labels at masked positions are ignored.
