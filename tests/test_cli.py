@@ -137,6 +137,7 @@ def test_help_exits_0_and_lists_every_config_field_with_its_default():
   assert "--config=FILE" in plain.stdout and "configs/quickstart.py" in plain.stdout
 
 
+@pytest.mark.slow  # Trains a teacher; README's own commands (also slow) cover relative paths too.
 def test_relative_teacher_checkpoint_and_tilde_workdir(tmp_path, data_dir):
   """README's second "any config" command: a relative checkpoint, here with a `~` workdir
   and a `~` data_dir, from a directory that is not the repository."""

@@ -48,6 +48,7 @@ def run_config(config: ml_collections.ConfigDict, run: str) -> ml_collections.Co
 @dataclasses.dataclass(frozen=True)
 class SuitePlan:
   """What a suite will run, checked: each run's config and its teachers' checkpoints."""
+  config: ml_collections.ConfigDict  # The suite's config, its paths absolute.
   workdir: str  # Absolute.
   run_configs: Dict[str, ml_collections.ConfigDict]  # In suite order.
   teacher_runs: List[str]  # 'teacher', 'teacher_1', ...: trained from scratch.
@@ -100,7 +101,7 @@ def plan_suite(config: ml_collections.ConfigDict, workdir: str, *,
             f"configured as {spec.model!r} (config.teacher.model / config.teacher.extra).")
   for run, run_cfg in run_configs.items():  # Refuse a changed config before any run starts.
     check_run_dir(run_cfg, os.path.join(workdir, run), run, move_aside=False)
-  return SuitePlan(workdir=workdir, run_configs=run_configs, teacher_runs=teacher_runs,
+  return SuitePlan(config=config, workdir=workdir, run_configs=run_configs, teacher_runs=teacher_runs,
                    teacher_dirs=teacher_dirs)
 
 
@@ -116,7 +117,7 @@ def run_suite(config: ml_collections.ConfigDict, workdir: str, *, num_devices: i
   if is_writer:
     prepare_workdir(plan.workdir)
   summary_path = os.path.join(plan.workdir, SUMMARY)
-  summary = {"runs": {}, "config": resolve_config_paths(config).to_dict()}
+  summary = {"runs": {}, "config": plan.config.to_dict()}
   with WorkdirLock(plan.workdir, enabled=is_writer):
     for run, run_cfg in plan.run_configs.items():
       result = train_and_evaluate(
