@@ -182,3 +182,29 @@ def broadcast_hyper(name: str, arg_name: str, value: Any, size: int
 def upcast(x: jax.Array) -> jax.Array:
   """Casts bf16/f16 to float32; float32 and float64 are kept as they are."""
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def check_features(name: str, arg_name: str, x: Any, *, min_rank: int = 2) -> jax.Array:
+  """Checks a floating `[B, ...]` feature array of rank >= `min_rank`."""
+  x = as_array(name, arg_name, x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(
+        f"{name}: {arg_name} must have a floating dtype, got dtype {x.dtype} with shape "
+        f"{tuple(x.shape)}")
+  if x.ndim < min_rank:
+    layout = {2: "[B, D]", 3: "[B, H, W, C] or [B, T, D]"}.get(min_rank, f"rank {min_rank}")
+    raise ValueError(f"{name}: {arg_name} must be at least {layout}, got shape "
+                     f"{tuple(x.shape)}")
+  return x
+
+
+def safe_norm(x: jax.Array, axis: int = -1, keepdims: bool = False) -> jax.Array:
+  """The l2 norm along `axis`, with a zero (not NaN) gradient at the zero vector."""
+  squared = jnp.sum(x * x, axis=axis, keepdims=keepdims)
+  positive = squared > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1.0)), 0.0)
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+  """`x / max(||x||, eps)` as PyTorch's `F.normalize`: the zero vector stays zero."""
+  return x / jnp.maximum(safe_norm(x, axis=axis, keepdims=True), eps)

@@ -1,4 +1,4 @@
-"""Batch-relational logit losses.
+"""Batch-relational losses: on logits (DIST) and on features (SP, RKD, PKT).
 
 These compare relations *between* examples of a batch, so they return a scalar
 and take a `where` over the batch rows; with `where` the value equals the loss
@@ -18,7 +18,7 @@ from kdjax.losses import _checks
 
 Numeric = Union[float, jax.Array]
 
-__all__ = ["dist"]
+__all__ = ["dist", "pkt", "rkd_angle", "rkd_distance", "similarity_preserving"]
 
 
 def _safe_norm(x: jax.Array, weights: jax.Array, axis: int) -> jax.Array:
@@ -121,3 +121,204 @@ def dist(student_logits: ArrayLike, teacher_logits: ArrayLike, *,
   intra = 1.0 - jnp.mean(column_corr)
   loss = temperature**2 * (beta * inter + gamma * intra)
   return jnp.where(num_rows > 0, loss, 0.0)
+
+
+def _feature_rows(name, student_features, teacher_features, where):
+  """Both features flattened to `[B, D]` rows (the dims may differ between student and
+  teacher), float32+, unselected rows zeroed; with the row weights and their count."""
+  s = _checks.check_features(name, "student_features", student_features, min_rank=2)
+  t = _checks.check_features(name, "teacher_features", teacher_features, min_rank=2)
+  if s.shape[0] != t.shape[0]:
+    raise ValueError(f"{name}: student_features shape {tuple(s.shape)} and teacher_features "
+                     f"shape {tuple(t.shape)} have different batch sizes")
+  mask = _checks.check_where(name, where, s.shape[:1])
+  if mask is None:
+    mask = jnp.ones(s.shape[:1], bool)
+  s = jnp.where(mask[:, None], _checks.upcast(s).reshape(s.shape[0], -1), 0)
+  t = jnp.where(mask[:, None], _checks.upcast(t).reshape(t.shape[0], -1), 0)
+  weights = mask.astype(s.dtype)
+  return s, t, weights, jnp.sum(weights)
+
+
+def _huber(x: jax.Array) -> jax.Array:
+  """Huber with delta 1 (PyTorch's smooth_l1_loss with beta 1)."""
+  absolute = jnp.abs(x)
+  return jnp.where(absolute < 1.0, 0.5 * x * x, absolute - 0.5)
+
+
+def similarity_preserving(student_features: ArrayLike, teacher_features: ArrayLike, *,
+                          where: Optional[ArrayLike] = None) -> jax.Array:
+  r"""Similarity-preserving KD: match the batch's pairwise-similarity (Gram) matrices.
+
+  With `F` the features flattened to `[B, D]`, `G = row_l2_normalize(F F^T)` (each row of the
+  Gram matrix divided by its l2 norm, as in the official code and RepDistiller),
+
+  .. math:: \ell = \tfrac{1}{B^2} \sum_{i,j} (G_s - G_t)_{ij}^2
+
+  Student and teacher dims may differ. RepDistiller weights it by 3000 on CIFAR-100.
+
+  Args:
+    student_features: `[B, ...]` student features (a conv map or an embedding).
+    teacher_features: `[B, ...]` teacher features, same `B`.
+    where: optional `[B]` mask; the result equals the loss on the selected rows alone.
+
+  Returns:
+    A scalar.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kdjax import losses
+    >>> f = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+    >>> float(losses.similarity_preserving(f, 2.0 * f))   # Gram rows are normalised
+    0.0
+
+  Reference:
+    Tung & Mori, "Similarity-Preserving Knowledge Distillation", ICCV 2019.
+  """
+  s, t, _, count = _feature_rows("similarity_preserving", student_features, teacher_features,
+                                 where)
+  gram_s = _checks.l2_normalize(s @ s.T, axis=1)
+  gram_t = _checks.l2_normalize(t @ t.T, axis=1)
+  return jnp.sum(jnp.square(gram_s - gram_t)) / jnp.maximum(count * count, 1.0)
+
+
+def _pairwise_distances(x: jax.Array, pair_weights: jax.Array) -> jax.Array:
+  """Euclidean distances `[B, B]`, 0 on the diagonal and on unselected pairs, with finite
+  gradients for duplicate rows (squared distances clamped at 1e-12 as in RKD's code)."""
+  squared = jnp.sum(x * x, axis=1)
+  d2 = squared[:, None] + squared[None, :] - 2.0 * (x @ x.T)
+  return jnp.sqrt(jnp.maximum(d2, 1e-12)) * pair_weights
+
+
+def rkd_distance(student_features: ArrayLike, teacher_features: ArrayLike, *,
+                 where: Optional[ArrayLike] = None) -> jax.Array:
+  r"""RKD distance-wise loss: match the normalised pairwise distances of the batch.
+
+  `d_ij = ||x_i - x_j||_2` over the flattened features; each matrix is divided by its mean
+  over the off-diagonal pairs (`mu`); then
+
+  .. math:: \ell = \tfrac{1}{B^2} \sum_{i,j} \mathrm{huber}_1\big(d^s_{ij}/\mu_s
+            - d^t_{ij}/\mu_t\big)
+
+  averaged over all `B*B` entries, the (zero) diagonal included, as the official code's
+  `smooth_l1_loss(..., reduction='mean')`. The gradient flows through the student's `mu`.
+  The official code averages over the pairs with `d > 0`; that differs only when two rows
+  are identical (here such a pair counts, with distance 0). The paper weights it by 25.
+
+  Args:
+    student_features: `[B, ...]` student embeddings (flattened per example).
+    teacher_features: `[B, ...]` teacher embeddings, same `B` (dims may differ).
+    where: optional `[B]` mask; the result equals the loss on the selected rows alone.
+
+  Returns:
+    A scalar.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kdjax import losses
+    >>> e = jnp.array([[0.0, 0.0], [3.0, 4.0], [6.0, 8.0]])
+    >>> float(losses.rkd_distance(e, 10.0 * e))   # scale-invariant
+    0.0
+
+  Reference:
+    Park et al., "Relational Knowledge Distillation", CVPR 2019.
+  """
+  s, t, weights, count = _feature_rows("rkd_distance", student_features, teacher_features,
+                                       where)
+  pairs = weights[:, None] * weights[None, :] * (1.0 - jnp.eye(s.shape[0], dtype=s.dtype))
+  num_pairs = jnp.sum(pairs)
+
+  def normalised(x):
+    d = _pairwise_distances(x, pairs)
+    mean = jnp.sum(d) / jnp.maximum(num_pairs, 1.0)
+    return jnp.where(mean > 0, d / jnp.where(mean > 0, mean, 1.0), 0.0)
+
+  return jnp.sum(_huber(normalised(s) - normalised(t)) * pairs) / jnp.maximum(count * count,
+                                                                             1.0)
+
+
+def rkd_angle(student_features: ArrayLike, teacher_features: ArrayLike, *,
+              where: Optional[ArrayLike] = None) -> jax.Array:
+  r"""RKD angle-wise loss: match the angles formed by every triplet of the batch.
+
+  `u_ij = l2_normalize(x_j - x_i)` (zero where `i == j`), `A_ijk = <u_ij, u_ik>`, and
+
+  .. math:: \ell = \tfrac{1}{B^3} \sum_{i,j,k} \mathrm{huber}_1(A^s_{ijk} - A^t_{ijk})
+
+  averaged over all `B**3` entries as the official code. Memory is `O(B^2 D)`.
+  The paper weights it by 50.
+
+  Args:
+    student_features: `[B, ...]` student embeddings (flattened per example).
+    teacher_features: `[B, ...]` teacher embeddings, same `B` (dims may differ).
+    where: optional `[B]` mask; the result equals the loss on the selected rows alone.
+
+  Returns:
+    A scalar.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kdjax import losses
+    >>> e = jnp.array([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
+    >>> round(float(losses.rkd_angle(e, 5.0 * e + 1.0)), 6)   # scale- and shift-invariant
+    0.0
+
+  Reference:
+    Park et al., "Relational Knowledge Distillation", CVPR 2019.
+  """
+  s, t, weights, count = _feature_rows("rkd_angle", student_features, teacher_features, where)
+
+  def angles(x):
+    directions = _checks.l2_normalize(x[None, :, :] - x[:, None, :], axis=-1)
+    return jnp.einsum("ijd,ikd->ijk", directions, directions)
+
+  triplets = weights[:, None, None] * weights[None, :, None] * weights[None, None, :]
+  return jnp.sum(_huber(angles(s) - angles(t)) * triplets) / jnp.maximum(count ** 3, 1.0)
+
+
+def pkt(student_features: ArrayLike, teacher_features: ArrayLike, *, eps: float = 1e-7,
+        where: Optional[ArrayLike] = None) -> jax.Array:
+  r"""Probabilistic knowledge transfer: match the conditional distributions that cosine
+  similarities induce over the batch.
+
+  Rows are divided by `(||x|| + eps)`; `c_ij = (cos_ij + 1) / 2`; each row of `c` is divided
+  by its sum to give `q`; then
+
+  .. math:: \ell = \tfrac{1}{B^2} \sum_{i,j} q^t_{ij} \log\frac{q^t_{ij} + \epsilon}
+            {q^s_{ij} + \epsilon}
+
+  as the official code (`torch.mean` over all `B*B` entries). Dims may differ.
+  RepDistiller weights it by 30000 on CIFAR-100.
+
+  Args:
+    student_features: `[B, ...]` student features (flattened per example).
+    teacher_features: `[B, ...]` teacher features, same `B`.
+    eps: added to the norms and inside the log.
+    where: optional `[B]` mask; the result equals the loss on the selected rows alone.
+
+  Returns:
+    A scalar.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kdjax import losses
+    >>> f = jnp.array([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+    >>> abs(float(losses.pkt(f, 3.0 * f))) < 1e-7
+    True
+
+  Reference:
+    Passalis & Tefas, "Learning Deep Representations with Probabilistic Knowledge
+    Transfer", ECCV 2018.
+  """
+  s, t, weights, count = _feature_rows("pkt", student_features, teacher_features, where)
+  pairs = weights[:, None] * weights[None, :]
+
+  def conditional(x):
+    x = x / (_checks.safe_norm(x, axis=1, keepdims=True) + eps)
+    similarity = (x @ x.T + 1.0) / 2.0 * pairs
+    total = jnp.sum(similarity, axis=1, keepdims=True)
+    return similarity / jnp.where(total > 0, total, 1.0)
+
+  q_s, q_t = conditional(s), conditional(t)
+  divergence = q_t * jnp.log((q_t + eps) / (q_s + eps)) * pairs
+  return jnp.sum(divergence) / jnp.maximum(count * count, 1.0)
