@@ -4,12 +4,14 @@ from typing import Dict, Type
 
 import ml_collections
 
-from kdjax.methods import base, ctkd, logit, multi_teacher, relational, sequence, taid
+from kdjax.methods import (base, ctkd, feature, logit, multi_teacher, relational, sequence,
+                           taid)
 
 METHODS: Dict[str, Type[base.Method]] = {
     cls.name: cls for cls in (
         logit.Scratch, logit.KD, logit.DKD, logit.KDStd, logit.NKD, relational.DIST,
-        ctkd.CTKD, taid.TAID, multi_teacher.MultiTeacherKD, *sequence.SEQUENCE_METHODS)
+        ctkd.CTKD, taid.TAID, multi_teacher.MultiTeacherKD, *sequence.SEQUENCE_METHODS,
+        *feature.FEATURE_METHODS)
 }
 
 

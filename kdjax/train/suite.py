@@ -22,6 +22,7 @@ from kdjax.train import teachers as teachers_lib
 from kdjax.train.checkpoint import CheckpointError, saved_model_name
 from kdjax.train.loop import RUN_SUMMARY, train_and_evaluate
 from kdjax.train.config_paths import resolve_config_paths
+from kdjax.train.preflight import check_method_fits_models
 from kdjax.train.run_dir import check_run_dir
 from kdjax.train.validate import ConfigError, suite_runs, validate_config
 from kdjax.train.workdir import WorkdirLock, prepare_workdir
@@ -99,6 +100,8 @@ def plan_suite(config: ml_collections.ConfigDict, workdir: str, *,
         raise CheckpointError(
             f"The checkpoint in {spec.checkpoint!r} is of model {saved!r}, but the teacher is "
             f"configured as {spec.model!r} (config.teacher.model / config.teacher.extra).")
+  for run in students:  # Taps and feature shapes, traced without compiling.
+    check_method_fits_models(run_configs[run])
   for run, run_cfg in run_configs.items():  # Refuse a changed config before any run starts.
     check_run_dir(run_cfg, os.path.join(workdir, run), run, move_aside=False)
   return SuitePlan(config=config, workdir=workdir, run_configs=run_configs, teacher_runs=teacher_runs,

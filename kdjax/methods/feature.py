@@ -1,0 +1,212 @@
+"""Feature and relational feature distillation: FitNets, AT, SP, RKD, PKT.
+
+Each method is `ce_weight * CE + kd_weight * KD(T) + feature_weight * term`, the term
+computed on feature taps named in the method's config (`student_tap`, `teacher_tap`; several
+comma-separated pairs are summed, e.g. AT over stages). Defaults follow RepDistiller's CIFAR-100
+runs of these methods ("w/o KD": `-r 1 -a 0 -b <beta>`, `train_student.py` and its README).
+Relational terms (SP, RKD, PKT) see the global batch through `ops.gather`, so one device and
+N devices give the same number. FitNets' connector (a linear map of the student's channels
+to the teacher's: a 1x1 conv on maps, a dense layer on embeddings) is a parameter of the method,
+trained with the student and checkpointed.
+"""
+
+import abc
+from typing import Callable, ClassVar, Dict, List, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from kdjax import losses
+from kdjax.methods import base
+
+
+def _names(value: str) -> List[str]:
+  return [name.strip() for name in str(value).split(",") if name.strip()]
+
+
+class FeatureMethod(base.Method):
+  """Base of the feature methods; subclasses set `name`, the defaults and `term`."""
+
+  default_student_tap: ClassVar[str] = "embedding"
+  default_teacher_tap: ClassVar[str] = "embedding"
+  default_feature_weight: ClassVar[float] = 1.0
+  non_negative_fields = ("ce_weight", "kd_weight", "feature_weight")
+  positive_fields = ("temperature",)
+
+  @classmethod
+  def default_config(cls):
+    return ml_collections.ConfigDict(dict(
+        ce_weight=1.0, kd_weight=0.0, temperature=4.0,
+        feature_weight=cls.default_feature_weight, student_tap=cls.default_student_tap,
+        teacher_tap=cls.default_teacher_tap, **cls.extra_config()))
+
+  @classmethod
+  def extra_config(cls) -> Dict:
+    return {}
+
+  def __init__(self, config):
+    super().__init__(config)
+    self.student_taps = _names(config.student_tap)
+    self.teacher_taps = _names(config.teacher_tap)
+    if not self.student_taps or len(self.student_taps) != len(self.teacher_taps):
+      raise ValueError(
+          f"config.{self.name}.student_tap={config.student_tap!r} and "
+          f"config.{self.name}.teacher_tap={config.teacher_tap!r} must name the same number "
+          "(at least one) of comma-separated taps, paired in order.")
+
+  def _pairs(self, batch: base.Batch) -> List[Tuple[str, str, jnp.ndarray, jnp.ndarray]]:
+    pairs = []
+    for student_tap, teacher_tap in zip(self.student_taps, self.teacher_taps):
+      pairs.append((student_tap, teacher_tap,
+                    _tap(batch.student, student_tap, f"config.{self.name}.student_tap",
+                         "student"),
+                    _tap(batch.teacher, teacher_tap, f"config.{self.name}.teacher_tap",
+                         "teacher")))
+    return pairs
+
+  def init(self, rng, sample):
+    for student_tap, teacher_tap, student, teacher in self._pairs(sample):
+      self.check_pair(student_tap, teacher_tap, student.shape, teacher.shape)
+    return {}, {}
+
+  def check_pair(self, student_tap, teacher_tap, student_shape, teacher_shape):
+    """Raises ValueError, naming both shapes, for a pair the term cannot compare."""
+
+  @abc.abstractmethod
+  def term(self, params, pairs, batch: base.Batch, ops: base.BatchOps) -> jnp.ndarray:
+    """The feature term (before `feature_weight`) for the (tap, tap, student, teacher)
+    `pairs` of this batch."""
+
+  def loss(self, params, state, batch, ops):
+    c = self.config
+    ce = base.cross_entropy(batch, ops)
+    term = self.term(params, self._pairs(batch), batch, ops)
+    loss = c.ce_weight * ce + c.feature_weight * term
+    metrics = {"ce": ce, self.name: term}
+    if c.kd_weight:
+      kd = ops.mean(losses.kd(batch.student.logits, batch.teacher.logits,
+                              temperature=c.temperature, where=batch.where), batch.where)
+      loss = loss + c.kd_weight * kd
+      metrics["kd"] = kd
+    return loss, dict(metrics, loss=loss, accuracy=base.accuracy(batch, ops)), state
+
+
+def _tap(output, tap: str, field: str, role: str):
+  if tap not in output.features:
+    raise ValueError(f"{field}={tap!r}: the {role} model has no such tap; its taps: "
+                     f"{', '.join(sorted(output.features))}.")
+  return output.features[tap]
+
+
+def _per_example_term(loss_fn: Callable, pairs, batch, ops, transform=lambda i, s: s):
+  total = 0.0
+  for i, (_, _, student, teacher) in enumerate(pairs):
+    total = total + ops.mean(loss_fn(transform(i, student), teacher, where=batch.where),
+                             batch.where)
+  return total
+
+
+def _relational_term(loss_fn: Callable, pairs, batch, ops):
+  where = ops.gather(batch.where)
+  return sum(loss_fn(ops.gather(student), ops.gather(teacher), where=where)
+             for _, _, student, teacher in pairs)
+
+
+class FitNet(FeatureMethod):
+  """FitNets (Romero et al., ICLR 2015): hint loss `losses.fitnet` between the connected
+  student tap and the teacher tap. RepDistiller: `-b 100`, hint layer 2 (`stage2` of the
+  CIFAR ResNets); the embedding is the default because every model has it."""
+  name = "fitnet"
+  default_feature_weight = 100.0
+
+  def check_pair(self, student_tap, teacher_tap, student_shape, teacher_shape):
+    if tuple(student_shape[:-1]) != tuple(teacher_shape[:-1]):
+      raise ValueError(
+          f"config.fitnet.student_tap={student_tap!r} has shape {tuple(student_shape)} and "
+          f"config.fitnet.teacher_tap={teacher_tap!r} has shape {tuple(teacher_shape)}: the "
+          "connector maps channels (the last axis) only; pick taps of equal spatial size.")
+
+  def init(self, rng, sample):
+    super().init(rng, sample)
+    params = {}
+    for i, (_, _, student, teacher) in enumerate(self._pairs(sample)):
+      params[f"connector{i}"] = nn.Dense(teacher.shape[-1]).init(
+          jax.random.fold_in(rng, i), student)["params"]
+    return params, {}
+
+  def term(self, params, pairs, batch, ops):
+    connect = lambda i, student: nn.Dense(pairs[i][3].shape[-1]).apply(
+        {"params": params[f"connector{i}"]}, student)
+    return _per_example_term(losses.fitnet, pairs, batch, ops, connect)
+
+
+class AT(FeatureMethod):
+  """Attention transfer (Zagoruyko & Komodakis, ICLR 2017): `losses.attention_transfer`
+  summed over the stage pairs. RepDistiller: `-b 1000`, p 2, every stage (`stage1..3`)."""
+  name = "at"
+  default_student_tap = "stage1,stage2,stage3"
+  default_teacher_tap = "stage1,stage2,stage3"
+  default_feature_weight = 1000.0
+
+  @classmethod
+  def extra_config(cls):
+    return dict(p=2.0)
+
+  positive_fields = ("temperature", "p")
+
+  def check_pair(self, student_tap, teacher_tap, student_shape, teacher_shape):
+    if len(student_shape) < 3 or tuple(student_shape[1:-1]) != tuple(teacher_shape[1:-1]):
+      raise ValueError(
+          f"config.at.student_tap={student_tap!r} has shape {tuple(student_shape)} and "
+          f"config.at.teacher_tap={teacher_tap!r} has shape {tuple(teacher_shape)}: attention "
+          "transfer needs feature maps ([B, H, W, C] or [B, L, C]) of equal spatial size.")
+
+  def term(self, params, pairs, batch, ops):
+    at = lambda s, t, where: losses.attention_transfer(s, t, p=self.config.p, where=where)
+    return _per_example_term(at, pairs, batch, ops)
+
+
+class SP(FeatureMethod):
+  """Similarity-preserving KD (Tung & Mori, ICCV 2019): `losses.similarity_preserving` on
+  the global batch. RepDistiller: `-b 3000`, the last feature map (`stage3` of the CIFAR
+  ResNets; the embedding here by default)."""
+  name = "sp"
+  default_feature_weight = 3000.0
+
+  def term(self, params, pairs, batch, ops):
+    return _relational_term(losses.similarity_preserving, pairs, batch, ops)
+
+
+class RKD(FeatureMethod):
+  """Relational KD (Park et al., CVPR 2019): `distance_weight * losses.rkd_distance +
+  angle_weight * losses.rkd_angle` on the global batch of embeddings. RepDistiller: `-b 1`
+  with the paper's weights 25 and 50."""
+  name = "rkd"
+
+  @classmethod
+  def extra_config(cls):
+    return dict(distance_weight=25.0, angle_weight=50.0)
+
+  non_negative_fields = ("ce_weight", "kd_weight", "feature_weight", "distance_weight",
+                         "angle_weight")
+
+  def term(self, params, pairs, batch, ops):
+    c = self.config
+    rkd = lambda s, t, where: (c.distance_weight * losses.rkd_distance(s, t, where=where)
+                               + c.angle_weight * losses.rkd_angle(s, t, where=where))
+    return _relational_term(rkd, pairs, batch, ops)
+
+
+class PKT(FeatureMethod):
+  """Probabilistic knowledge transfer (Passalis & Tefas, ECCV 2018): `losses.pkt` on the
+  global batch of embeddings. RepDistiller: `-b 30000`."""
+  name = "pkt"
+  default_feature_weight = 30000.0
+
+  def term(self, params, pairs, batch, ops):
+    return _relational_term(losses.pkt, pairs, batch, ops)
+
+
+FEATURE_METHODS = (FitNet, AT, SP, RKD, PKT)

@@ -1,0 +1,54 @@
+"""Shape checks of a run before any data is read or anything compiled.
+
+`check_method_fits_models(config)` traces the student, the teacher and the method's `init`
+with `jax.eval_shape` (no FLOPs, no compilation): a feature tap that a model does not have, or
+a student/teacher pair of shapes a method cannot compare, fails as a ConfigError naming the
+field, both shapes and what would fix it, before the suite's first run starts.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from kdjax import models as models_lib
+from kdjax.data.catalog import get_dataset_spec
+from kdjax.methods.base import Batch
+from kdjax.methods.registry import build_method
+from kdjax.train.teachers import teacher_specs
+from kdjax.train.validate import ConfigError
+
+_SAMPLE_BATCH = 2
+
+
+def abstract_output(model_name: str, num_classes: int, input_shape) -> models_lib.Output:
+  """The model's Output on a sample batch, as shapes only."""
+  module = models_lib.get_model(model_name, num_classes=num_classes)
+  inputs = jax.ShapeDtypeStruct((_SAMPLE_BATCH,) + tuple(input_shape), jnp.float32)
+
+  def forward(x):
+    variables = models_lib.init_variables(module, jax.random.PRNGKey(0), x)
+    return models_lib.apply_fn(module)(variables, x, train=False)[0]
+
+  return jax.eval_shape(forward, inputs)
+
+
+def check_method_fits_models(config) -> None:
+  """Raises ConfigError when `config.method` cannot run on the configured models."""
+  method = build_method(config)
+  if method.multiple_teachers:  # Logits only: stacked teachers are checked when loaded.
+    return
+  spec = get_dataset_spec(config.dataset)
+  student = abstract_output(config.student.model, config.num_classes, spec.input_shape)
+  teacher = (abstract_output(teacher_specs(config)[0].model, config.num_classes,
+                             spec.input_shape) if method.needs_teacher else None)
+
+  def init(student, teacher):
+    sample = Batch(student=student, teacher=teacher,
+                   labels=jnp.zeros((_SAMPLE_BATCH,), jnp.int32),
+                   where=jnp.ones((_SAMPLE_BATCH,), bool), step=jnp.zeros((), jnp.int32))
+    return method.init(jax.random.PRNGKey(0), sample)
+
+  try:
+    jax.eval_shape(init, student, teacher)
+  except ValueError as error:
+    raise ConfigError(f"{error} (student {config.student.model!r}, teacher "
+                      f"{teacher_specs(config)[0].model!r})") from None
