@@ -6,6 +6,8 @@ a student/teacher pair of shapes a method cannot compare, fails as a ConfigError
 field, both shapes and what would fix it, before the suite's first run starts.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -19,8 +21,10 @@ from kdjax.train.validate import ConfigError
 _SAMPLE_BATCH = 2
 
 
+@functools.lru_cache(maxsize=64)
 def abstract_output(model_name: str, num_classes: int, input_shape) -> models_lib.Output:
-  """The model's Output on a sample batch, as shapes only."""
+  """The model's Output on a sample batch, as shapes only (cached: a suite asks for the
+  same models once per run)."""
   module = models_lib.get_model(model_name, num_classes=num_classes)
   inputs = jax.ShapeDtypeStruct((_SAMPLE_BATCH,) + tuple(input_shape), jnp.float32)
 
@@ -37,9 +41,10 @@ def check_method_fits_models(config) -> None:
   if method.multiple_teachers:  # Logits only: stacked teachers are checked when loaded.
     return
   spec = get_dataset_spec(config.dataset)
-  student = abstract_output(config.student.model, config.num_classes, spec.input_shape)
-  teacher = (abstract_output(teacher_specs(config)[0].model, config.num_classes,
-                             spec.input_shape) if method.needs_teacher else None)
+  input_shape = tuple(spec.input_shape)
+  student = abstract_output(config.student.model, config.num_classes, input_shape)
+  teacher = (abstract_output(teacher_specs(config)[0].model, config.num_classes, input_shape)
+             if method.needs_teacher else None)
 
   def init(student, teacher):
     sample = Batch(student=student, teacher=teacher,
