@@ -61,7 +61,8 @@ def test_resnet_distillation_runs_on_generated_images(tiny_cifar, tmp_path):
   config.num_steps, config.log_every_steps = 3, 1
   config.eval_every_steps = config.checkpoint_every_steps = 3
   config.optimizer.name, config.optimizer.learning_rate = "sgd", 0.05
-  config.suite, config.progress = "teacher,kd", False
+  config.suite, config.progress = "teacher,kd,at", False  # AT needs conv maps: stages 1-3.
   summary = run_suite(config, str(tmp_path / "work"), num_devices=1)
-  assert set(summary["runs"]) == {"teacher", "kd"}
-  assert np.isfinite(summary["runs"]["kd"]["final_train_loss"])
+  assert set(summary["runs"]) == {"teacher", "kd", "at"}
+  for run in ("kd", "at"):
+    assert np.isfinite(summary["runs"][run]["final_train_loss"])

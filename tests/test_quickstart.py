@@ -94,9 +94,10 @@ def test_sigkill_after_first_checkpoint_then_rerun_gives_identical_summary(
 
 
 def test_every_other_method_runs_from_the_quickstart_suite(tmp_path, data_dir):
-  """CTKD, TAID, multi-teacher KD and the sequence divergences through the real launcher."""
+  """CTKD, TAID, multi-teacher KD, the sequence divergences, SP and PKT through the real
+  launcher."""
   students = ["ctkd", "taid", "multi_teacher_kd", "fkl", "rkl", "jsd", "skew_fkl", "skew_rkl",
-              "tvd"]
+              "tvd", "sp", "pkt"]
   run_python(SMOKE + [f"--workdir={tmp_path}", f"--config.data_dir={data_dir}",
                       "--config.teacher.extra=cnn1d_small",
                       "--config.suite=" + ",".join(["teacher", "teacher_1"] + students)])

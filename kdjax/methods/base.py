@@ -23,7 +23,8 @@ class BatchOps(NamedTuple):
   """Reductions over the global batch, supplied by the train step.
 
   mean(values [b], where [b]) -> scalar: the average over the selected examples of the
-    whole global batch (on every device, whatever the parallelism).
+    whole global batch, the same value on every device whatever the parallelism (its
+    gradient is arranged so that the step's gradient averaging gives the global gradient).
   gather(x [b, ...]) -> [B, ...]: the global batch, for batch-relational losses.
   """
   mean: Callable[[jax.Array, jax.Array], jax.Array]

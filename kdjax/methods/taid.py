@@ -19,14 +19,6 @@ def _interpolated_target_entropy(student_logits, teacher_logits, t, where):
   return -jnp.sum(jnp.where(target > 0, target * log_target, 0.0), axis=-1)
 
 
-def _global_mean(values, where, ops):
-  """The mean over the global batch, identical on every device (unlike `ops.mean`, whose
-  per-device value under pmap only averages to the mean), for state that must not diverge."""
-  values = ops.gather(values)
-  where = ops.gather(where).astype(values.dtype)
-  return jnp.sum(values * where) / jnp.maximum(jnp.sum(where), 1.0)
-
-
 def taid_update(state, loss, step, *, t_start, t_end, alpha, beta, num_train_steps,
                 adaptive=True):
   """One step of TAID's adaptive schedule; `loss` is the step's (global, scalar) loss.
@@ -118,7 +110,7 @@ class TAID(base.Method):
     signal = jax.lax.stop_gradient(per_example + _interpolated_target_entropy(
         batch.student.logits, batch.teacher.logits, t, batch.where))
     new_state = taid_update(
-        state, _global_mean(signal, batch.where, ops), batch.step, t_start=c.t_start,
+        state, ops.mean(signal, batch.where), batch.step, t_start=c.t_start,
         t_end=c.t_end, alpha=c.alpha, beta=c.beta, num_train_steps=c.num_train_steps,
         adaptive=c.adaptive)
     return loss, {"loss": loss, "ce": ce, "taid": taid, "taid_t": t,

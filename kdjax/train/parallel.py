@@ -74,11 +74,16 @@ def _pmap_ops() -> BatchOps:
 
   def mean(values, where):
     where = where.astype(values.dtype)
+    local_sum = jnp.sum(values * where)
     total = jnp.maximum(jax.lax.psum(jnp.sum(where), PMAP_AXIS), 1.0)
-    # Scaled by the replica count so that averaging gradients (pmean) over replicas gives the
-    # gradient of the global mean; relational losses computed on the gathered batch then get
-    # their exact gradient too (all_gather's transpose sums over replicas).
-    return jnp.sum(values * where) * num_replicas() / total
+    # The value is the global mean, the same on every replica (so state computed from it,
+    # such as TAID's schedule, cannot diverge). The gradient is that of the local sum scaled
+    # by the replica count: averaging gradients over replicas (pmean) then gives the gradient
+    # of the global mean; relational losses computed on the gathered batch get their exact
+    # gradient the same way (all_gather's transpose sums over replicas).
+    scaled_local = local_sum * num_replicas() / total
+    global_mean = jax.lax.psum(jax.lax.stop_gradient(local_sum), PMAP_AXIS) / total
+    return scaled_local + jax.lax.stop_gradient(global_mean - scaled_local)
 
   gather = lambda x: jax.lax.all_gather(x, PMAP_AXIS, tiled=True)
   return BatchOps(mean=mean, gather=gather)

@@ -7,6 +7,7 @@ import numpy as np
 from kdjax import methods
 from kdjax.methods import Batch, BatchOps, single_device_ops
 from kdjax.models.output import Output
+from kdjax.train import parallel
 
 PMAP_AXIS = "batch"
 
@@ -68,15 +69,10 @@ def run(method, batch, ops=None, params=None, state=None):
 
 
 def simulated_pmap_ops() -> BatchOps:
-  """kdjax.train.parallel's pmap ops, over a `jax.vmap` axis named 'batch'."""
+  """kdjax.train.parallel's own pmap ops; a `jax.vmap` axis named 'batch' stands in for
+  pmap's (same collectives, on one device)."""
 
-  def mean(values, where):
-    where = where.astype(values.dtype)
-    total = jnp.maximum(jax.lax.psum(jnp.sum(where), PMAP_AXIS), 1.0)
-    return jnp.sum(values * where) * jax.lax.psum(1, PMAP_AXIS) / total
-
-  return BatchOps(mean=mean,
-                  gather=lambda x: jax.lax.all_gather(x, PMAP_AXIS, tiled=True))
+  return parallel._pmap_ops()  # pylint: disable=protected-access
 
 
 def np_log_softmax(z):

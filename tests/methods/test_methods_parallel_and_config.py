@@ -151,3 +151,15 @@ def _float_temperature_method():
   with config.ignore_type():
     config.temperatures = 2.0
   return cls(config)
+
+
+def test_pmap_mean_is_the_global_mean_on_every_replica_with_the_pmean_gradient():
+  values = jnp.arange(12.0).reshape(4, 3)
+  where = jnp.array([[1, 1, 0], [1, 0, 0], [1, 1, 1], [0, 0, 0]], bool)
+  global_mean = float(jnp.sum(values * where) / jnp.sum(where))
+  ops = simulated_pmap_ops()
+  value, grad = jax.vmap(jax.value_and_grad(lambda v, w: ops.mean(v, w)),
+                         axis_name=PMAP_AXIS)(values, where)
+  np.testing.assert_allclose(value, [global_mean] * 4, rtol=1e-6)  # One meaning everywhere.
+  # Averaging the replicas' gradients (the step's pmean) gives d(global mean)/d(values).
+  np.testing.assert_allclose(grad / 4, where / jnp.sum(where), rtol=1e-6)
