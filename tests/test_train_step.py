@@ -74,3 +74,32 @@ def test_teacher_gets_no_gradient_even_if_the_step_is_differentiated_through():
 
   grads = jax.grad(loss_of_teacher)(teacher_variables)
   assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
+
+
+def test_train_and_eval_steps_compile_once_per_run(monkeypatch, tmp_path, data_dir):
+  """A whole run (40 steps, logging, 3 evaluations with a padded last batch, checkpoints)
+  traces its train step and its eval step once each: chex raises on a second trace."""
+  import chex
+  from configs import quickstart
+  from kdjax.train import loop
+
+  for factory in ("make_train_step", "make_eval_step"):
+    original = getattr(step_lib, factory)
+    monkeypatch.setattr(step_lib, factory, lambda *a, _original=original, **k:
+                        chex.assert_max_traces(_original(*a, **k), n=1))
+  config = quickstart.get_config("smoke")
+  config.method, config.suite, config.progress, config.data_dir = "fitnet", "", False, data_dir
+  config.teacher.model = "mlp"  # Trained below: the teacher of the distilled run.
+  config.eval_batch_size = 300  # 1000 test examples: the last batch is padded.
+  teacher = loop.train_and_evaluate(_as_scratch(config), str(tmp_path / "t"))
+  assert teacher["steps"] == 40
+  chex.clear_trace_counter()  # Counted per function definition: the next run starts at 0.
+  summary = loop.train_and_evaluate(config, str(tmp_path / "s"),
+                                    teacher_checkpoints=[str(tmp_path / "t" / "checkpoints")])
+  assert np.isfinite(summary["final_train_loss"])
+
+
+def _as_scratch(config):
+  scratch = config.copy_and_resolve_references()
+  scratch.method = "scratch"
+  return scratch
