@@ -1,5 +1,7 @@
 """The pure train step: teacher handling, cached teacher outputs, optimizer state contents."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -103,3 +105,38 @@ def _as_scratch(config):
   scratch = config.copy_and_resolve_references()
   scratch.method = "scratch"
   return scratch
+
+
+class _SeesData(methods.Method):
+  """Reports what the step hands a method beyond the outputs: data['index'] and rng."""
+  name = "sees_data"
+  needs_teacher = False
+
+  def loss(self, params, state, batch, ops):
+    ce = methods.base.cross_entropy(batch, ops)
+    return ce, {"index_sum": jnp.sum(batch.data["index"]).astype(jnp.float32),
+                "rng_bits": jax.random.bits(batch.rng).astype(jnp.float32),
+                "data_keys": jnp.float32(len(batch.data))}, state
+
+
+def test_batch_data_and_rng_reach_the_method():
+  student, _, _, _, _, train_state, batch = _setup()
+  ops = methods.single_device_ops()
+  step = jax.jit(functools.partial(step_lib.make_train_step(
+      student_apply=models.apply_fn(student), teacher_apply=None, method=_SeesData({}),
+      optimizer=optax.sgd(0.1)), ops=ops))
+  batch = dict(batch, index=jnp.arange(100, 108, dtype=jnp.int32))
+  state1, metrics1 = step(train_state, None, batch)
+  _, metrics2 = step(state1, None, batch)
+  assert float(metrics1["index_sum"]) == sum(range(100, 108))
+  assert float(metrics1["data_keys"]) == 1.0  # inputs / labels / mask are not repeated there.
+  assert float(metrics1["rng_bits"]) != float(metrics2["rng_bits"])  # Folded by step.
+
+
+def test_training_batches_carry_each_examples_index(data_dir):
+  from kdjax.data import InputPipeline
+  pipeline = InputPipeline("mnist1d", global_batch_size=16, seed=0, data_dir=data_dir)
+  indices = np.concatenate([pipeline.train_batch(s)["index"] for s in range(250)])
+  assert indices.dtype == np.int32
+  # One epoch (4000 examples = 250 batches of 16) visits every example exactly once.
+  np.testing.assert_array_equal(np.sort(indices), np.arange(4000))

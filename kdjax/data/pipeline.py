@@ -83,7 +83,8 @@ def _reader(spec, split, data_dir, in_memory):
 class InputPipeline:
   """Training and evaluation batches for one dataset.
 
-  Batches are dicts of numpy arrays: `inputs` [b, ...] float32, `labels` [b] int32 and, for
+  Batches are dicts of numpy arrays: `inputs` [b, ...] float32, `labels` [b] int32, for
+  training `index` [b] int32 (each example's position in the training split) and, for
   evaluation, `mask` [b] bool (False on padding rows). `b` is this process's share of the
   global batch size.
   """
@@ -128,7 +129,9 @@ class InputPipeline:
     # batch is split over processes.
     rng = np.random.default_rng([self.seed, step]) if self.augment else None
     rows = (self.process_index * self.local_batch_size, self.global_batch_size)
-    return self._prepare(self._train.gather(indices), rng, rows)
+    batch = self._prepare(self._train.gather(indices), rng, rows)
+    batch["index"] = indices.astype(np.int32)  # For per-example method state (Batch.data).
+    return batch
 
   def eval_batches(self, global_batch_size: Optional[int] = None) -> Iterator[dict]:
     """The whole eval split once, in order, last batch padded (mask False on padding)."""

@@ -48,12 +48,19 @@ class Batch:
   labels: [b] int labels ([b, T] for sequences).
   where: [b] bool ([b, T] for sequences), False on padding rows / tokens.
   step: scalar int, the optimizer step (for warm-ups and curricula).
+  rng: a key for the method's own randomness (negatives, crops), folded by step; the same
+    on every device.
+  data: the rest of the input batch: 'index' [b] int32, each example's position in the
+    training split (for memory banks and per-example histories), and whatever else a
+    pipeline adds.
   """
   student: Output
   teacher: Optional[Output]
   labels: jax.Array
   where: jax.Array
   step: jax.Array
+  rng: Optional[jax.Array] = None
+  data: Dict[str, jax.Array] = dataclasses.field(default_factory=dict)
 
 
 Metrics = Dict[str, jax.Array]

@@ -12,6 +12,8 @@ from kdjax.models.output import Output
 from kdjax.train.state import TrainState, student_variables
 
 TEACHER_LOGITS_KEY = "teacher_logits"
+# Batch entries the step consumes itself; every other entry reaches the method in Batch.data.
+_STEP_KEYS = ("inputs", "labels", "mask", TEACHER_LOGITS_KEY)
 
 
 def teacher_outputs(teacher_apply: Optional[ApplyFn], teacher_variables, batch: dict):
@@ -34,7 +36,8 @@ def make_train_step(*, student_apply: ApplyFn, teacher_apply: Optional[ApplyFn],
   """Builds `train_step(state, teacher_variables, batch, ops) -> (state, metrics)`.
 
   `batch` is {'inputs': [b, ...], 'labels': [b], optional 'mask': [b] bool, optional
-  'teacher_logits': [b, C]}. `ops` and `reduce_gradients` come from the parallel strategy.
+  'teacher_logits': [b, C], and any other entries (such as 'index' [b]), which the method
+  receives as `Batch.data`}. `ops` and `reduce_gradients` come from the parallel strategy.
   With `skip_nonfinite`, a step whose gradients are not finite leaves the state unchanged
   except for the step counter, and reports `skipped_nonfinite` = 1. (optax's own step count,
   which drives the learning-rate schedule, does not advance on a skipped step.)
@@ -42,6 +45,7 @@ def make_train_step(*, student_apply: ApplyFn, teacher_apply: Optional[ApplyFn],
 
   def train_step(state: TrainState, teacher_variables, batch: dict, ops: BatchOps):
     rng = jax.random.fold_in(state.rng, state.step)
+    model_rng, method_rng = jax.random.split(rng)
     labels = batch["labels"]
     where = batch.get("mask", jnp.ones(labels.shape, bool))
     teacher = teacher_outputs(teacher_apply if method.needs_teacher else None,
@@ -49,11 +53,13 @@ def make_train_step(*, student_apply: ApplyFn, teacher_apply: Optional[ApplyFn],
 
     def loss_fn(params):
       variables = {"params": params["student"], **state.model_state}
-      student, new_model_state = student_apply(variables, batch["inputs"], train=True, rng=rng)
+      student, new_model_state = student_apply(variables, batch["inputs"], train=True,
+                                               rng=model_rng)
+      data = {k: v for k, v in batch.items() if k not in _STEP_KEYS}
       loss, metrics, new_method_state = method.loss(
           params["method"], state.method_state,
-          Batch(student=student, teacher=teacher, labels=labels, where=where, step=state.step),
-          ops)
+          Batch(student=student, teacher=teacher, labels=labels, where=where, step=state.step,
+                rng=method_rng, data=data), ops)
       return loss, (metrics, new_model_state, new_method_state)
 
     grads, (metrics, new_model_state, new_method_state) = jax.grad(
