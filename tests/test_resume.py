@@ -172,3 +172,28 @@ def test_method_parameters_and_state_resume_exactly(tmp_path, data_dir):
     assert all(jax.tree.leaves(jax.tree.map(np.array_equal, got, want))), run
   assert _final_state(str(workdir / "ctkd"))["params"]["method"]  # It has trainable params.
   assert _final_state(str(workdir / "taid"))["method_state"]  # It has state.
+
+
+def test_checkpoint_of_another_state_layout_is_refused_and_kept_not_set_aside(tmp_path):
+  """A code change (a parameter added or reshaped) is not damage: the error lists what
+  differs and the checkpoint stays where it is; damaged data is still set aside."""
+  import jax
+  import numpy as np
+  from kdjax.train.checkpoint import CheckpointError, Checkpointer
+
+  state = {"params": {"w": np.ones((3, 2), np.float32)}, "step": np.int32(5)}
+  checkpointer = Checkpointer(str(tmp_path))
+  checkpointer.save(5, state, {"model": "mlp"})
+  changed = {"params": {"w": jax.ShapeDtypeStruct((3, 4), np.float32),
+                        "connector": jax.ShapeDtypeStruct((2,), np.float32)},
+             "step": jax.ShapeDtypeStruct((), np.int32)}
+  with pytest.raises(CheckpointError, match=r"\(step 5\) was written by a different version of "
+                                            r"the train state; it is kept in place.*missing "
+                                            r"\[\"\['params'\]\['connector'\]\"\].*shape "
+                                            r"\['params'\]\['w'\]: checkpoint \(3, 2\) vs model "
+                                            r"\(3, 4\)"):
+    checkpointer.restore_latest_good(changed)
+  assert sorted(os.listdir(tmp_path)) == ["5"]  # Not moved aside as '5.damaged'.
+  same = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), state)
+  step, restored, _ = checkpointer.restore_latest_good(same)
+  assert step == 5 and restored["params"]["w"].shape == (3, 2)

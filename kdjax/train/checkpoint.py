@@ -42,6 +42,9 @@ class Checkpointer:
 
   def save(self, step: int, state_on_host: Any, meta: dict):
     self._check_free_space(step, state_on_host)
+    # The tree's layout, so that a restore can tell a code change from damaged data.
+    layout = {path: list(shape) for path, shape in _shapes_by_path(state_on_host).items()}
+    meta = dict(meta, state_layout=layout)
     try:
       self._manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state_on_host), meta=ocp.args.JsonSave(meta)), force=True)
@@ -116,6 +119,7 @@ class Checkpointer:
         meta, meta_error = None, error
       if meta is not None:
         check_meta(step, meta)  # Raises for a checkpoint of another run; not damage.
+        self._check_layout(step, meta, abstract_state)
       try:
         if meta is None:
           raise meta_error
@@ -131,6 +135,19 @@ class Checkpointer:
     raise CheckpointError(
         f"Checkpoints exist in {self.directory} but none could be restored (moved aside as "
         "*.damaged); refusing to restart from step 0. Errors:\n  " + "\n  ".join(failures))
+
+  def _check_layout(self, step: int, meta: dict, abstract_state: Any):
+    """A checkpoint whose tree differs from the code's (a parameter added or reshaped by a
+    code change) is not damaged: it is refused and left in place."""
+    if "state_layout" not in meta:  # Written before layouts were recorded.
+      return
+    saved = {p: tuple(s) for p, s in meta["state_layout"].items()}
+    _check_same_structure(
+        None, abstract_state,
+        f"The checkpoint in {self.directory!r} (step {step}) was written by a different "
+        "version of the train state; it is kept in place (use another workdir, or move that "
+        "run directory aside to train it again). Differences",
+        shapes=saved)
 
   def _set_aside(self, step: int):
     source = os.path.join(self.directory, str(step))
@@ -219,8 +236,11 @@ def _shapes_by_path(tree) -> dict:
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def _check_same_structure(found, expected, context: str):
-  found_shapes, expected_shapes = _shapes_by_path(found), _shapes_by_path(expected)
+def _check_same_structure(found, expected, context: str, *, shapes=None):
+  """Raises CheckpointError listing missing / unexpected / reshaped leaves. `shapes` gives
+  the found tree's {path: shape} directly (e.g. from a checkpoint's recorded layout)."""
+  found_shapes = shapes if shapes is not None else _shapes_by_path(found)
+  expected_shapes = _shapes_by_path(expected)
   missing = sorted(set(expected_shapes) - set(found_shapes))
   unexpected = sorted(set(found_shapes) - set(expected_shapes))
   wrong = [(p, found_shapes[p], expected_shapes[p]) for p in sorted(expected_shapes)
