@@ -245,7 +245,11 @@ def rkd_angle(student_features: ArrayLike, teacher_features: ArrayLike, *,
 
   .. math:: \ell = \tfrac{1}{B^3} \sum_{i,j,k} \mathrm{huber}_1(A^s_{ijk} - A^t_{ijk})
 
-  averaged over all `B**3` entries as the official code. Memory is `O(B^2 D)`.
+  averaged over all `B**3` entries as the official code. The cosines come from the law of
+  cosines on the pairwise squared distances, `A_ijk = (d_ij^2 + d_ik^2 - d_jk^2) /
+  (2 d_ij d_ik)`: the same values in `O(B^2 D + B^3)` time instead of `O(B^3 D)`
+  (forward and backward at B = 128, D = 100, teacher D = 250, this CPU: 96 -> 48 ms).
+  Memory `O(B^2 D + B^3)`.
   The paper weights it by 50.
 
   Args:
@@ -269,8 +273,14 @@ def rkd_angle(student_features: ArrayLike, teacher_features: ArrayLike, *,
   s, t, weights, count = _feature_rows("rkd_angle", student_features, teacher_features, where)
 
   def angles(x):
-    directions = _checks.l2_normalize(x[None, :, :] - x[:, None, :], axis=-1)
-    return jnp.einsum("ijd,ikd->ijk", directions, directions)
+    # <u_ij, u_ik> by the law of cosines on exact squared distances (from differences, not
+    # from a Gram matrix, to avoid cancellation): O(B^2 D + B^3) instead of the O(B^3 D) of
+    # normalising all B^2 difference vectors and taking B^3 dot products.
+    squared = jnp.sum(jnp.square(x[None, :, :] - x[:, None, :]), axis=-1)  # [B, B]
+    positive = squared > 0
+    inverse = jnp.where(positive, jax.lax.rsqrt(jnp.where(positive, squared, 1.0)), 0.0)
+    cosine_numerator = 0.5 * (squared[:, :, None] + squared[:, None, :] - squared[None, :, :])
+    return cosine_numerator * inverse[:, :, None] * inverse[:, None, :]
 
   triplets = weights[:, None, None] * weights[None, :, None] * weights[None, None, :]
   return jnp.sum(_huber(angles(s) - angles(t)) * triplets) / jnp.maximum(count ** 3, 1.0)
