@@ -1,5 +1,6 @@
 """Shared fixtures: one generated MNIST-1D TFDS data dir for the whole session."""
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -30,3 +31,14 @@ def run_python(args, *, env_extra=None, timeout=600, check=True, cwd=REPO):
     raise AssertionError(f"python {' '.join(args)} failed ({result.returncode}):\n"
                          f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
   return result
+
+
+def snapshot(directory) -> dict:
+  """Relative path -> sha256 of every file under `directory` (to show nothing changed)."""
+  digests = {}
+  for root, _, names in os.walk(directory):
+    for name in names:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        digests[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+  return digests

@@ -1,7 +1,6 @@
 """Bad input of every kind fails before any work, with a message naming the field, the value
 and what is allowed, and leaves every existing file of the workdir untouched."""
 
-import hashlib
 import os
 import shutil
 
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import quickstart
-from conftest import run_python
+from conftest import run_python, snapshot
 from kdjax import data, losses
 from kdjax.train import (CheckpointError, ConfigChanged, ConfigError, NonFiniteLoss, run_suite,
                          train_and_evaluate)
@@ -31,17 +30,6 @@ def _config(data_dir, **overrides):
       target = target[parent]
     target[leaf] = value
   return config
-
-
-def _snapshot(workdir):
-  """Path -> sha256 of every file in the workdir."""
-  digests = {}
-  for root, _, names in os.walk(workdir):
-    for name in names:
-      path = os.path.join(root, name)
-      with open(path, "rb") as f:
-        digests[os.path.relpath(path, workdir)] = hashlib.sha256(f.read()).hexdigest()
-  return digests
 
 
 @pytest.fixture(scope="module")
@@ -88,20 +76,20 @@ BAD_CONFIGS = [
                          ids=[next(iter(o)) for o, _ in BAD_CONFIGS])
 def test_bad_config_fails_before_work_and_keeps_the_workdir(overrides, message,
                                                             finished_workdir, data_dir):
-  before = _snapshot(finished_workdir)
+  before = snapshot(finished_workdir)
   with pytest.raises(ConfigError, match=message):
     run_suite(_config(data_dir, **overrides), finished_workdir, num_devices=1)
-  assert _snapshot(finished_workdir) == before
+  assert snapshot(finished_workdir) == before
 
 
 @pytest.mark.parametrize("field", ["global_batch_size", "eval_batch_size"])
 def test_batch_not_divisible_by_device_count_names_both_numbers(field, finished_workdir,
                                                                 data_dir):
-  before = _snapshot(finished_workdir)
+  before = snapshot(finished_workdir)
   with pytest.raises(ConfigError, match=rf"config.{field}=100 is not divisible by the number "
                                         r"of devices \(8\); use a multiple of 8"):
     run_suite(_config(data_dir, **{field: 100}), finished_workdir, num_devices=8)
-  assert _snapshot(finished_workdir) == before
+  assert snapshot(finished_workdir) == before
 
 
 def test_missing_teacher_checkpoint_fails_before_any_run(tmp_path, data_dir):
@@ -111,11 +99,11 @@ def test_missing_teacher_checkpoint_fails_before_any_run(tmp_path, data_dir):
 
 
 def test_changed_config_into_existing_workdir_is_refused(finished_workdir, data_dir):
-  before = _snapshot(finished_workdir)
+  before = snapshot(finished_workdir)
   with pytest.raises(ConfigChanged, match=r"Run 'kd' .* different config \(kd.temperature: "
                                           r"4.0 -> 2.0\).*allow_config_change"):
     run_suite(_config(data_dir, kd__temperature=2.0), finished_workdir, num_devices=1)
-  assert _snapshot(finished_workdir) == before
+  assert snapshot(finished_workdir) == before
 
 
 def test_allow_config_change_moves_the_old_run_aside(finished_workdir, tmp_path, data_dir):
@@ -125,7 +113,7 @@ def test_allow_config_change_moves_the_old_run_aside(finished_workdir, tmp_path,
   run_suite(config, str(workdir), num_devices=1)
   aside = [n for n in os.listdir(workdir) if n.startswith("kd.replaced-")]
   assert len(aside) == 1
-  assert _snapshot(workdir / aside[0]) == _snapshot(os.path.join(finished_workdir, "kd"))
+  assert snapshot(workdir / aside[0]) == snapshot(os.path.join(finished_workdir, "kd"))
 
 
 def test_teacher_checkpoint_of_another_model_is_refused(finished_workdir, tmp_path, data_dir):
@@ -143,14 +131,14 @@ def test_run_checkpoint_of_another_model_is_refused(finished_workdir, tmp_path, 
   shutil.copytree(os.path.join(finished_workdir, "kd"), run_dir)
   for name in ("run_summary.json", "config.json"):
     os.remove(run_dir / name)
-  before = _snapshot(run_dir)
+  before = snapshot(run_dir)
   config = _config(data_dir, method="kd", student__model="cnn1d_small")
   with pytest.raises(CheckpointError, match=r"was written with model='mlp', but this run has "
                                             r"model='cnn1d_small'"):
     train_and_evaluate(config, str(run_dir),
                        teacher_checkpoints=[os.path.join(finished_workdir, "teacher",
                                                         "checkpoints")])
-  assert _snapshot(run_dir) == before  # Refused, not mistaken for damage and moved aside.
+  assert snapshot(run_dir) == before  # Refused, not mistaken for damage and moved aside.
 
 
 def test_non_finite_loss_stops_with_step_and_metric(tmp_path, data_dir):
@@ -235,8 +223,8 @@ def test_unfinished_teacher_run_is_not_used(finished_workdir, tmp_path, data_dir
   workdir = tmp_path / "w"
   shutil.copytree(finished_workdir, workdir)
   os.remove(workdir / "teacher" / "run_summary.json")
-  before = _snapshot(str(workdir))
+  before = snapshot(str(workdir))
   with pytest.raises(ConfigError, match=r"needs the teacher run 'teacher', which has not "
                                         r"finished"):
     run_suite(_config(data_dir, suite="kd"), str(workdir), num_devices=1)
-  assert _snapshot(str(workdir)) == before
+  assert snapshot(str(workdir)) == before

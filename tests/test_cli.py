@@ -3,7 +3,6 @@ no traceback, the offending name in the line, and the workdir untouched; --help 
 relative and `~` paths work; a live run's workdir is refused to a second run."""
 
 import concurrent.futures
-import hashlib
 import os
 import signal
 import subprocess
@@ -12,20 +11,10 @@ import time
 
 import pytest
 
-from conftest import REPO, run_python
+from conftest import REPO, run_python, snapshot
 
 MAIN = ["-m", "experiments.main"]
 SMOKE = "--config=configs/quickstart.py:smoke"
-
-
-def _snapshot(directory):
-  digests = {}
-  for root, _, names in os.walk(directory):
-    for name in names:
-      path = os.path.join(root, name)
-      with open(path, "rb") as f:
-        digests[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
-  return digests
 
 
 def _assert_one_line_error(result, *names):
@@ -87,7 +76,7 @@ def mistake_results(tmp_path_factory):
     workdir = parent / "work"
     workdir.mkdir()
     (workdir / "notes.txt").write_text("mine\n")
-    before = _snapshot(workdir)
+    before = snapshot(workdir)
     result = run_python(MAIN + [f"--workdir={workdir}"] + MISTAKES[case][0], check=False)
     return result, before, workdir
 
@@ -99,7 +88,7 @@ def mistake_results(tmp_path_factory):
 def test_mistake_is_one_line_with_status_2_and_the_workdir_unchanged(case, mistake_results):
   result, before, workdir = mistake_results[case]
   _assert_one_line_error(result, *MISTAKES[case][1])
-  assert _snapshot(workdir) == before
+  assert snapshot(workdir) == before
   assert sorted(os.listdir(workdir.parent)) == ["work"]  # Nothing written beside it either.
 
 
