@@ -182,7 +182,7 @@ class SP(FeatureMethod):
 class RKD(FeatureMethod):
   """Relational KD (Park et al., CVPR 2019): `distance_weight * losses.rkd_distance +
   angle_weight * losses.rkd_angle` on the global batch of embeddings. RepDistiller: `-b 1`
-  with the paper's weights 25 and 50."""
+  with the paper's weights 25 and 50 (RKD-DA); a zero weight gives RKD-D or RKD-A."""
   name = "rkd"
 
   @classmethod
@@ -194,8 +194,16 @@ class RKD(FeatureMethod):
 
   def term(self, params, pairs, batch, ops):
     c = self.config
-    rkd = lambda s, t, where: (c.distance_weight * losses.rkd_distance(s, t, where=where)
-                               + c.angle_weight * losses.rkd_angle(s, t, where=where))
+
+    def rkd(s, t, where):
+      total = 0.0
+      # A zero weight skips its term: the angle term is O(B^3) (RKD-D runs without it).
+      if c.distance_weight:
+        total = total + c.distance_weight * losses.rkd_distance(s, t, where=where)
+      if c.angle_weight:
+        total = total + c.angle_weight * losses.rkd_angle(s, t, where=where)
+      return total
+
     return _relational_term(rkd, pairs, batch, ops)
 
 

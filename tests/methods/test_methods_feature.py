@@ -155,3 +155,13 @@ def test_mismatched_maps_name_both_shapes_and_the_fix():
   with pytest.raises(ConfigError, match=r"config.at.student_tap='stage1': the student model has "
                                         r"no such tap; its taps: embedding, hidden1, hidden2"):
     check_method_fits_models(_config("at", "mlp", "cnn1d", dataset="mnist1d", num_classes=10))
+
+
+def test_rkd_with_a_zero_weight_is_the_other_term_alone():
+  batch = feature_batch(3)
+  s, t = batch.student.features["embedding"], batch.teacher.features["embedding"]
+  for fields, expected in (({"angle_weight": 0.0}, 25 * losses.rkd_distance(s, t)),
+                           ({"distance_weight": 0.0}, 50 * losses.rkd_angle(s, t))):
+    method = build("rkd", **fields)
+    _, metrics, _ = method.loss({}, {}, batch, OPS)
+    np.testing.assert_allclose(metrics["rkd"], expected, rtol=1e-6)
