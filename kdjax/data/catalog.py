@@ -25,6 +25,8 @@ class DatasetSpec:
     input_shape: shape of one preprocessed input, without the batch axis.
     input_kind: 'signal1d' or 'image32'; models declare the kind they take.
     train_split / eval_split: TFDS split names.
+    train_examples: the training split's size where it is known before reading (checks of
+      per-example method memories before a run); the pipeline counts it in any case.
     local_builder: a `GeneratorBasedBuilder` class that generates the data offline, or None
       for datasets that must be prepared by `tfds build` beforehand.
     preprocess: `(inputs [b, ...] raw, rng or None, rows) -> float32 inputs`; augments the
@@ -39,6 +41,7 @@ class DatasetSpec:
   input_kind: str = "image32"
   train_split: str = "train"
   eval_split: str = "test"
+  train_examples: Optional[int] = None
   local_builder: Optional[Callable] = None
   preprocess: Callable = lambda inputs, rng, rows=None: np.asarray(inputs, np.float32)
 
@@ -65,14 +68,17 @@ def _cifar_preprocess(mean, std):
 DATASETS = {
     "mnist1d": DatasetSpec(
         tfds_name="mnist1d", input_key="signal", label_key="label", num_classes=10,
-        input_shape=(40,), input_kind="signal1d", local_builder=_mnist1d_builder,
+        input_shape=(40,), input_kind="signal1d", train_examples=4000,
+        local_builder=_mnist1d_builder,
         preprocess=_mnist1d_preprocess),
     "cifar100": DatasetSpec(
         tfds_name="cifar100", input_key="image", label_key="label", num_classes=100,
-        input_shape=(32, 32, 3), preprocess=_cifar_preprocess(_CIFAR100_MEAN, _CIFAR100_STD)),
+        input_shape=(32, 32, 3), train_examples=50000,
+        preprocess=_cifar_preprocess(_CIFAR100_MEAN, _CIFAR100_STD)),
     "cifar10": DatasetSpec(
         tfds_name="cifar10", input_key="image", label_key="label", num_classes=10,
-        input_shape=(32, 32, 3), preprocess=_cifar_preprocess(_CIFAR10_MEAN, _CIFAR10_STD)),
+        input_shape=(32, 32, 3), train_examples=50000,
+        preprocess=_cifar_preprocess(_CIFAR10_MEAN, _CIFAR10_STD)),
 }
 
 

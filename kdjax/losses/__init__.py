@@ -11,6 +11,7 @@ optional `where` mask. Only `jax` is imported: no Flax, no global state.
 from kdjax.losses.chunked import chunked
 from kdjax.losses.chunked import chunked_forward_kl
 from kdjax.losses.chunked import chunked_kd
+from kdjax.losses.contrastive import crd_nce
 from kdjax.losses.feature import attention_transfer
 from kdjax.losses.feature import fitnet
 from kdjax.losses.logit import dkd
@@ -37,6 +38,7 @@ __all__ = (
     "chunked",
     "chunked_forward_kl",
     "chunked_kd",
+    "crd_nce",
     "dist",
     "dkd",
     "fitnet",

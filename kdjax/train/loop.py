@@ -97,8 +97,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run_dir: str, *,
       print(f"[{name}] finished earlier ({summary_path}); skipped. Delete {run_dir} to train "
             "it again.", flush=True)
     return files.read_json(summary_path)
-  method = methods_lib.build_method(config)
-  if method.needs_teacher and not teacher_checkpoints:
+  method_class = methods_lib.get_method_class(config.method)
+  if method_class.needs_teacher and not teacher_checkpoints:
     raise checkpoint_lib.CheckpointError(
         f"Method {config.method!r} needs a teacher; set config.teacher.checkpoint or put "
         "'teacher' first in config.suite.")
@@ -109,6 +109,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run_dir: str, *,
       data_dir=config.data_dir or None, process_index=jax.process_index(),
       process_count=jax.process_count(), augment=config.augment)
   spec = pipeline.spec
+  method = methods_lib.build_method(config, num_train_examples=pipeline.num_train_examples)
 
   student_module = models_lib.get_model(config.student.model, num_classes=config.num_classes,
                                         **_model_kwargs(config.student.model, parallel))

@@ -37,10 +37,11 @@ def abstract_output(model_name: str, num_classes: int, input_shape) -> models_li
 
 def check_method_fits_models(config) -> None:
   """Raises ConfigError when `config.method` cannot run on the configured models."""
-  method = build_method(config)
+  spec = get_dataset_spec(config.dataset)
+  # A dataset of unknown size: any size will do for shapes; the run checks the real one.
+  method = build_method(config, num_train_examples=spec.train_examples or 2**31 - 1)
   if method.multiple_teachers:  # Logits only: stacked teachers are checked when loaded.
     return
-  spec = get_dataset_spec(config.dataset)
   input_shape = tuple(spec.input_shape)
   student = abstract_output(config.student.model, config.num_classes, input_shape)
   teacher = (abstract_output(teacher_specs(config)[0].model, config.num_classes, input_shape)

@@ -7,6 +7,7 @@ import pytest
 
 MODULES = [
     "kdjax.losses.logit",
+    "kdjax.losses.contrastive",
     "kdjax.losses.feature",
     "kdjax.losses.relational",
     "kdjax.losses.chunked",

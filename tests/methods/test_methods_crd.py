@@ -1,0 +1,141 @@
+"""CRD: the NCE objective against a float64 reference of the official ContrastLoss, the
+memory bank and Z as the official ContrastMemory, and identical banks on every replica."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kdjax import losses, methods
+from kdjax.methods import Batch
+from kdjax.models.output import Output
+from methods_helpers import PMAP_AXIS, build, simulated_pmap_ops
+
+OPS = methods.single_device_ops()
+NUM_DATA, K, FEAT = 50, 6, 4
+
+
+def ref_contrast_loss(x, num_data, eps=1e-7):
+  """RepDistiller crd/criterion.py ContrastLoss on x [bsz, K+1] (column 0 positive)."""
+  bsz, m = x.shape[0], x.shape[1] - 1
+  pn = 1.0 / num_data
+  p_pos = x[:, 0]
+  log_d1 = np.log(p_pos / (p_pos + m * pn + eps))
+  p_neg = x[:, 1:]
+  log_d0 = np.log((m * pn) / (p_neg + m * pn + eps))
+  return -(log_d1.sum() + log_d0.sum()) / bsz
+
+
+def test_crd_nce_matches_the_official_contrast_loss_in_float64():
+  rng = np.random.default_rng(0)
+  x = np.exp(rng.normal(size=(5, 8)))
+  with jax.enable_x64(True):
+    got = losses.crd_nce(jnp.asarray(x[:, 0]), jnp.asarray(x[:, 1:]), num_data=100)
+    np.testing.assert_allclose(jnp.mean(got), ref_contrast_loss(x, 100), rtol=1e-12)
+    where = np.array([True, False, True, True, False])
+    bad = x.copy()
+    bad[~where] = np.nan
+    masked = losses.crd_nce(jnp.asarray(bad[:, 0]), jnp.asarray(bad[:, 1:]), num_data=100,
+                            where=jnp.asarray(where))
+    np.testing.assert_allclose(jnp.sum(masked) / where.sum(),
+                               ref_contrast_loss(x[where], 100), rtol=1e-12)
+    assert np.all(np.asarray(masked)[~where] == 0)
+  with pytest.raises(ValueError, match=r"crd_nce: num_data must be an integer larger than the "
+                                       r"number of negatives K=7"):
+    losses.crd_nce(jnp.ones(5), jnp.ones((5, 7)), num_data=7)
+
+
+def crd_batch(seed, b=8, step=0, masked=None):
+  rng = np.random.default_rng(seed)
+  where = np.ones(b, bool) if masked is None else ~np.asarray(masked)
+  return Batch(
+      student=Output(jnp.asarray(rng.normal(size=(b, 3)), jnp.float32),
+                     {"embedding": jnp.asarray(rng.normal(size=(b, 5)), jnp.float32)}),
+      teacher=Output(jnp.asarray(rng.normal(size=(b, 3)), jnp.float32),
+                     {"embedding": jnp.asarray(rng.normal(size=(b, 7)), jnp.float32)}),
+      labels=jnp.asarray(rng.integers(0, 3, b), jnp.int32), where=jnp.asarray(where),
+      step=jnp.asarray(step, jnp.int32), rng=jax.random.PRNGKey(seed),
+      data={"index": jnp.asarray(rng.permutation(NUM_DATA)[:b], jnp.int32)})
+
+
+def _method(**fields):
+  cls = methods.get_method_class("crd")
+  config = cls.default_config()
+  config.update(dict(nce_k=K, feat_dim=FEAT, **fields))
+  return cls(config, num_train_examples=NUM_DATA)
+
+
+def _normalize(x):
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_loss_memory_and_z_follow_the_official_contrast_memory():
+  method = _method(ce_weight=0.0, feature_weight=1.0)
+  batch = crd_batch(0)
+  params, state = method.init(jax.random.PRNGKey(1), batch)
+  assert state["memory_student"].shape == (NUM_DATA, FEAT)
+  bound = 1 / np.sqrt(FEAT / 3)
+  assert np.abs(state["memory_student"]).max() <= bound
+  loss, metrics, new_state = method.loss(params, state, batch, OPS)
+
+  # The same computation in numpy float64, from the official code's steps.
+  dense = lambda p, x: np.asarray(x, np.float64) @ np.asarray(p["kernel"]) + np.asarray(p["bias"])
+  v_s = _normalize(dense(params["head_student"], batch.student.features["embedding"]))
+  v_t = _normalize(dense(params["head_teacher"], batch.teacher.features["embedding"]))
+  index = np.asarray(batch.data["index"])
+  negatives = np.asarray(jax.random.randint(batch.rng, (8, K), 0, NUM_DATA))
+  idx = np.concatenate([index[:, None], negatives], axis=1)  # Column 0: the positive.
+  mem_s = np.asarray(state["memory_student"], np.float64)
+  mem_t = np.asarray(state["memory_teacher"], np.float64)
+  out_v1 = np.exp(np.einsum("bkd,bd->bk", mem_t[idx], v_s) / 0.07)  # student vs teacher bank
+  out_v2 = np.exp(np.einsum("bkd,bd->bk", mem_s[idx], v_t) / 0.07)
+  z_v1, z_v2 = out_v1.mean() * NUM_DATA, out_v2.mean() * NUM_DATA
+  expected = (ref_contrast_loss(out_v1 / z_v1, NUM_DATA)
+              + ref_contrast_loss(out_v2 / z_v2, NUM_DATA))
+  np.testing.assert_allclose(metrics["crd"], expected, rtol=2e-4)
+  np.testing.assert_allclose(loss, expected, rtol=2e-4)
+  np.testing.assert_allclose(new_state["z_teacher"], z_v1, rtol=2e-4)
+  np.testing.assert_allclose(new_state["z_student"], z_v2, rtol=2e-4)
+  # Memory rows of the batch move to normalise(0.5 old + 0.5 new); the others stay.
+  np.testing.assert_allclose(new_state["memory_student"][index],
+                             _normalize(0.5 * mem_s[index] + 0.5 * v_s), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(new_state["memory_teacher"][index],
+                             _normalize(0.5 * mem_t[index] + 0.5 * v_t), rtol=1e-5, atol=1e-6)
+  others = np.setdiff1d(np.arange(NUM_DATA), index)
+  np.testing.assert_array_equal(new_state["memory_student"][others], mem_s[others])
+  # Z is fixed after the first step.
+  _, _, third = method.loss(params, new_state, crd_batch(1, step=1), OPS)
+  assert float(third["z_student"]) == float(new_state["z_student"])
+
+
+def test_simulated_pmap_gives_the_same_loss_and_identical_banks_on_every_replica():
+  method = _method()
+  masked = np.zeros(8, bool)
+  masked[[1, 6]] = True
+  batch = crd_batch(2, masked=masked)
+  params, state = method.init(jax.random.PRNGKey(0), batch)
+  whole_loss, _, whole_state = method.loss(params, state, batch, OPS)
+  shard = lambda tree: jax.tree.map(lambda x: jnp.reshape(x, (4, 2) + x.shape[1:]), tree)
+
+  def replica(student, teacher, labels, where, index):
+    b = Batch(student, teacher, labels, where, batch.step, rng=batch.rng, data={"index": index})
+    loss, _, new_state = method.loss(params, state, b, simulated_pmap_ops())
+    return loss, new_state
+
+  losses_r, states_r = jax.jit(jax.vmap(replica, axis_name=PMAP_AXIS))(
+      shard(batch.student), shard(batch.teacher), shard(batch.labels), shard(batch.where),
+      shard(batch.data["index"]))
+  np.testing.assert_allclose(losses_r, [whole_loss] * 4, rtol=1e-5)
+  for key, value in whole_state.items():
+    for r in range(4):
+      np.testing.assert_allclose(states_r[key][r], value, rtol=1e-5, atol=1e-7, err_msg=key)
+
+
+def test_bank_size_and_negatives_are_checked():
+  with pytest.raises(ValueError, match=r"config.crd.nce_k=6 negatives need a training split "
+                                       r"larger than that; this one has 5 examples"):
+    methods.get_method_class("crd")(_method().config, num_train_examples=5).init(
+        jax.random.PRNGKey(0), crd_batch(0))
+  with pytest.raises(ValueError, match=r"config.crd.nce_momentum must be a number in \[0.0, "
+                                       r"1.0\)"):
+    build("crd", nce_momentum=1.0)
