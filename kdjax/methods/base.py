@@ -138,13 +138,13 @@ def accuracy(batch: Batch, ops: BatchOps) -> jax.Array:
 
 def check_positive(config, method: str, field: str):
   value = config[field]
-  if not isinstance(value, (int, float)) or value <= 0:
+  if not _is_number(value) or not value > 0:
     raise ValueError(f"config.{method}.{field} must be a positive number, got {value!r}.")
 
 
 def check_non_negative(config, method: str, field: str):
   value = config[field]
-  if not isinstance(value, (int, float)) or value < 0:
+  if not _is_number(value) or not value >= 0:
     raise ValueError(f"config.{method}.{field} must be a number >= 0, got {value!r}.")
 
 

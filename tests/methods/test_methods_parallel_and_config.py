@@ -103,6 +103,9 @@ BAD_CONFIGS = [
     ("multi_teacher_kd", "temperatures", (2.0, 0.0)), ("multi_teacher_kd", "kd_weight", -0.9),
     ("fkl", "temperature", 0.0), ("rkl", "kd_weight", -1.0), ("jsd", "beta", 1.5),
     ("skew_fkl", "alpha", 1.0), ("skew_rkl", "alpha", -0.1), ("tvd", "ce_weight", -1.0),
+    ("dist", "temperature", float("nan")),
+    ("fitnet", "feature_weight", -1.0), ("at", "p", 0.0), ("rkd", "angle_weight", -50.0),
+    ("crd", "nce_k", 0), ("crd", "feat_dim", 1.5), ("crd", "nce_t", 0.0),
 ]
 
 
@@ -163,3 +166,15 @@ def test_pmap_mean_is_the_global_mean_on_every_replica_with_the_pmean_gradient()
   np.testing.assert_allclose(value, [global_mean] * 4, rtol=1e-6)  # One meaning everywhere.
   # Averaging the replicas' gradients (the step's pmean) gives d(global mean)/d(values).
   np.testing.assert_allclose(grad / 4, where / jnp.sum(where), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name,field", [("kd", "temperature"), ("kd", "ce_weight"),
+                                        ("crd", "nce_k")])
+def test_a_bool_is_not_a_number(name, field):
+  """Python's True == 1 passes isinstance(int): a config built from a dict (not through a
+  float field, which would coerce it) must still be refused."""
+  cls = methods.get_method_class(name)
+  values = cls.default_config().to_dict()
+  values[field] = True
+  with pytest.raises(ValueError, match=rf"config\.{name}\.{field} must be a .*, got True"):
+    cls(ml_collections.ConfigDict(values))
