@@ -30,7 +30,7 @@ def reference_run(tmp_path_factory, data_dir):
 def test_smoke_quickstart_writes_every_result(reference_run):
   workdir, stdout = reference_run
   runs = _summary(workdir)
-  students = ["kd", "dkd", "dist", "kd_std", "nkd", "fitnet", "rkd"]
+  students = ["kd", "dkd", "dist", "kd_std", "nkd", "fitnet", "rkd", "crd"]
   assert list(runs) == ["teacher", "scratch"] + students
   for name, run in runs.items():
     assert 0.0 <= run["eval_accuracy"] <= 1.0
