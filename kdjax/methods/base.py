@@ -88,16 +88,16 @@ class Method(abc.ABC):
     """The method's hyper-parameters, stored in experiment configs as `config.<name>`."""
     return ml_collections.ConfigDict()
 
-  def __init__(self, config: ml_collections.ConfigDict, *,
-               num_train_examples: Optional[int] = None):
-    """`num_train_examples`: the training split's size, for methods with per-example
-    memory (CRD's memory bank); None where unknown (config validation)."""
+  # The training split's size, for methods with per-example memory (CRD's memory bank); set
+  # by `build_method` once the data is open, None where unknown (config validation).
+  num_train_examples: Optional[int] = None
+
+  def __init__(self, config: ml_collections.ConfigDict):
     for field in self.non_negative_fields:
       check_non_negative(config, self.name, field)
     for field in self.positive_fields:
       check_positive(config, self.name, field)
     self.config = config
-    self.num_train_examples = num_train_examples
 
   def init(self, rng: jax.Array, sample: Batch) -> Tuple[Any, Any]:
     """Returns (trainable params, non-trainable state); both empty by default."""

@@ -47,8 +47,8 @@ class CRD(base.Method):
         nce_k=16384, nce_t=0.07, nce_momentum=0.5, student_tap="embedding",
         teacher_tap="embedding"))
 
-  def __init__(self, config, **kwargs):
-    super().__init__(config, **kwargs)
+  def __init__(self, config):
+    super().__init__(config)
     base.check_positive_int(config, self.name, "feat_dim")
     base.check_positive_int(config, self.name, "nce_k")
     base.check_interval(config, self.name, "nce_momentum", 0.0, 1.0, high_inclusive=False)

@@ -26,7 +26,9 @@ def build_method(config: ml_collections.ConfigDict, *,
   """Builds `config.method` from its hyper-parameters `config[config.method]`."""
   cls = get_method_class(config.method)
   method_config = config.get(cls.name, cls.default_config())
-  return cls(method_config, num_train_examples=num_train_examples)
+  method = cls(method_config)
+  method.num_train_examples = num_train_examples
+  return method
 
 
 def default_method_configs() -> Dict[str, ml_collections.ConfigDict]:

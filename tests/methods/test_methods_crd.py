@@ -62,7 +62,9 @@ def _method(**fields):
   cls = methods.get_method_class("crd")
   config = cls.default_config()
   config.update(dict(nce_k=K, feat_dim=FEAT, **fields))
-  return cls(config, num_train_examples=NUM_DATA)
+  method = cls(config)
+  method.num_train_examples = NUM_DATA
+  return method
 
 
 def _normalize(x):
@@ -134,8 +136,9 @@ def test_simulated_pmap_gives_the_same_loss_and_identical_banks_on_every_replica
 def test_bank_size_and_negatives_are_checked():
   with pytest.raises(ValueError, match=r"config.crd.nce_k=6 negatives need a training split "
                                        r"larger than that; this one has 5 examples"):
-    methods.get_method_class("crd")(_method().config, num_train_examples=5).init(
-        jax.random.PRNGKey(0), crd_batch(0))
+    small = _method()
+    small.num_train_examples = 5
+    small.init(jax.random.PRNGKey(0), crd_batch(0))
   with pytest.raises(ValueError, match=r"config.crd.nce_momentum must be a number in \[0.0, "
                                        r"1.0\)"):
     build("crd", nce_momentum=1.0)
