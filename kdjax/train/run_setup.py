@@ -34,7 +34,8 @@ class RunParts:
   initial_state: TrainState  # Host arrays.
 
 
-def _model_kwargs(name: str, parallel) -> dict:
+def model_kwargs(name: str, parallel) -> dict:
+  """BatchNorm models get the pmap axis name (cross-replica statistics under pmap)."""
   if name in models_lib.USES_BATCH_NORM and parallel.batch_norm_axis_name:
     return {"batch_norm_axis_name": parallel.batch_norm_axis_name}
   return {}
@@ -51,7 +52,7 @@ def build_run(config: ml_collections.ConfigDict,
   method = methods_lib.build_method(config, num_train_examples=pipeline.num_train_examples)
 
   student_module = models_lib.get_model(config.student.model, num_classes=config.num_classes,
-                                        **_model_kwargs(config.student.model, parallel))
+                                        **model_kwargs(config.student.model, parallel))
   student_apply = models_lib.apply_fn(student_module)
   init_rng, method_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
   sample = np.zeros((2,) + tuple(pipeline.spec.input_shape), np.float32)
@@ -62,7 +63,7 @@ def build_run(config: ml_collections.ConfigDict,
   if method.needs_teacher:
     teacher_apply, teacher_variables = teachers_lib.load_teachers(
         config, method, teacher_checkpoints, sample,
-        model_kwargs=lambda name: _model_kwargs(name, parallel))
+        model_kwargs=lambda name: model_kwargs(name, parallel))
     teacher_sample, _ = teacher_apply(teacher_variables, sample, train=False)
 
   student_sample, _ = student_apply(student_variables, sample, train=False)
