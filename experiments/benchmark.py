@@ -42,12 +42,11 @@ def build_jax_step(student_name, teacher_name, num_classes, batch_size, method_n
   from kdjax.methods.base import Batch
   from kdjax.train import optimizer as optimizer_lib
   from kdjax.train import parallel as parallel_lib, state as state_lib, step as step_lib
+  from kdjax.train.run_setup import model_kwargs
 
   parallel = parallel_lib.get_parallel(parallel)
   parallel_lib.check_batch_divisible(batch_size, parallel.num_devices, "--batch_size")
-  kwargs = lambda name: ({"batch_norm_axis_name": parallel.batch_norm_axis_name}
-                         if name in models.USES_BATCH_NORM and parallel.batch_norm_axis_name
-                         else {})
+  kwargs = lambda name: model_kwargs(name, parallel)
   student = models.get_model(student_name, num_classes=num_classes, **kwargs(student_name))
   teacher = models.get_model(teacher_name, num_classes=num_classes, **kwargs(teacher_name))
   sample = jnp.zeros((2, 32, 32, 3))
