@@ -29,7 +29,8 @@ Recipe choices, measured on this dataset (eval accuracy, seeds 0-3, 2000 steps, 
   work, about 50 ms a step at B 128 on 2 CPU cores; the quickstart runs RKD-D (angle weight 0,
   one of the paper's variants), which gave 83.6 / 83.2% at 20x the speed.
 - crd with 256 negatives (of 4000 examples; RepDistiller uses 16384 of 50000 on CIFAR-100):
-  80.3 / 79.3% (scratch 77.2 / 78.3%); with 1024 negatives 81.2% (seed 0) at a third of the speed (87 ms a step).
+  80.3 / 79.3% (scratch 77.2 / 78.3%); with 1024 negatives 81.2% (seed 0) at a third of the
+  speed (87 ms a step).
 - For comparison, on the same teacher and student seeds: scratch 77.2 / 78.3%, kd 80.6 / 79.3%;
   sp (weight 3000) 84.4% and pkt (weight 30000) 84.3% on seed 0, RepDistiller's weights as is.
 """

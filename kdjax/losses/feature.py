@@ -64,7 +64,8 @@ def fitnet(student_features: ArrayLike, teacher_features: ArrayLike, *,
   Example:
     >>> import jax.numpy as jnp
     >>> from kdjax import losses
-    >>> s, t = jnp.zeros((2, 2, 2, 1)), jnp.ones((2, 2, 2, 1)) * jnp.array([1.0, 2.0])[:, None, None, None]
+    >>> s = jnp.zeros((2, 2, 2, 1))
+    >>> t = jnp.stack([jnp.full((2, 2, 1), 1.0), jnp.full((2, 2, 1), 2.0)])
     >>> losses.fitnet(s, t)
     Array([1., 4.], dtype=float32)
 

@@ -104,8 +104,8 @@ def plan_suite(config: ml_collections.ConfigDict, workdir: str, *,
     check_method_fits_models(run_configs[run])
   for run, run_cfg in run_configs.items():  # Refuse a changed config before any run starts.
     check_run_dir(run_cfg, os.path.join(workdir, run), run, move_aside=False)
-  return SuitePlan(config=config, workdir=workdir, run_configs=run_configs, teacher_runs=teacher_runs,
-                   teacher_dirs=teacher_dirs)
+  return SuitePlan(config=config, workdir=workdir, run_configs=run_configs,
+                   teacher_runs=teacher_runs, teacher_dirs=teacher_dirs)
 
 
 def run_suite(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int) -> dict:
