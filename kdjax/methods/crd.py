@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from kdjax import losses
-from kdjax.methods import base
+from kdjax.methods import base, feature
 
 
 def _normalize(x):
@@ -54,14 +54,12 @@ class CRD(base.Method):
     base.check_interval(config, self.name, "nce_momentum", 0.0, 1.0, high_inclusive=False)
 
   def _taps(self, batch):
-    c = self.config
-    for role, output, tap in (("student", batch.student, c.student_tap),
-                              ("teacher", batch.teacher, c.teacher_tap)):
-      if tap not in output.features:
-        raise ValueError(f"config.crd.{role}_tap={tap!r}: the {role} model has no such tap; "
-                         f"its taps: {', '.join(sorted(output.features))}.")
-    flat = lambda x: x.reshape(x.shape[0], -1)
-    return flat(batch.student.features[c.student_tap]), flat(batch.teacher.features[c.teacher_tap])
+    """The student and teacher taps, flattened to [b, D]."""
+    c, flat = self.config, lambda x: x.reshape(x.shape[0], -1)
+    return (flat(feature.feature_tap(batch.student, c.student_tap, "config.crd.student_tap",
+                                     "student")),
+            flat(feature.feature_tap(batch.teacher, c.teacher_tap, "config.crd.teacher_tap",
+                                     "teacher")))
 
   def init(self, rng, sample):
     c = self.config

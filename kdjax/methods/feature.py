@@ -60,9 +60,9 @@ class FeatureMethod(base.Method):
     pairs = []
     for student_tap, teacher_tap in zip(self.student_taps, self.teacher_taps):
       pairs.append((student_tap, teacher_tap,
-                    _tap(batch.student, student_tap, f"config.{self.name}.student_tap",
+                    feature_tap(batch.student, student_tap, f"config.{self.name}.student_tap",
                          "student"),
-                    _tap(batch.teacher, teacher_tap, f"config.{self.name}.teacher_tap",
+                    feature_tap(batch.teacher, teacher_tap, f"config.{self.name}.teacher_tap",
                          "teacher")))
     return pairs
 
@@ -93,7 +93,8 @@ class FeatureMethod(base.Method):
     return loss, dict(metrics, loss=loss, accuracy=base.accuracy(batch, ops)), state
 
 
-def _tap(output, tap: str, field: str, role: str):
+def feature_tap(output, tap: str, field: str, role: str):
+  """`output.features[tap]`, or a ValueError naming `field` and the taps that exist."""
   if tap not in output.features:
     raise ValueError(f"{field}={tap!r}: the {role} model has no such tap; its taps: "
                      f"{', '.join(sorted(output.features))}.")
