@@ -53,6 +53,9 @@ class Batch:
   data: the rest of the input batch: 'index' [b] int32, each example's position in the
     training split (for memory banks and per-example histories), and whatever else a
     pipeline adds.
+  teacher_variables: the teacher's variables under stop_gradient (a list for
+    `multiple_teachers`), for methods whose loss reads the teacher's parameters (OFD's margins
+    from the teacher's BatchNorm statistics); None without a teacher.
   """
   student: Output
   teacher: Optional[Output]
@@ -61,6 +64,7 @@ class Batch:
   step: jax.Array
   rng: Optional[jax.Array] = None
   data: Dict[str, jax.Array] = dataclasses.field(default_factory=dict)
+  teacher_variables: Any = None
 
 
 Metrics = Dict[str, jax.Array]

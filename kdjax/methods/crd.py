@@ -132,3 +132,5 @@ class CRD(base.Method):
                  "memory_teacher": update(state["memory_teacher"], v_teacher),
                  "z_student": z_student, "z_teacher": z_teacher}
     return loss, dict(metrics, loss=loss, accuracy=base.accuracy(batch, ops)), new_state
+
+METHODS = (CRD,)

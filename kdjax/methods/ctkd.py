@@ -103,3 +103,5 @@ class CTKD(base.Method):
     return loss, {"loss": loss, "ce": ce, "kd": kd, "temperature": temperature,
                   "ctkd_lambda": self.grl_lambda(batch.step),
                   "accuracy": base.accuracy(batch, ops)}, state
+
+METHODS = (CTKD,)

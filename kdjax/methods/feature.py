@@ -219,3 +219,5 @@ class PKT(FeatureMethod):
 
 
 FEATURE_METHODS = (FitNet, AT, SP, RKD, PKT)
+
+METHODS = FEATURE_METHODS

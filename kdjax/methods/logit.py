@@ -126,3 +126,5 @@ class NKD(base.Method):
                    batch.where)
     loss = c.ce_weight * ce + c.nkd_weight * nkd
     return loss, {"loss": loss, "ce": ce, "nkd": nkd, "accuracy": base.accuracy(batch, ops)}, state
+
+METHODS = (Scratch, KD, DKD, KDStd, NKD)

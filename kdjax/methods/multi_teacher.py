@@ -72,3 +72,5 @@ class MultiTeacherKD(base.Method):
                                           where=batch.where), batch.where)
     loss = c.ce_weight * ce + c.kd_weight * kd
     return loss, {"loss": loss, "ce": ce, "kd": kd, "accuracy": base.accuracy(batch, ops)}, state
+
+METHODS = (MultiTeacherKD,)

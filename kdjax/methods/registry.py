@@ -1,18 +1,21 @@
-"""Methods by name. A new method adds its class here and nothing in `kdjax.train` changes."""
+"""Methods by name. A new method module declares `METHODS = (cls, ...)` and is listed in
+`_MODULES`; nothing in `kdjax.train` changes."""
 
 from typing import Dict, Optional, Type
 
 import ml_collections
 
-from kdjax.methods import (base, crd, ctkd, feature, logit, multi_teacher, relational,
-                           sequence, taid)
+from kdjax.methods import (base, cat_kd, crd, ctkd, feature, kernel, logit, meal_v2, minilm,
+                           multi_teacher, nd, ofd, relational, review_kd, sequence, taid, vid)
 
-METHODS: Dict[str, Type[base.Method]] = {
-    cls.name: cls for cls in (
-        logit.Scratch, logit.KD, logit.DKD, logit.KDStd, logit.NKD, relational.DIST,
-        ctkd.CTKD, taid.TAID, multi_teacher.MultiTeacherKD, *sequence.SEQUENCE_METHODS,
-        *feature.FEATURE_METHODS, crd.CRD)
-}
+_MODULES = (logit, relational, ctkd, taid, multi_teacher, sequence, feature, crd, kernel, vid,
+            nd, cat_kd, ofd, review_kd, minilm, meal_v2)
+
+METHODS: Dict[str, Type[base.Method]] = {}
+for _module in _MODULES:
+  for _cls in _module.METHODS:
+    assert _cls.name not in METHODS, f"method {_cls.name!r} is defined twice"
+    METHODS[_cls.name] = _cls
 
 
 def get_method_class(name: str) -> Type[base.Method]:

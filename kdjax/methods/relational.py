@@ -40,3 +40,5 @@ class DIST(base.Method):
     loss = c.ce_weight * ce + dist
     return loss, {"loss": loss, "ce": ce, "dist": dist,
                   "accuracy": base.accuracy(batch, ops)}, state
+
+METHODS = (DIST,)

@@ -88,3 +88,5 @@ class TotalVariation(_Divergence):
 
 
 SEQUENCE_METHODS = (ForwardKL, ReverseKL, JSD, SkewForwardKL, SkewReverseKL, TotalVariation)
+
+METHODS = SEQUENCE_METHODS

@@ -116,3 +116,5 @@ class TAID(base.Method):
     return loss, {"loss": loss, "ce": ce, "taid": taid, "taid_t": t,
                   "taid_momentum": new_state["momentum"],
                   "accuracy": base.accuracy(batch, ops)}, new_state
+
+METHODS = (TAID,)

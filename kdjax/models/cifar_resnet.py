@@ -88,3 +88,8 @@ resnet56 = _factory(56, (16, 16, 32, 64))
 resnet110 = _factory(110, (16, 16, 32, 64))
 resnet8x4 = _factory(8, (32, 64, 128, 256))
 resnet32x4 = _factory(32, (32, 64, 128, 256))
+
+
+# name -> (factory, input kind, uses BatchNorm); collected by `kdjax.models.registry`.
+MODELS = {name: (globals()[name], "image32", True) for name in (
+    "resnet8", "resnet20", "resnet32", "resnet56", "resnet110", "resnet8x4", "resnet32x4")}

@@ -64,3 +64,11 @@ def cnn1d(num_classes: int = 10, **kwargs) -> CNN1D:
 def cnn1d_small(num_classes: int = 10, **kwargs) -> CNN1D:
   """A narrow student CNN (8 channels per layer)."""
   return CNN1D(num_classes=num_classes, channels=(8, 8, 8), **kwargs)
+
+
+# name -> (factory, input kind, uses BatchNorm); collected by `kdjax.models.registry`.
+MODELS = {
+    "mlp": (mlp, "signal1d", False),
+    "cnn1d": (cnn1d, "signal1d", False),
+    "cnn1d_small": (cnn1d_small, "signal1d", False),
+}

@@ -59,7 +59,9 @@ def make_train_step(*, student_apply: ApplyFn, teacher_apply: Optional[ApplyFn],
       loss, metrics, new_method_state = method.loss(
           params["method"], state.method_state,
           Batch(student=student, teacher=teacher, labels=labels, where=where, step=state.step,
-                rng=method_rng, data=data), ops)
+                rng=method_rng, data=data,
+                teacher_variables=(jax.lax.stop_gradient(teacher_variables)
+                                   if teacher is not None else None)), ops)
       return loss, (metrics, new_model_state, new_method_state)
 
     grads, (metrics, new_model_state, new_method_state) = jax.grad(

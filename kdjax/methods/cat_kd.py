@@ -1,0 +1,3 @@
+"""CAT-KD: class attention transfer (Guo et al. 2023)."""
+
+METHODS = ()

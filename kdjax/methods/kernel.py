@@ -1,0 +1,3 @@
+"""Kernel-based feature methods: CC (correlation congruence) and NST (neuron selectivity transfer)."""
+
+METHODS = ()

@@ -1,0 +1,3 @@
+"""OFD: overhaul of feature distillation (Heo et al. 2019)."""
+
+METHODS = ()

@@ -1,0 +1,3 @@
+"""ReviewKD: knowledge review with ABF fusion and HCL (Chen et al. 2021)."""
+
+METHODS = ()

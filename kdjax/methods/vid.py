@@ -1,0 +1,3 @@
+"""VID: variational information distillation (Ahn et al. 2019)."""
+
+METHODS = ()
