@@ -11,11 +11,12 @@ larger training step still says which loss rejected its arguments.
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
+
+from kdjax import validation
 
 
 def as_array(name: str, arg_name: str, x: Any) -> jax.Array:
@@ -132,12 +133,12 @@ def check_labels(name: str, labels: Any, batch_shape: Sequence[int],
 
 
 def is_python_number(x: Any) -> bool:
-  return isinstance(x, numbers.Real) and not isinstance(x, bool)
+  return validation.is_number(x)
 
 
 def check_positive(name: str, arg_name: str, value: Any) -> None:
   """Checks value > 0 when it is a Python number (traced values pass)."""
-  if is_python_number(value) and not value > 0:
+  if is_python_number(value) and not validation.obeys(value, validation.POSITIVE):
     raise ValueError(f"{name}: {arg_name} must be > 0, got {value}")
 
 
@@ -146,8 +147,8 @@ def check_interval(name: str, arg_name: str, value: Any, low: float,
   """Checks low <= value <= high (or < high) when value is a Python number."""
   if not is_python_number(value):
     return
-  ok = low <= value and (value <= high if high_inclusive else value < high)
-  if not ok:
+  if not validation.obeys(value, validation.interval(low, high,
+                                                     high_inclusive=high_inclusive)):
     bracket = "]" if high_inclusive else ")"
     raise ValueError(
         f"{name}: {arg_name} must lie in [{low}, {high}{bracket}, got {value}")

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from kdjax import validation
+
 from kdjax.models.output import Output
 
 
@@ -140,41 +142,28 @@ def accuracy(batch: Batch, ops: BatchOps) -> jax.Array:
   return ops.mean(correct, batch.where)
 
 
+def _require(config, method: str, field: str, rule: validation.Rule):
+  validation.require(config[field], rule, f"config.{method}.{field}")
+
+
 def check_positive(config, method: str, field: str):
-  value = config[field]
-  if not _is_number(value) or not value > 0:
-    raise ValueError(f"config.{method}.{field} must be a positive number, got {value!r}.")
+  _require(config, method, field, validation.POSITIVE)
 
 
 def check_non_negative(config, method: str, field: str):
-  value = config[field]
-  if not _is_number(value) or not value >= 0:
-    raise ValueError(f"config.{method}.{field} must be a number >= 0, got {value!r}.")
-
-
-def _is_number(value) -> bool:
-  return isinstance(value, (int, float)) and not isinstance(value, bool)
+  _require(config, method, field, validation.NON_NEGATIVE)
 
 
 def check_number(config, method: str, field: str):
-  value = config[field]
-  if not _is_number(value) or value != value or abs(value) == float("inf"):
-    raise ValueError(f"config.{method}.{field} must be a finite number, got {value!r}.")
+  _require(config, method, field, validation.FINITE)
 
 
 def check_interval(config, method: str, field: str, low: float, high: float, *,
                    low_inclusive: bool = True, high_inclusive: bool = True):
   """Checks `low <= value <= high` (either end optionally open)."""
-  value = config[field]
-  ok = _is_number(value) and (low <= value if low_inclusive else low < value) and (
-      value <= high if high_inclusive else value < high)
-  if not ok:
-    interval = (("[" if low_inclusive else "(") + f"{low}, {high}"
-                + ("]" if high_inclusive else ")"))
-    raise ValueError(f"config.{method}.{field} must be a number in {interval}, got {value!r}.")
+  _require(config, method, field, validation.interval(
+      low, high, low_inclusive=low_inclusive, high_inclusive=high_inclusive))
 
 
 def check_positive_int(config, method: str, field: str):
-  value = config[field]
-  if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-    raise ValueError(f"config.{method}.{field} must be a positive integer, got {value!r}.")
+  _require(config, method, field, validation.POSITIVE_INT)

@@ -8,7 +8,9 @@ from typing import Iterable
 
 import ml_collections
 
+from kdjax import validation
 from kdjax.names import did_you_mean
+from kdjax.validation import ConfigError
 from kdjax.data.catalog import DATASETS, get_dataset_spec
 from kdjax.methods.registry import METHODS
 from kdjax.models.registry import MODELS, model_input_kind
@@ -19,24 +21,15 @@ from kdjax.train.teachers import teacher_specs
 ON_NONFINITE = ("stop", "skip")
 
 
-class ConfigError(ValueError):
-  pass
-
-
-
 def _one_of(field: str, value, allowed: Iterable[str]):
-  allowed = sorted(allowed)
-  if value not in allowed:
-    raise ConfigError(f"config.{field}={value!r} is not valid{did_you_mean(value, allowed)}; "
-                      f"valid values: {', '.join(map(str, allowed))}.")
+  validation.one_of(f"config.{field}", value, allowed)
 
 
 def _positive_int(config, field: str):
   value = config
   for part in field.split("."):
     value = value[part]
-  if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-    raise ConfigError(f"config.{field} must be a positive integer, got {value!r}.")
+  validation.require(value, validation.POSITIVE_INT, f"config.{field}")
 
 
 def suite_runs(config) -> list:
@@ -57,13 +50,10 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
   for field in ("global_batch_size", "eval_batch_size", "num_steps", "log_every_steps",
                 "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
     _positive_int(config, field)
-  if not isinstance(config.optimizer.learning_rate, (int, float)) or \
-      config.optimizer.learning_rate <= 0:
-    raise ConfigError("config.optimizer.learning_rate must be a positive number, got "
-                      f"{config.optimizer.learning_rate!r}.")
-  if config.optimizer.weight_decay < 0:
-    raise ConfigError("config.optimizer.weight_decay must be >= 0, got "
-                      f"{config.optimizer.weight_decay!r}.")
+  validation.require(config.optimizer.learning_rate, validation.POSITIVE,
+                     "config.optimizer.learning_rate")
+  validation.require(config.optimizer.weight_decay, validation.NON_NEGATIVE,
+                     "config.optimizer.weight_decay")
   for field in ("global_batch_size", "eval_batch_size"):
     try:
       check_batch_divisible(config[field], num_devices, f"config.{field}")
