@@ -18,8 +18,8 @@ def test_cifar_resnet_parameter_counts_match_repdistiller(name, expected):
 
 @pytest.mark.parametrize("name", sorted(models.MODELS))
 def test_every_model_returns_output_with_embedding(name):
-  image = models.registry.model_input_kind(name) == "image32"
-  inputs = jnp.zeros((2, 32, 32, 3) if image else (2, 40))
+  inputs = jnp.zeros({"image32": (2, 32, 32, 3), "image224": (2, 224, 224, 3),
+                      "signal1d": (2, 40)}[models.registry.model_input_kind(name)])
   module = models.get_model(name, num_classes=7)
   variables = jax.eval_shape(lambda: models.init_variables(module, jax.random.key(0), inputs))
   output, _ = jax.eval_shape(

@@ -118,7 +118,7 @@ def _flat(tree, prefix=""):
     for key, value in tree.items():
       out.update(_flat(value, f"{prefix}/{key}" if prefix else str(key)))
     return out
-  return {prefix: tuple(np.shape(tree))}
+  return {prefix: tuple(tree.shape)}
 
 
 def convert_state_dict(name: str, state_dict: Mapping[str, np.ndarray], *, num_classes: int,
@@ -148,9 +148,7 @@ def convert_state_dict(name: str, state_dict: Mapping[str, np.ndarray], *, num_c
   module = registry.get_model(name, num_classes=num_classes)
   expected = jax.eval_shape(lambda: apply_lib.init_variables(
       module, jax.random.key(0), jnp.zeros((1, *input_shape))))
-  got, want = _flat(variables), _flat(jax.tree_util.tree_map(lambda s: s.shape, expected,
-                                                             is_leaf=lambda x: hasattr(x, "shape")))
-  want = {k: v for k, v in want.items()}
+  got, want = _flat(variables), _flat(expected)
   problems = [f"missing {k} {want[k]}" for k in sorted(set(want) - set(got))]
   problems += [f"unexpected {k} {got[k]}" for k in sorted(set(got) - set(want))]
   problems += [f"{k}: converted {got[k]} vs model {want[k]}" for k in sorted(set(got) & set(want))
