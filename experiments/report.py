@@ -6,7 +6,8 @@ import os
 from kdjax.train import files
 from kdjax.train.metrics import read_metrics
 
-_COLUMNS = (("eval_accuracy", "eval acc", "{:.4f}"),
+_COLUMNS = (("eval_accuracy", "eval acc (last)", "{:.4f}"),
+            ("best_eval_accuracy", "eval acc (best)", "{:.4f}"),
             ("teacher_agreement", "teacher agreement", "{:.4f}"),
             ("final_train_loss", "final train loss", "{:.4f}"),
             ("steps", "steps", "{}"),

@@ -37,7 +37,10 @@ def test_smoke_quickstart_writes_every_result(reference_run):
   students = ["kd", "dkd", "dist", "kd_std", "nkd", "fitnet", "rkd", "crd"]
   assert list(runs) == ["teacher", "scratch"] + students
   for name, run in runs.items():
-    assert 0.0 <= run["eval_accuracy"] <= 1.0
+    assert 0.0 <= run["eval_accuracy"] <= run["best_eval_accuracy"] <= 1.0
+    evals = [json.loads(l) for l in open(os.path.join(workdir, name, "metrics.jsonl"))
+             if '"eval"' in l]
+    assert run["best_eval_accuracy"] == max(l["accuracy"] for l in evals)
     assert run["final_train_loss"] > 0 and run["train_examples_per_sec"] > 0
     assert run["steps"] == (60 if name == "teacher" else 40)
     assert ("teacher_agreement" in run) == (name in students)

@@ -140,3 +140,40 @@ def test_training_batches_carry_each_examples_index(data_dir):
   assert indices.dtype == np.int32
   # One epoch (4000 examples = 250 batches of 16) visits every example exactly once.
   np.testing.assert_array_equal(np.sort(indices), np.arange(4000))
+
+
+def test_eval_step_sums_every_metric_given_and_the_teachers():
+  student, teacher, teacher_variables, _, _, train_state, batch = _setup()
+  student_apply, teacher_apply = models.apply_fn(student), models.apply_fn(teacher)
+
+  def margin(eval_batch):  # A method's own metric: summed over unmasked rows like the rest.
+    top2 = jax.lax.top_k(eval_batch.student.logits, 2)[0]
+    return {"margin": jnp.sum((top2[:, 0] - top2[:, 1]) * eval_batch.where)}
+
+  eval_step = jax.jit(step_lib.make_eval_step(
+      student_apply=student_apply, teacher_apply=teacher_apply,
+      metrics=(*step_lib.CLASSIFICATION_METRICS, margin)))
+  mask = np.arange(8) < 6
+  sums = eval_step(train_state, teacher_variables, dict(batch, mask=mask))
+  assert set(sums) == {"count", "accuracy", "cross_entropy", "margin", "teacher_accuracy",
+                       "teacher_agreement"}
+  s = np.asarray(student_apply(state_lib.student_variables(train_state), batch["inputs"],
+                               train=False)[0].logits)[:6]
+  t = np.asarray(teacher_apply(teacher_variables, batch["inputs"], train=False)[0].logits)[:6]
+  labels = np.asarray(batch["labels"])[:6]
+  top2 = np.sort(s, -1)[:, -2:]
+  np.testing.assert_allclose(sums["margin"], np.sum(top2[:, 1] - top2[:, 0]), rtol=1e-5)
+  assert sums["count"] == 6
+  assert sums["accuracy"] == np.sum(s.argmax(-1) == labels)
+  assert sums["teacher_agreement"] == np.sum(s.argmax(-1) == t.argmax(-1))
+  assert sums["teacher_accuracy"] == np.sum(t.argmax(-1) == labels)
+
+
+def test_best_eval_is_the_highest_accuracy_and_the_earliest_on_ties():
+  from kdjax.train.loop import best_eval
+  lines = [{"split": "train", "step": 5, "accuracy": 0.99},
+           {"split": "eval", "step": 10, "accuracy": 0.5},
+           {"split": "eval", "step": 20, "accuracy": 0.7},
+           {"split": "eval", "step": 30, "accuracy": 0.7},
+           {"split": "eval", "step": 40, "accuracy": 0.6}]
+  assert best_eval(lines) == (20, 0.7)

@@ -9,7 +9,7 @@ over the global batch and whose `gather` returns the global batch for relational
 
 import abc
 import dataclasses
-from typing import Any, Callable, ClassVar, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -97,6 +97,10 @@ class Method(abc.ABC):
   # The training split's size, for methods with per-example memory (CRD's memory bank); set
   # by `build_method` once the data is open, None where unknown (config validation).
   num_train_examples: Optional[int] = None
+  # The pmap axis name for BatchNorm in method-owned modules (connectors, ABF), as models get
+  # it: cross-replica statistics under pmap; None under jit, where the batch is global anyway.
+  # Set by the run before `init`.
+  batch_norm_axis_name: Optional[str] = None
 
   def __init__(self, config: ml_collections.ConfigDict):
     for field in self.non_negative_fields:
@@ -109,6 +113,11 @@ class Method(abc.ABC):
     """Returns (trainable params, non-trainable state); both empty by default."""
     del rng, sample
     return {}, {}
+
+  def eval_metrics(self) -> Sequence[Callable]:
+    """Metrics evaluated beside the task's (see `eval_metrics.EvalMetric`): a method with
+    auxiliary exits reports each exit's accuracy here. None by default."""
+    return ()
 
   @abc.abstractmethod
   def loss(self, params: Any, state: Any, batch: Batch,
@@ -167,3 +176,7 @@ def check_interval(config, method: str, field: str, low: float, high: float, *,
 
 def check_positive_int(config, method: str, field: str):
   _require(config, method, field, validation.POSITIVE_INT)
+
+
+is_number = validation.is_number  # A real number that is not a bool.
+_is_number = is_number  # TODO(coordinator): remove once every method uses `is_number`.

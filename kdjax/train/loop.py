@@ -22,6 +22,7 @@ import numpy as np
 from kdjax import methods as methods_lib
 from kdjax import models as models_lib
 from kdjax import paths
+from kdjax.methods import eval_metrics
 from kdjax.train import checkpoint as checkpoint_lib
 from kdjax.train import files, metrics as metrics_lib
 from kdjax.train import parallel as parallel_lib, step as step_lib
@@ -53,7 +54,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run_dir: str, *,
   """Trains `config.student.model` with `config.method`; returns the run summary.
 
   Args:
-    config: a validated experiment config for this one run.
+    config: the experiment config of this one run (checked here: paths, fields, teacher).
     run_dir: the run's directory (checkpoints, metrics, summary).
     teacher_checkpoints: the checkpoints/ directories of the teachers of
       `teachers.teacher_specs(config)`, in that order, if the method needs a teacher (methods
@@ -61,11 +62,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run_dir: str, *,
     name: the run's name in progress lines.
   """
   config = resolve_config_paths(config)
-  run_dir = paths.resolve(run_dir)
   if isinstance(teacher_checkpoints, str):
     teacher_checkpoints = [teacher_checkpoints]
   teacher_checkpoints = [paths.resolve(directory) for directory in teacher_checkpoints]
   validate_config(config, num_devices=jax.device_count())
+  if methods_lib.get_method_class(config.method).needs_teacher and not teacher_checkpoints:
+    raise checkpoint_lib.CheckpointError(
+        f"Method {config.method!r} needs a teacher; set config.teacher.checkpoint or put "
+        "'teacher' first in config.suite.")
+  return train_checked_run(config, paths.resolve(run_dir),
+                           teacher_checkpoints=teacher_checkpoints, name=name)
+
+
+def train_checked_run(config: ml_collections.ConfigDict, run_dir: str, *,
+                      teacher_checkpoints: Sequence[str], name: str) -> dict:
+  """`train_and_evaluate` for a config already validated with absolute paths (a suite's
+  `SuitePlan` checks every run once, before the first starts)."""
   check_run_dir(config, run_dir, name)
   summary_path = os.path.join(run_dir, RUN_SUMMARY)
   if os.path.exists(summary_path):
@@ -73,10 +85,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run_dir: str, *,
       print(f"[{name}] finished earlier ({summary_path}); skipped. Delete {run_dir} to train "
             "it again.", flush=True)
     return files.read_json(summary_path)
-  if methods_lib.get_method_class(config.method).needs_teacher and not teacher_checkpoints:
-    raise checkpoint_lib.CheckpointError(
-        f"Method {config.method!r} needs a teacher; set config.teacher.checkpoint or put "
-        "'teacher' first in config.suite.")
   run = _Run(config, run_dir, name, build_run(config, teacher_checkpoints))
   try:
     last_train_scalars, throughput = run.train()
@@ -92,7 +100,7 @@ class _Run:
   """One run's state on device, its checkpointer and writers, restored on construction."""
 
   def __init__(self, config, run_dir: str, name: str, parts: RunParts):
-    self.config, self.name, self.parts = config, name, parts
+    self.config, self.name, self.parts, self.run_dir = config, name, parts, run_dir
     self.is_writer = jax.process_index() == 0
     self.identity = {"model": config.student.model, "method": config.method,
                      "fingerprint": config_fingerprint(config)}
@@ -119,7 +127,8 @@ class _Run:
         skip_nonfinite=config.on_nonfinite == "skip"))
     self.eval_step = parallel.compile_eval_step(step_lib.make_eval_step(
         student_apply=parts.student_apply,
-        teacher_apply=parts.teacher_apply if parts.method.needs_teacher else None))
+        teacher_apply=parts.teacher_apply if parts.method.needs_teacher else None,
+        metrics=tuple(eval_metrics.CLASSIFICATION_METRICS) + tuple(parts.method.eval_metrics())))
 
   def _restore(self):
     """The newest good checkpoint's state and metrics window, or the initial state."""
@@ -149,19 +158,14 @@ class _Run:
                                 skipped_steps=self.metrics.skipped_steps))
 
   def evaluate(self) -> dict:
-    """Accuracy, cross-entropy and (with a teacher) agreement over the whole eval split."""
+    """Every eval metric's average over the whole eval split."""
     parallel, totals = self.parts.parallel, {}
     for batch in self.parts.pipeline.eval_batches(self.config.eval_batch_size):
       sums = self.eval_step(self.state, self.teacher_variables, parallel.put_batch(batch))
       for k, v in parallel_lib.metrics_to_host(parallel, sums).items():
         totals[k] = totals.get(k, 0.0) + v
     count = max(totals.pop("count"), 1.0)
-    result = {"accuracy": totals["correct"] / count,
-              "cross_entropy": totals["cross_entropy"] / count}
-    if "teacher_agreement" in totals:
-      result["teacher_agreement"] = totals["teacher_agreement"] / count
-      result["teacher_accuracy"] = totals["teacher_correct"] / count
-    return result
+    return {name: total / count for name, total in totals.items()}
 
   def _stop_on_nonfinite(self, step: int, bad, host: dict):
     if self.config.on_nonfinite != "stop":
@@ -226,8 +230,14 @@ class _Run:
       last_train_scalars = _last_logged(self.writer.path)
     final_eval = self.evaluate()
     self.writer.write(c.num_steps, "eval", final_eval)
+    # Only process 0 writes metrics.jsonl; elsewhere the final evaluation stands alone.
+    best_step, best_accuracy = best_eval(
+        (metrics_lib.read_metrics(self.run_dir) if self.is_writer else []) +
+        [dict(final_eval, split="eval", step=c.num_steps)])
     summary = {
-        "eval_accuracy": final_eval["accuracy"],
+        "eval_accuracy": final_eval["accuracy"],  # Last step's (the run's result).
+        "best_eval_accuracy": best_accuracy,  # Over every evaluation (mdistiller's tables).
+        "best_eval_step": best_step,
         "eval_cross_entropy": final_eval["cross_entropy"],
         "final_train_loss": last_train_scalars["loss"],
         "steps": int(c.num_steps),
@@ -241,11 +251,22 @@ class _Run:
     if "teacher_agreement" in final_eval:
       summary["teacher_agreement"] = final_eval["teacher_agreement"]
       summary["teacher_eval_accuracy"] = final_eval["teacher_accuracy"]
+    for name, value in final_eval.items():  # A method's own metrics (per-exit accuracy, ...).
+      if name not in ("accuracy", "cross_entropy", "teacher_agreement", "teacher_accuracy"):
+        summary[f"eval_{name}"] = value
     return summary
 
   def close(self):
     self.writer.close()
     self.checkpointer.close()
+
+
+def best_eval(lines) -> tuple:
+  """(step, accuracy) of the best evaluation among metrics.jsonl lines (the earliest on
+  ties); lines after a resumed checkpoint were dropped, so a resumed run counts each step once."""
+  evals = [l for l in lines if l["split"] == "eval"]
+  best = max(evals, key=lambda l: (l["accuracy"], -l["step"]))
+  return int(best["step"]), float(best["accuracy"])
 
 
 def _last_logged(metrics_path: str) -> dict:

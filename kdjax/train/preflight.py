@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from kdjax import models as models_lib
 from kdjax.data.catalog import get_dataset_spec
-from kdjax.methods.base import Batch
+from kdjax.methods.base import Batch, single_device_ops
 from kdjax.methods.registry import build_method
 from kdjax.train.teachers import teacher_specs
 from kdjax.train.validate import ConfigError
@@ -22,39 +22,45 @@ _SAMPLE_BATCH = 2
 
 
 @functools.lru_cache(maxsize=64)
-def abstract_output(model_name: str, num_classes: int, input_shape) -> models_lib.Output:
-  """The model's Output on a sample batch, as shapes only (cached: a suite asks for the
-  same models once per run)."""
+def abstract_model(model_name: str, num_classes: int, input_shape):
+  """(variables, Output) of the model on a sample batch, as shapes only (cached: a suite asks
+  for the same models once per run)."""
   module = models_lib.get_model(model_name, num_classes=num_classes)
   inputs = jax.ShapeDtypeStruct((_SAMPLE_BATCH,) + tuple(input_shape), jnp.float32)
 
   def forward(x):
     variables = models_lib.init_variables(module, jax.random.PRNGKey(0), x)
-    return models_lib.apply_fn(module)(variables, x, train=False)[0]
+    return variables, models_lib.apply_fn(module)(variables, x, train=False)[0]
 
   return jax.eval_shape(forward, inputs)
 
 
 def check_method_fits_models(config) -> None:
-  """Raises ConfigError when `config.method` cannot run on the configured models."""
+  """Raises ConfigError when `config.method` cannot run on the configured models: its `init`
+  and one `loss` are traced on the models' abstract outputs."""
   spec = get_dataset_spec(config.dataset)
   # A dataset of unknown size: any size will do for shapes; the run checks the real one.
   method = build_method(config, num_train_examples=spec.train_examples or 2**31 - 1)
   if method.multiple_teachers:  # Logits only: stacked teachers are checked when loaded.
     return
   input_shape = tuple(spec.input_shape)
-  student = abstract_output(config.student.model, config.num_classes, input_shape)
-  teacher = (abstract_output(teacher_specs(config)[0].model, config.num_classes, input_shape)
-             if method.needs_teacher else None)
+  _, student = abstract_model(config.student.model, config.num_classes, input_shape)
+  teacher_variables, teacher = (
+      abstract_model(teacher_specs(config)[0].model, config.num_classes, input_shape)
+      if method.needs_teacher else (None, None))
 
-  def init(student, teacher):
+  def init_and_loss(student, teacher, teacher_variables):
     sample = Batch(student=student, teacher=teacher,
                    labels=jnp.zeros((_SAMPLE_BATCH,), jnp.int32),
-                   where=jnp.ones((_SAMPLE_BATCH,), bool), step=jnp.zeros((), jnp.int32))
-    return method.init(jax.random.PRNGKey(0), sample)
+                   where=jnp.ones((_SAMPLE_BATCH,), bool), step=jnp.zeros((), jnp.int32),
+                   rng=jax.random.PRNGKey(0),
+                   data={"index": jnp.zeros((_SAMPLE_BATCH,), jnp.int32)},
+                   teacher_variables=teacher_variables)
+    params, state = method.init(jax.random.PRNGKey(0), sample)
+    return method.loss(params, state, sample, single_device_ops())
 
   try:
-    jax.eval_shape(init, student, teacher)
+    jax.eval_shape(init_and_loss, student, teacher, teacher_variables)
   except ValueError as error:
     raise ConfigError(f"{error} (student {config.student.model!r}, teacher "
                       f"{teacher_specs(config)[0].model!r})") from None

@@ -50,6 +50,7 @@ def build_run(config: ml_collections.ConfigDict,
       data_dir=config.data_dir or None, process_index=jax.process_index(),
       process_count=jax.process_count(), augment=config.augment)
   method = methods_lib.build_method(config, num_train_examples=pipeline.num_train_examples)
+  method.batch_norm_axis_name = parallel.batch_norm_axis_name
 
   student_module = models_lib.get_model(config.student.model, num_classes=config.num_classes,
                                         **model_kwargs(config.student.model, parallel))
@@ -69,7 +70,8 @@ def build_run(config: ml_collections.ConfigDict,
   student_sample, _ = student_apply(student_variables, sample, train=False)
   method_params, method_state = method.init(method_rng, Batch(
       student=student_sample, teacher=teacher_sample, labels=np.zeros((2,), np.int32),
-      where=np.ones((2,), bool), step=jnp.zeros((), jnp.int32)))
+      where=np.ones((2,), bool), step=jnp.zeros((), jnp.int32),
+      teacher_variables=teacher_variables))
   optimizer = optimizer_lib.build_optimizer(config.optimizer, config.num_steps)
   initial_state = jax.device_get(state_lib.create(
       student_variables=student_variables, method_params=method_params,

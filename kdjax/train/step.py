@@ -1,12 +1,14 @@
 """Pure train and eval steps. Parallelism is applied to them in `parallel.py`."""
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from kdjax.methods.base import Batch, BatchOps, Method
+from kdjax.methods.eval_metrics import (CLASSIFICATION_METRICS, TEACHER_METRICS, EvalBatch,
+                                        EvalMetric)
 from kdjax.models.apply import ApplyFn
 from kdjax.models.output import Output
 from kdjax.train.state import TrainState, student_variables
@@ -86,33 +88,27 @@ def make_train_step(*, student_apply: ApplyFn, teacher_apply: Optional[ApplyFn],
   return train_step
 
 
-def make_eval_step(*, student_apply: ApplyFn, teacher_apply: Optional[ApplyFn]) -> Callable:
+def make_eval_step(*, student_apply: ApplyFn, teacher_apply: Optional[ApplyFn],
+                   metrics: Sequence[EvalMetric] = CLASSIFICATION_METRICS) -> Callable:
   """Builds `eval_step(state, teacher_variables, batch) -> sums`.
 
-  Returns per-batch sums over the unmasked rows (the caller adds them up):
-  'count', 'correct', 'cross_entropy' and, with a teacher, 'teacher_correct' and
-  'teacher_agreement' (student top-1 == teacher top-1).
+  Returns `{'count': unmasked rows, **each metric's sums}` for one batch (the caller adds them
+  up and divides by the count). With a teacher, `TEACHER_METRICS` run as well.
   """
+  metrics = tuple(metrics) + (TEACHER_METRICS if teacher_apply is not None else ())
 
   def eval_step(state: TrainState, teacher_variables, batch: dict):
     where = batch["mask"].astype(jnp.float32)
     student, _ = student_apply(student_variables(state), batch["inputs"], train=False, rng=None)
-    logits = student.logits.astype(jnp.float32)
-    prediction = jnp.argmax(logits, -1)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
-    sums = {
-        "count": jnp.sum(where),
-        "correct": jnp.sum((prediction == batch["labels"]) * where),
-        "cross_entropy": jnp.sum(ce * where),
-    }
     teacher = teacher_outputs(teacher_apply, teacher_variables, batch)
-    if teacher is not None:
-      teacher_logits = teacher.logits.astype(jnp.float32)
-      if teacher_logits.ndim > logits.ndim:  # Several teachers: their average prediction.
-        teacher_logits = jnp.mean(jax.nn.log_softmax(teacher_logits), axis=0)
-      teacher_prediction = jnp.argmax(teacher_logits, -1)
-      sums["teacher_correct"] = jnp.sum((teacher_prediction == batch["labels"]) * where)
-      sums["teacher_agreement"] = jnp.sum((teacher_prediction == prediction) * where)
+    eval_batch = EvalBatch(student=student, teacher=teacher, labels=batch["labels"],
+                           where=where)
+    sums = {"count": jnp.sum(where)}
+    for metric in metrics:
+      for name, value in metric(eval_batch).items():
+        if name in sums:
+          raise ValueError(f"Eval metric {name!r} is reported twice (by {metric.__name__}).")
+        sums[name] = value
     return sums
 
   return eval_step

@@ -20,7 +20,7 @@ from kdjax.methods.registry import get_method_class
 from kdjax.train import files
 from kdjax.train import teachers as teachers_lib
 from kdjax.train.checkpoint import CheckpointError, saved_model_name
-from kdjax.train.loop import RUN_SUMMARY, train_and_evaluate
+from kdjax.train.loop import RUN_SUMMARY, train_checked_run
 from kdjax.train.config_paths import resolve_config_paths
 from kdjax.train.preflight import check_method_fits_models
 from kdjax.train.run_dir import check_run_dir
@@ -123,7 +123,7 @@ def run_suite(config: ml_collections.ConfigDict, workdir: str, *, num_devices: i
   summary = {"runs": {}, "config": plan.config.to_dict()}
   with WorkdirLock(plan.workdir, enabled=is_writer):
     for run, run_cfg in plan.run_configs.items():
-      result = train_and_evaluate(
+      result = train_checked_run(
           run_cfg, os.path.join(plan.workdir, run),
           teacher_checkpoints=() if run in plan.teacher_runs else plan.teacher_dirs, name=run)
       summary["runs"][run] = result

@@ -1,0 +1,64 @@
+"""Evaluation as a list of metric functions, given by the task and the method.
+
+A metric is `metric(batch: EvalBatch) -> {name: sum over the unmasked rows}`; the loop adds
+the sums over the eval split and divides each by the number of examples, so every metric is a
+per-example average (top-1, cross-entropy, agreement; per-exit accuracy for BYOT later).
+The eval step runs `task metrics + teacher metrics (with a teacher) + method.eval_metrics()`,
+and knows none of them by name.
+"""
+
+from typing import Callable, Dict, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from kdjax.models.output import Output
+
+
+class EvalBatch(NamedTuple):
+  """student / teacher: Outputs in eval mode (teacher None without one; several teachers'
+  logits stacked on a leading axis); labels [b]; where [b] float32, 0 on padding rows."""
+  student: Output
+  teacher: Optional[Output]
+  labels: jax.Array
+  where: jax.Array
+
+
+EvalMetric = Callable[[EvalBatch], Dict[str, jax.Array]]
+
+
+def _sum(values, where):
+  return jnp.sum(values * where)
+
+
+def top1_accuracy(batch: EvalBatch) -> Dict[str, jax.Array]:
+  prediction = jnp.argmax(batch.student.logits, -1)
+  return {"accuracy": _sum(prediction == batch.labels, batch.where)}
+
+
+def cross_entropy(batch: EvalBatch) -> Dict[str, jax.Array]:
+  ce = optax.softmax_cross_entropy_with_integer_labels(
+      batch.student.logits.astype(jnp.float32), batch.labels)
+  return {"cross_entropy": _sum(ce, batch.where)}
+
+
+def teacher_log_probs(teacher: Output) -> jax.Array:
+  """The teacher's log-probabilities; several teachers: their average prediction."""
+  logits = teacher.logits.astype(jnp.float32)
+  log_probs = jax.nn.log_softmax(logits)
+  return jnp.mean(log_probs, axis=0) if teacher.logits.ndim == 3 else log_probs
+
+
+def teacher_accuracy_and_agreement(batch: EvalBatch) -> Dict[str, jax.Array]:
+  """The teacher's top-1 and how often the student's top-1 equals the teacher's."""
+  teacher_prediction = jnp.argmax(teacher_log_probs(batch.teacher), -1)
+  return {
+      "teacher_accuracy": _sum(teacher_prediction == batch.labels, batch.where),
+      "teacher_agreement": _sum(
+          teacher_prediction == jnp.argmax(batch.student.logits, -1), batch.where),
+  }
+
+
+CLASSIFICATION_METRICS: Sequence[EvalMetric] = (top1_accuracy, cross_entropy)
+TEACHER_METRICS: Sequence[EvalMetric] = (teacher_accuracy_and_agreement,)
