@@ -23,6 +23,7 @@ setup(
         "mnist1d>=0.0.2",  # Generates MNIST-1D offline: the embedded default dataset.
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow.
         "matplotlib>=3.8",  # results.png
+        "pillow",  # ImageNet crops and resizes (bilinear, as torchvision).
         "absl-py",
         "numpy",
     ],

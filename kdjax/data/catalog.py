@@ -23,7 +23,9 @@ class DatasetSpec:
     input_key / label_key: record fields holding the input and the integer label.
     num_classes: number of label classes.
     input_shape: shape of one preprocessed input, without the batch axis.
-    input_kind: 'signal1d' or 'image32'; models declare the kind they take.
+    input_kind: 'signal1d', 'image32' or 'image224'; models declare the kind they take.
+    variable_input_size: records hold inputs of different sizes (ImageNet's JPEGs): they are
+      read record by record and `preprocess` receives a list of arrays.
     train_split / eval_split: TFDS split names.
     train_examples: the training split's size where it is known before reading (checks of
       per-example method memories before a run); the pipeline counts it in any case.
@@ -42,6 +44,7 @@ class DatasetSpec:
   train_split: str = "train"
   eval_split: str = "test"
   train_examples: Optional[int] = None
+  variable_input_size: bool = False
   local_builder: Optional[Callable] = None
   preprocess: Callable = lambda inputs, rng, rows=None: np.asarray(inputs, np.float32)
 
@@ -65,6 +68,20 @@ def _cifar_preprocess(mean, std):
   return preprocess
 
 
+# ImageNet channel statistics (torchvision), on [0, 1] pixels.
+_IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+_IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def imagenet_preprocess(images, rng, rows=None):
+  """Training: inception crop 224 + flip; evaluation (`rng` None): resize 256, centre 224."""
+  if rng is not None:
+    crops = augment.inception_crop_and_flip(images, rng, size=224, rows=rows)
+  else:
+    crops = augment.resize_and_center_crop(images, size=224, resize=256)
+  return (crops.astype(np.float32) / 255.0 - _IMAGENET_MEAN) / _IMAGENET_STD
+
+
 DATASETS = {
     "mnist1d": DatasetSpec(
         tfds_name="mnist1d", input_key="signal", label_key="label", num_classes=10,
@@ -79,6 +96,11 @@ DATASETS = {
         tfds_name="cifar10", input_key="image", label_key="label", num_classes=10,
         input_shape=(32, 32, 3), train_examples=50000,
         preprocess=_cifar_preprocess(_CIFAR10_MEAN, _CIFAR10_STD)),
+    # Prepared by hand once: `tfds build imagenet2012 --manual_dir=... --file_format=array_record`.
+    "imagenet2012": DatasetSpec(
+        tfds_name="imagenet2012", input_key="image", label_key="label", num_classes=1000,
+        input_shape=(224, 224, 3), input_kind="image224", eval_split="validation",
+        train_examples=1_281_167, variable_input_size=True, preprocess=imagenet_preprocess),
 }
 
 

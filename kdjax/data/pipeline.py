@@ -34,12 +34,14 @@ class _RecordArrays:
 class _RecordReader:
   """Reads records one by one from a random-access source (large datasets)."""
 
-  def __init__(self, source, keys):
+  def __init__(self, source, keys, variable_size_keys=()):
     self.source, self.keys, self.num_examples = source, keys, len(source)
+    self.variable_size_keys = variable_size_keys
 
   def gather(self, indices: np.ndarray) -> dict:
     records = self.source.__getitems__([int(i) for i in indices])
-    return {k: np.stack([np.asarray(r[k]) for r in records]) for k in self.keys}
+    return {k: [np.asarray(r[k]) for r in records] if k in self.variable_size_keys else
+            np.stack([np.asarray(r[k]) for r in records]) for k in self.keys}
 
 
 class InvalidLabelsError(ValueError):
@@ -71,6 +73,10 @@ def _check_labels(spec, split, source, reader):
 def _reader(spec, split, data_dir, in_memory):
   source = sources.load_split(spec, split, data_dir)
   keys = (spec.input_key, spec.label_key)
+  if spec.variable_input_size:  # A list of differently sized arrays: never stacked.
+    reader = _RecordReader(source, keys, variable_size_keys=(spec.input_key,))
+    _check_labels(spec, split, source, reader)
+    return reader
   if in_memory is None:
     first = source[0]
     record_bytes = sum(np.asarray(first[k]).nbytes for k in keys)
