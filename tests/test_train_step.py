@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from kdjax import methods, models
 from kdjax.train import state as state_lib, step as step_lib
@@ -177,3 +178,43 @@ def test_best_eval_is_the_highest_accuracy_and_the_earliest_on_ties():
            {"split": "eval", "step": 30, "accuracy": 0.7},
            {"split": "eval", "step": 40, "accuracy": 0.6}]
   assert best_eval(lines) == (20, 0.7)
+
+
+def test_a_topk_cache_trains_kd_as_sparse_kd_and_feature_taps_come_from_the_cache():
+  from kdjax import losses
+  from kdjax.methods.base import check_teacher_cache
+  from kdjax.validation import ConfigError
+  student, teacher, teacher_variables, method, optimizer, train_state, batch = _setup()
+  ops = methods.single_device_ops()
+  teacher_logits = models.apply_fn(teacher)(teacher_variables, batch["inputs"],
+                                            train=False)[0].logits
+  values, indices = jax.lax.top_k(teacher_logits, 3)
+  cached = dict(batch, teacher_topk_logits=values, teacher_topk_indices=indices,
+                **{"teacher_features/embedding": jnp.ones((8, 5))})
+  seen = {}
+
+  class Probe(type(method)):
+    def loss(self, params, state, b, ops):
+      seen["features"], seen["data"] = set(b.teacher.features), set(b.data)
+      return super().loss(params, state, b, ops)
+
+  step = step_lib.make_train_step(student_apply=models.apply_fn(student), teacher_apply=None,
+                                  method=Probe(method.config), optimizer=optimizer)
+  _, metrics = step(train_state, None, cached, ops)
+  assert np.isfinite(metrics["loss"]) and metrics["kd"] > 0
+  assert seen == {"features": {"embedding"}, "data": set()}
+  output = step_lib.teacher_outputs(None, None, cached, num_classes=10)
+  student_logits = jax.random.normal(jax.random.key(5), (8, 10))
+  np.testing.assert_allclose(losses.kd(student_logits, output.logits, temperature=4.0),
+                             losses.sparse_kd(student_logits, values, indices, temperature=4.0),
+                             rtol=1e-5)
+  # Which methods can learn from which cache: refused in one line naming what is missing.
+  check_teacher_cache(method, topk=3, num_classes=10)
+  dkd = methods.get_method_class("dkd")(methods.get_method_class("dkd").default_config())
+  with pytest.raises(ConfigError, match=r"top-3 of 10 logits, but method 'dkd' needs all 10"):
+    check_teacher_cache(dkd, topk=3, num_classes=10)
+  check_teacher_cache(dkd, topk=None, num_classes=10)
+  at_class = methods.get_method_class("at")
+  with pytest.raises(ConfigError, match=r"method 'at' needs the teacher taps \['stage1', "):
+    check_teacher_cache(at_class(at_class.default_config()), topk=None, num_classes=10,
+                        feature_taps=["embedding"])

@@ -88,6 +88,12 @@ class Method(abc.ABC):
   # True for methods that distil from several teachers at once: their `Batch.teacher.logits`
   # is the teachers' logits stacked on a new leading axis, [N_teachers, b, ..., C].
   multiple_teachers: ClassVar[bool] = False
+  # What the method can learn from when the teacher's outputs are read from a cache instead
+  # of running the teacher: 'topk' (the teacher's top-k logits suffice: KD-like losses, where
+  # the classes outside the top k get probability 0 and the kept ones are renormalised, i.e.
+  # `losses.sparse_kd`), 'logits' (needs every logit: DKD's non-target split, DIST's
+  # correlations, standardised logits) or 'features' (needs cached feature taps as well).
+  teacher_cache_needs: ClassVar[str] = "logits"
 
   @classmethod
   def default_config(cls) -> ml_collections.ConfigDict:
@@ -123,6 +129,27 @@ class Method(abc.ABC):
   def loss(self, params: Any, state: Any, batch: Batch,
            ops: BatchOps) -> Tuple[jax.Array, Metrics, Any]:
     """Returns (scalar loss, metrics of scalars, new state)."""
+
+
+def check_teacher_cache(method: "Method", *, topk: Optional[int], num_classes: int,
+                        feature_taps: Sequence[str] = ()) -> None:
+  """Raises ConfigError when `method` cannot learn from a teacher cache holding the top-`topk`
+  logits (None: all `num_classes`) and the features `feature_taps`."""
+  needs = method.teacher_cache_needs
+  holds = (f"the teacher's top-{topk} of {num_classes} logits" if topk and topk < num_classes
+           else f"all {num_classes} teacher logits")
+  if needs != "topk" and topk and topk < num_classes:
+    raise validation.ConfigError(
+        f"The teacher cache holds {holds}, but method {method.name!r} needs all "
+        f"{num_classes} logits; cache the full logits (top-k = {num_classes}) or use a method "
+        "that learns from a top-k cache (kd, fkl, ctkd).")
+  if needs == "features":
+    wanted = list(getattr(method, "teacher_taps", ()))
+    missing = [tap for tap in wanted if tap not in feature_taps]
+    if missing:
+      raise validation.ConfigError(
+          f"The teacher cache holds {holds} and features {sorted(feature_taps) or 'none'}, "
+          f"but method {method.name!r} needs the teacher taps {missing}; cache them too.")
 
 
 def mask_rows(x: jax.Array, where: jax.Array) -> jax.Array:

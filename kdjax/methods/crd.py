@@ -37,6 +37,7 @@ class CRD(base.Method):
   `nce_k` 16384, `nce_t` 0.07, `nce_m` 0.5) on the embedding taps.
   """
   name = "crd"
+  teacher_cache_needs = "features"
   non_negative_fields = ("ce_weight", "kd_weight", "feature_weight")
   positive_fields = ("temperature", "nce_t")
 
@@ -49,6 +50,7 @@ class CRD(base.Method):
 
   def __init__(self, config):
     super().__init__(config)
+    self.teacher_taps = [config.teacher_tap]  # What a teacher cache must hold.
     base.check_positive_int(config, self.name, "feat_dim")
     base.check_positive_int(config, self.name, "nce_k")
     base.check_interval(config, self.name, "nce_momentum", 0.0, 1.0, high_inclusive=False)

@@ -59,6 +59,7 @@ class CTKD(base.Method):
   (782 steps each). Set it to about 1/24 of the run (10 of 240 epochs) for other recipes.
   """
   name = "ctkd"
+  teacher_cache_needs = "topk"
 
   @classmethod
   def default_config(cls):

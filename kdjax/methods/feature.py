@@ -29,6 +29,7 @@ def _names(value: str) -> List[str]:
 class FeatureMethod(base.Method):
   """Base of the feature methods; subclasses set `name`, the defaults and `term`."""
 
+  teacher_cache_needs = "features"
   default_student_tap: ClassVar[str] = "embedding"
   default_teacher_tap: ClassVar[str] = "embedding"
   default_feature_weight: ClassVar[float] = 1.0

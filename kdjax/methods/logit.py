@@ -24,6 +24,7 @@ class KD(base.Method):
   Defaults follow mdistiller's CIFAR-100 recipe: CE 0.1, KD 0.9, T = 4.
   """
   name = "kd"
+  teacher_cache_needs = "topk"
 
   @classmethod
   def default_config(cls):

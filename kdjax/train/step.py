@@ -13,18 +13,51 @@ from kdjax.models.apply import ApplyFn
 from kdjax.models.output import Output
 from kdjax.train.state import TrainState, student_variables
 
+# Cached teacher outputs in a batch replace running the teacher: all logits, or the top-k
+# logits and their class ids, and feature taps under 'teacher_features/<tap>'.
 TEACHER_LOGITS_KEY = "teacher_logits"
-# Batch entries the step consumes itself; every other entry reaches the method in Batch.data.
-_STEP_KEYS = ("inputs", "labels", "mask", TEACHER_LOGITS_KEY)
+TEACHER_TOPK_LOGITS_KEY = "teacher_topk_logits"
+TEACHER_TOPK_INDICES_KEY = "teacher_topk_indices"
+TEACHER_FEATURES_PREFIX = "teacher_features/"
+_CACHE_KEYS = (TEACHER_LOGITS_KEY, TEACHER_TOPK_LOGITS_KEY, TEACHER_TOPK_INDICES_KEY)
 
 
-def teacher_outputs(teacher_apply: Optional[ApplyFn], teacher_variables, batch: dict):
+def _is_step_key(key: str) -> bool:
+  """Batch entries the step consumes itself; every other one reaches the method's Batch.data."""
+  return key in ("inputs", "labels", "mask") + _CACHE_KEYS or key.startswith(
+      TEACHER_FEATURES_PREFIX)
+
+
+def topk_to_logits(topk_logits: jax.Array, topk_indices: jax.Array,
+                   num_classes: int) -> jax.Array:
+  """[..., k] logits at class ids [..., k] -> [..., num_classes] logits, -inf elsewhere: the
+  softmax of the result is the renormalised top-k distribution (`losses.sparse_kd`'s target),
+  so a KD-like method learns from a top-k cache unchanged."""
+  dense = jnp.full(topk_logits.shape[:-1] + (num_classes,), -jnp.inf, topk_logits.dtype)
+  return jnp.put_along_axis(dense, topk_indices, topk_logits, axis=-1, inplace=False)
+
+
+def _num_classes(student_apply: ApplyFn, state: TrainState, inputs) -> int:
+  """The student's number of classes, from shapes only (no computation)."""
+  return jax.eval_shape(lambda: student_apply(student_variables(state), inputs, train=False,
+                                              rng=None)[0].logits).shape[-1]
+
+
+def teacher_outputs(teacher_apply: Optional[ApplyFn], teacher_variables, batch: dict, *,
+                    num_classes: Optional[int] = None):
   """The teacher's Output for a batch, in eval mode, without gradient.
 
-  When the batch carries cached teacher logits the teacher is not run at all.
+  When the batch carries cached teacher outputs the teacher is not run at all (a top-k cache
+  needs `num_classes`).
   """
+  features = {key[len(TEACHER_FEATURES_PREFIX):]: value for key, value in batch.items()
+              if key.startswith(TEACHER_FEATURES_PREFIX)}
   if TEACHER_LOGITS_KEY in batch:
-    return Output(jax.lax.stop_gradient(batch[TEACHER_LOGITS_KEY]), {})
+    return jax.lax.stop_gradient(Output(batch[TEACHER_LOGITS_KEY], features))
+  if TEACHER_TOPK_LOGITS_KEY in batch:
+    logits = topk_to_logits(batch[TEACHER_TOPK_LOGITS_KEY], batch[TEACHER_TOPK_INDICES_KEY],
+                            num_classes)
+    return jax.lax.stop_gradient(Output(logits, features))
   if teacher_apply is None:
     return None
   output, _ = teacher_apply(teacher_variables, batch["inputs"], train=False, rng=None)
@@ -37,9 +70,10 @@ def make_train_step(*, student_apply: ApplyFn, teacher_apply: Optional[ApplyFn],
                     skip_nonfinite: bool = False) -> Callable:
   """Builds `train_step(state, teacher_variables, batch, ops) -> (state, metrics)`.
 
-  `batch` is {'inputs': [b, ...], 'labels': [b], optional 'mask': [b] bool, optional
-  'teacher_logits': [b, C], and any other entries (such as 'index' [b]), which the method
-  receives as `Batch.data`}. `ops` and `reduce_gradients` come from the parallel strategy.
+  `batch` is {'inputs': [b, ...], 'labels': [b], optional 'mask': [b] bool, optional cached
+  teacher outputs ('teacher_logits' [b, C], or 'teacher_topk_logits' / 'teacher_topk_indices'
+  [b, k], and 'teacher_features/<tap>'), and any other entries (such as 'index' [b]), which
+  the method receives as `Batch.data`}. `ops` and `reduce_gradients` come from the parallel strategy.
   With `skip_nonfinite`, a step whose gradients are not finite leaves the state unchanged
   except for the step counter, and reports `skipped_nonfinite` = 1. (optax's own step count,
   which drives the learning-rate schedule, does not advance on a skipped step.)
@@ -50,14 +84,16 @@ def make_train_step(*, student_apply: ApplyFn, teacher_apply: Optional[ApplyFn],
     model_rng, method_rng = jax.random.split(rng)
     labels = batch["labels"]
     where = batch.get("mask", jnp.ones(labels.shape, bool))
+    num_classes = (_num_classes(student_apply, state, batch["inputs"])
+                   if TEACHER_TOPK_LOGITS_KEY in batch else None)
     teacher = teacher_outputs(teacher_apply if method.needs_teacher else None,
-                              teacher_variables, batch)
+                              teacher_variables, batch, num_classes=num_classes)
 
     def loss_fn(params):
       variables = {"params": params["student"], **state.model_state}
       student, new_model_state = student_apply(variables, batch["inputs"], train=True,
                                                rng=model_rng)
-      data = {k: v for k, v in batch.items() if k not in _STEP_KEYS}
+      data = {k: v for k, v in batch.items() if not _is_step_key(k)}
       loss, metrics, new_method_state = method.loss(
           params["method"], state.method_state,
           Batch(student=student, teacher=teacher, labels=labels, where=where, step=state.step,
