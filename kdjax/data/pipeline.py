@@ -117,6 +117,13 @@ class InputPipeline:
   def num_train_examples(self) -> int:
     return self._train.num_examples
 
+  def train_labels(self) -> Optional[np.ndarray]:
+    """Every training example's label [N] (by index) when the split is held in memory; None
+    for splits read record by record (reading them all would decode every input)."""
+    if isinstance(self._train, _RecordArrays):
+      return np.asarray(self._train.arrays[self.spec.label_key])
+    return None
+
   @property
   def num_eval_examples(self) -> int:
     return self._eval.num_examples

@@ -103,6 +103,10 @@ class Method(abc.ABC):
   # The training split's size, for methods with per-example memory (CRD's memory bank); set
   # by `build_method` once the data is open, None where unknown (config validation).
   num_train_examples: Optional[int] = None
+  # The training split's labels [N] for methods that sample by class (CRD's other-class
+  # negatives); set by the run when `needs_train_labels`, from an in-memory dataset.
+  train_labels: Optional[Any] = None
+  needs_train_labels: bool = False
   # The pmap axis name for BatchNorm in method-owned modules (connectors, ABF), as models get
   # it: cross-replica statistics under pmap; None under jit, where the batch is global anyway.
   # Set by the run before `init`.

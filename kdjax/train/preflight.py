@@ -10,6 +10,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kdjax import models as models_lib
 from kdjax.data.catalog import get_dataset_spec
@@ -40,7 +41,10 @@ def check_method_fits_models(config) -> None:
   and one `loss` are traced on the models' abstract outputs."""
   spec = get_dataset_spec(config.dataset)
   # A dataset of unknown size: any size will do for shapes; the run checks the real one.
-  method = build_method(config, num_train_examples=spec.train_examples or 2**31 - 1)
+  num_examples = spec.train_examples or 2**20
+  method = build_method(config, num_train_examples=num_examples)
+  if method.needs_train_labels:  # Any labels of the right size will do for shapes.
+    method.train_labels = np.arange(num_examples) % config.num_classes
   if method.multiple_teachers:  # Logits only: stacked teachers are checked when loaded.
     return
   input_shape = tuple(spec.input_shape)

@@ -51,6 +51,8 @@ def build_run(config: ml_collections.ConfigDict,
       process_count=jax.process_count(), augment=config.augment)
   method = methods_lib.build_method(config, num_train_examples=pipeline.num_train_examples)
   method.batch_norm_axis_name = parallel.batch_norm_axis_name
+  if method.needs_train_labels:
+    method.train_labels = pipeline.train_labels()
 
   student_module = models_lib.get_model(config.student.model, num_classes=config.num_classes,
                                         **model_kwargs(config.student.model, parallel))

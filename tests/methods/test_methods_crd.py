@@ -61,7 +61,7 @@ def crd_batch(seed, b=8, step=0, masked=None):
 def _method(**fields):
   cls = methods.get_method_class("crd")
   config = cls.default_config()
-  config.update(dict(nce_k=K, feat_dim=FEAT, **fields))
+  config.update(dict(dict(nce_k=K, feat_dim=FEAT, negatives="uniform"), **fields))
   method = cls(config)
   method.num_train_examples = NUM_DATA
   return method
@@ -110,8 +110,11 @@ def test_loss_memory_and_z_follow_the_official_contrast_memory():
   assert float(third["z_student"]) == float(new_state["z_student"])
 
 
-def test_simulated_pmap_gives_the_same_loss_and_identical_banks_on_every_replica():
-  method = _method()
+@pytest.mark.parametrize("fields", [{}, {"negatives": "other_class"},
+                                    {"memory": "queue", "queue_size": 20}])
+def test_simulated_pmap_gives_the_same_loss_and_identical_banks_on_every_replica(fields):
+  method = _method(**fields)
+  method.train_labels = np.arange(NUM_DATA) % 3
   masked = np.zeros(8, bool)
   masked[[1, 6]] = True
   batch = crd_batch(2, masked=masked)
@@ -142,3 +145,58 @@ def test_bank_size_and_negatives_are_checked():
   with pytest.raises(ValueError, match=r"config.crd.nce_momentum must be a number in \[0.0, "
                                        r"1.0\)"):
     build("crd", nce_momentum=1.0)
+
+
+def test_other_class_negatives_are_uniform_over_the_other_classes_only():
+  method = _method(negatives="other_class", nce_k=40)
+  train_labels = np.random.default_rng(0).integers(0, 3, NUM_DATA)
+  method.train_labels = train_labels
+  batch = crd_batch(3)
+  labels = jnp.asarray(train_labels[np.asarray(batch.data["index"])], jnp.int32)
+  batch = Batch(batch.student, batch.teacher, labels, batch.where, batch.step, rng=batch.rng,
+                data=batch.data)
+  params, state = method.init(jax.random.PRNGKey(0), batch)
+  loss, _, _ = method.loss(params, state, batch, OPS)
+  assert np.isfinite(loss)
+  for label in range(3):  # 2000 examples of one class, 40 negatives each.
+    rows = jnp.full((2000,), label, jnp.int32)
+    negatives = np.asarray(method._negatives(state, jax.random.PRNGKey(label), rows, rows))
+    assert not np.any(train_labels[negatives] == label)  # Never the example's own class.
+    counts = np.bincount(negatives.ravel(), minlength=NUM_DATA)[train_labels != label]
+    assert counts.min() > 0.85 * counts.mean() and counts.max() < 1.15 * counts.mean()
+  with pytest.raises(ValueError, match=r"negatives='other_class' needs the training labels"):
+    _method(negatives="other_class").init(jax.random.PRNGKey(0), batch)
+
+
+def test_queue_memory_has_a_fixed_size_and_contrasts_against_the_current_other_side():
+  method = _method(memory="queue", queue_size=12, ce_weight=0.0, feature_weight=1.0)
+  method.num_train_examples = 10**9  # The queue does not grow with the dataset.
+  batch = crd_batch(4)
+  params, state = method.init(jax.random.PRNGKey(1), batch)
+  assert state["queue_student"].shape == (12, FEAT) and "memory_student" not in state
+  loss, metrics, new_state = method.loss(params, state, batch, OPS)
+  dense = lambda p, x: np.asarray(x, np.float64) @ np.asarray(p["kernel"]) + np.asarray(p["bias"])
+  v_s = _normalize(dense(params["head_student"], batch.student.features["embedding"]))
+  v_t = _normalize(dense(params["head_teacher"], batch.teacher.features["embedding"]))
+  negatives = np.asarray(jax.random.randint(batch.rng, (8, K), 0, 12))
+  q_s = np.asarray(state["queue_student"], np.float64)
+  q_t = np.asarray(state["queue_teacher"], np.float64)
+  out_v1 = np.exp(np.concatenate([np.sum(v_t * v_s, -1)[:, None],
+                                  np.einsum("bkd,bd->bk", q_t[negatives], v_s)], 1) / 0.07)
+  out_v2 = np.exp(np.concatenate([np.sum(v_s * v_t, -1)[:, None],
+                                  np.einsum("bkd,bd->bk", q_s[negatives], v_t)], 1) / 0.07)
+  expected = (ref_contrast_loss(out_v1 / (out_v1.mean() * 12), 12)
+              + ref_contrast_loss(out_v2 / (out_v2.mean() * 12), 12))
+  np.testing.assert_allclose(metrics["crd"], expected, rtol=2e-4)
+  # The batch's 8 embeddings took slots 0..7; the position wrapped to 8; slots 8..11 kept.
+  np.testing.assert_allclose(new_state["queue_student"][:8], v_s, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(new_state["queue_student"][8:], q_s[8:].astype(np.float32))
+  assert int(new_state["queue_position"]) == 8
+  _, _, third = method.loss(params, new_state, crd_batch(5, step=1), OPS)
+  assert int(third["queue_position"]) == 4  # (8 + 8) mod 12: the oldest entries go first.
+  with pytest.raises(ValueError, match=r"config.crd.nce_k=6 negatives are drawn from a queue "
+                                       r"of config.crd.queue_size=6"):
+    _method(memory="queue", queue_size=6)
+  with pytest.raises(ValueError, match=r"config.crd.memory='ring' is not valid; valid values: "
+                                       r"bank, queue"):
+    _method(memory="ring")
