@@ -109,7 +109,7 @@ def test_sigkill_after_first_checkpoint_then_rerun_gives_identical_summary(
 def test_every_other_method_runs_from_the_quickstart_suite(tmp_path, data_dir):
   """CTKD, TAID, multi-teacher KD, the sequence divergences, SP and PKT through the real
   launcher."""
-  students = ["ctkd", "taid", "multi_teacher_kd", "fkl", "rkl", "jsd", "skew_fkl", "skew_rkl",
+  students = ["ctkd", "taid", "multi_teacher_kd", "meal_v2", "fkl", "rkl", "jsd", "skew_fkl", "skew_rkl",
               "tvd", "sp", "pkt"]
   run_python(SMOKE + [f"--workdir={tmp_path}", f"--config.data_dir={data_dir}",
                       "--config.teacher.extra=cnn1d_small",
