@@ -103,6 +103,9 @@ class Method(abc.ABC):
   # The training split's size, for methods with per-example memory (CRD's memory bank); set
   # by `build_method` once the data is open, None where unknown (config validation).
   num_train_examples: Optional[int] = None
+  # The run's (main) teacher model name, `config.teacher.model`: for methods that read the
+  # teacher's parameters by model (OFD's BatchNorms before ReLUs). Set by `build_method`.
+  teacher_model: Optional[str] = None
   # The training split's labels [N] for methods that sample by class (CRD's other-class
   # negatives); set by the run when `needs_train_labels`, from an in-memory dataset.
   train_labels: Optional[Any] = None

@@ -31,6 +31,8 @@ def build_method(config: ml_collections.ConfigDict, *,
   method_config = config.get(cls.name, cls.default_config())
   method = cls(method_config)
   method.num_train_examples = num_train_examples
+  if "teacher" in config:
+    method.teacher_model = config.teacher.model
   return method
 
 
