@@ -18,6 +18,7 @@ import time
 from absl import flags, logging
 
 from experiments import cli
+from experiments.synthetic_step import build_synthetic_step
 
 flags.DEFINE_string("student", "resnet8x4", "Student model name.")
 flags.DEFINE_string("teacher", "resnet32x4", "Teacher model name.")
@@ -33,58 +34,10 @@ FLAGS = flags.FLAGS
 
 
 def build_jax_step(student_name, teacher_name, num_classes, batch_size, method_name, parallel):
-  """Returns (run(n) -> seconds, student_params, teacher_params)."""
-  import jax
-  import jax.numpy as jnp
-  import ml_collections
-  import numpy as np
-  from kdjax import methods, models
-  from kdjax.methods.base import Batch
-  from kdjax.train import optimizer as optimizer_lib
-  from kdjax.train import parallel as parallel_lib, state as state_lib, step as step_lib
-  from kdjax.train.run_setup import model_kwargs
-
-  parallel = parallel_lib.get_parallel(parallel)
-  parallel_lib.check_batch_divisible(batch_size, parallel.num_devices, "--batch_size")
-  kwargs = lambda name: model_kwargs(name, parallel)
-  student = models.get_model(student_name, num_classes=num_classes, **kwargs(student_name))
-  teacher = models.get_model(teacher_name, num_classes=num_classes, **kwargs(teacher_name))
-  sample = jnp.zeros((2, 32, 32, 3))
-  student_variables = models.init_variables(student, jax.random.key(0), sample)
-  teacher_variables = models.init_variables(teacher, jax.random.key(1), sample)
-  method_class = methods.get_method_class(method_name)
-  method = method_class(method_class.default_config())
-  student_apply, teacher_apply = models.apply_fn(student), models.apply_fn(teacher)
-  s_out, _ = student_apply(student_variables, sample, train=False)
-  t_out, _ = teacher_apply(teacher_variables, sample, train=False)
-  method_params, method_state = method.init(jax.random.key(2), Batch(
-      s_out, t_out, jnp.zeros((2,), jnp.int32), jnp.ones((2,), bool), jnp.zeros((), jnp.int32)))
-  opt_config = ml_collections.ConfigDict(dict(
-      name="sgd", learning_rate=0.05, schedule="constant", warmup_steps=0, weight_decay=5e-4,
-      momentum=0.9, nesterov=False))
-  optimizer = optimizer_lib.build_optimizer(opt_config, 1000)
-  state = parallel.put_replicated(jax.device_get(state_lib.create(
-      student_variables=student_variables, method_params=method_params,
-      method_state=method_state, optimizer=optimizer, rng=jax.random.PRNGKey(0))))
-  teacher_on_device = parallel.put_replicated(jax.device_get(teacher_variables))
-  train_step = parallel.compile_train_step(step_lib.make_train_step(
-      student_apply=student_apply, teacher_apply=teacher_apply, method=method,
-      optimizer=optimizer, reduce_gradients=parallel.reduce_gradients))
-  rng = np.random.default_rng(0)
-  batch = parallel.put_batch({
-      "inputs": rng.normal(size=(batch_size, 32, 32, 3)).astype(np.float32),
-      "labels": rng.integers(0, num_classes, size=(batch_size,)).astype(np.int32)})
-  holder = {"state": state}
-
-  def run(num_steps):
-    start = time.perf_counter()
-    for _ in range(num_steps):
-      holder["state"], metrics = train_step(holder["state"], teacher_on_device, batch)
-    jax.block_until_ready((holder["state"], metrics))
-    return time.perf_counter() - start
-
-  return (run, models.count_params(student_variables["params"]),
-          models.count_params(teacher_variables["params"]), jax)
+  """Returns (run(n) -> seconds, student_params, teacher_params, jax)."""
+  step = build_synthetic_step(student_name, teacher_name, num_classes=num_classes,
+                              batch_size=batch_size, method_name=method_name, parallel=parallel)
+  return step.run, step.student_params, step.teacher_params, step.jax
 
 
 def _check_flags():
