@@ -50,7 +50,9 @@ def test_cifar_resnet_taps_have_documented_shapes():
                              variables)
   shapes = {k: v.shape for k, v in output.features.items()}
   assert shapes == {"stem": (2, 32, 32, 32), "stage1": (2, 32, 32, 64),
-                    "stage2": (2, 16, 16, 128), "stage3": (2, 8, 8, 256), "embedding": (2, 256)}
+                    "stage2": (2, 16, 16, 128), "stage3": (2, 8, 8, 256), "embedding": (2, 256),
+                    "stage1_preact": (2, 32, 32, 64), "stage2_preact": (2, 16, 16, 128),
+                    "stage3_preact": (2, 8, 8, 256)}
 
 
 def test_unknown_model_lists_valid_names():

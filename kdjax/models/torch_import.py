@@ -2,8 +2,8 @@
 
 Published CIFAR-100 teachers (RepDistiller's `.pth` files) are PyTorch `state_dict`s; a model
 family that can import them defines `TORCH_IMPORT = {name: convert}` where
-`convert(weights: TorchWeights) -> variables` builds `{'params': ..., 'batch_stats': ...}` in
-its own Flax names by calling the helpers below with the PyTorch names. `convert_state_dict`
+`convert(builder: VariablesBuilder) -> None` fills `{'params': ..., 'batch_stats': ...}` in
+its own Flax names by calling the builder's helpers with the PyTorch names. `convert_state_dict`
 then checks that every PyTorch tensor was used exactly once and that every array has the
 shape the Flax model expects, so a wrong mapping fails with the names, never silently.
 

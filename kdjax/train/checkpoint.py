@@ -255,3 +255,40 @@ def _check_same_structure(found, expected, context: str, *, shapes=None):
       details.append("shape " + ", ".join(f"{p}: checkpoint {a} vs model {b}"
                                           for p, a, b in wrong[:3]))
     raise CheckpointError(f"{context}: " + "; ".join(details) + ".")
+
+
+def save_model_variables(directory: str, variables: Any, *, model_name: str) -> str:
+  """Writes a model's variables as a checkpoint that `load_model_variables` reads.
+
+  The layout is a kdjax run's `checkpoints/` directory (one step, 0, holding the state items
+  the loader reads: `params/student` and `model_state`; metadata naming the model), so that
+  `config.teacher.checkpoint=directory` works for weights from elsewhere, such as a PyTorch
+  teacher converted by `experiments/import_teacher.py`.
+
+  Args:
+    directory: where to write; relative or `~` paths are resolved. Must be new or empty (an
+      import never overwrites a trained model).
+    variables: `{'params': ..., **model_state}` (e.g. `batch_stats`), arrays or numpy.
+    model_name: the kdjax model name, checked by the loader against `config.teacher.model`.
+
+  Returns:
+    The resolved directory.
+  """
+  directory = paths.resolve(directory)
+  if "params" not in variables:
+    raise ValueError(f"save_model_variables: variables must have a 'params' collection; got "
+                     f"{sorted(variables)}.")
+  if os.path.isdir(directory) and os.listdir(directory):
+    raise CheckpointError(f"{directory!r} is not empty; save_model_variables writes into a new "
+                          "or empty directory only.")
+  state = {"params": {"student": jax.device_get(variables["params"])}}
+  model_state = {name: jax.device_get(value) for name, value in variables.items()
+                 if name != "params"}
+  if model_state:  # Orbax stores no empty subtree; the loader defaults a missing one to {}.
+    state["model_state"] = model_state
+  checkpointer = Checkpointer(directory, max_to_keep=1)
+  try:
+    checkpointer.save(0, state, {"model": model_name})
+  finally:
+    checkpointer.close()
+  return directory
