@@ -218,3 +218,19 @@ def test_a_topk_cache_trains_kd_as_sparse_kd_and_feature_taps_come_from_the_cach
   with pytest.raises(ConfigError, match=r"method 'at' needs the teacher taps \['stage1', "):
     check_teacher_cache(at_class(at_class.default_config()), topk=None, num_classes=10,
                         feature_taps=["embedding"])
+
+
+def test_several_teachers_carry_every_teachers_features():
+  from kdjax.train.teachers import ensemble_apply_fn
+  inputs = jnp.ones((3, 40))
+  teachers = [models.get_model(name, num_classes=10) for name in ("mlp", "cnn1d")]
+  variables = [models.init_variables(m, jax.random.key(i), inputs)
+               for i, m in enumerate(teachers)]
+  output, _ = ensemble_apply_fn([models.apply_fn(m) for m in teachers])(
+      variables, inputs, train=False)
+  assert output.logits.shape == (2, 3, 10)
+  second = models.apply_fn(teachers[1])(variables[1], inputs, train=False)[0]
+  np.testing.assert_array_equal(output.features["teacher1/stage2"], second.features["stage2"])
+  assert output.features["teacher0/hidden1"].shape == (3, 100)
+  np.testing.assert_array_equal(output.features["embedding"],
+                                output.features["teacher0/embedding"])

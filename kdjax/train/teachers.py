@@ -67,11 +67,16 @@ def load_teachers(config, method, checkpoint_dirs: Sequence[str], sample_inputs,
 
 
 def ensemble_apply_fn(apply_fns):
-  """One apply function for several teachers: logits stacked as [N, *logits.shape], the
-  features of the first teacher. `variables` is the list of the teachers' variables."""
+  """One apply function for several teachers: logits stacked as [N, *logits.shape]; the
+  features of every teacher, as `'teacher<i>/<tap>'` (i = 0..N-1: teachers' taps may differ in
+  shape, so they are not stacked), and the first teacher's also under their plain names.
+  `variables` is the list of the teachers' variables."""
 
   def apply(variables, inputs, *, train: bool, rng: Optional[jax.Array] = None):
     outputs = [fn(v, inputs, train=train, rng=rng)[0] for fn, v in zip(apply_fns, variables)]
-    return Output(jnp.stack([o.logits for o in outputs]), outputs[0].features), {}
+    features = dict(outputs[0].features)
+    for i, output in enumerate(outputs):
+      features.update({f"teacher{i}/{tap}": value for tap, value in output.features.items()})
+    return Output(jnp.stack([o.logits for o in outputs]), features), {}
 
   return apply
