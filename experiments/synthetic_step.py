@@ -29,7 +29,8 @@ class SyntheticStep:
 
 def build_synthetic_step(student_name: str, teacher_name: str, *, num_classes: int,
                          batch_size: int, method_name: str, parallel: str = "jit",
-                         method_config: Optional[Any] = None, seed: int = 0) -> SyntheticStep:
+                         method_config: Optional[Any] = None, seed: int = 0,
+                         learning_rate: float = 0.05) -> SyntheticStep:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
@@ -65,7 +66,7 @@ def build_synthetic_step(student_name: str, teacher_name: str, *, num_classes: i
       rng=jax.random.key(seed + 3), data={"index": jnp.arange(2, dtype=jnp.int32)},
       teacher_variables=teacher_variables))
   opt_config = ml_collections.ConfigDict(dict(
-      name="sgd", learning_rate=0.05, schedule="constant", warmup_steps=0, weight_decay=5e-4,
+      name="sgd", learning_rate=learning_rate, schedule="constant", warmup_steps=0, weight_decay=5e-4,
       momentum=0.9, nesterov=False))
   optimizer = optimizer_lib.build_optimizer(opt_config, 1000)
   state = parallel.put_replicated(jax.device_get(state_lib.create(

@@ -1,19 +1,25 @@
 """Pure-JAX distillation losses: `from kdjax import losses`.
 
 Every function is pure and unreduced (per-example / per-token values of shape
-`logits.shape[:-1]`, `[B]` for the feature losses `fitnet` and `attention_transfer`, or a
-scalar for the batch-relational `dist`, `similarity_preserving`, `rkd_distance`,
-`rkd_angle` and `pkt`), takes
-`(student, teacher, ...)` in that order, keyword-only hyper-parameters and an
+`logits.shape[:-1]`; `[B]` for the feature losses `fitnet`, `attention_transfer`, `nst`,
+`vid`, `ofd`, `hcl`, `nd`, `cat_kd` and the attention-relation losses `minilm_*`; a scalar for the batch-relational `dist`,
+`similarity_preserving`, `rkd_distance`, `rkd_angle`, `pkt` and `correlation_congruence`),
+takes `(student, teacher, ...)` in that order, keyword-only hyper-parameters and an
 optional `where` mask. Only `jax` is imported: no Flax, no global state.
 """
 
+from kdjax.losses.attention import minilm_relation
+from kdjax.losses.attention import minilm_v1
+from kdjax.losses.attention import minilm_v2
 from kdjax.losses.chunked import chunked
 from kdjax.losses.chunked import chunked_forward_kl
 from kdjax.losses.chunked import chunked_kd
+from kdjax.losses.class_attention import cat_kd
 from kdjax.losses.contrastive import crd_nce
 from kdjax.losses.feature import attention_transfer
 from kdjax.losses.feature import fitnet
+from kdjax.losses.kernel import correlation_congruence
+from kdjax.losses.kernel import nst
 from kdjax.losses.logit import dkd
 from kdjax.losses.logit import forward_kl
 from kdjax.losses.logit import generalized_jsd
@@ -27,26 +33,41 @@ from kdjax.losses.logit import sparse_kd
 from kdjax.losses.logit import standardize_logits
 from kdjax.losses.logit import taid
 from kdjax.losses.logit import total_variation
+from kdjax.losses.norm_direction import nd
+from kdjax.losses.overhaul import ofd
+from kdjax.losses.overhaul import ofd_margin
 from kdjax.losses.relational import dist
 from kdjax.losses.relational import pkt
 from kdjax.losses.relational import rkd_angle
 from kdjax.losses.relational import rkd_distance
 from kdjax.losses.relational import similarity_preserving
+from kdjax.losses.review import hcl
+from kdjax.losses.variational import vid
 
 __all__ = (
     "attention_transfer",
+    "cat_kd",
     "chunked",
     "chunked_forward_kl",
     "chunked_kd",
+    "correlation_congruence",
     "crd_nce",
     "dist",
     "dkd",
     "fitnet",
     "forward_kl",
     "generalized_jsd",
+    "hcl",
     "kd",
+    "minilm_relation",
+    "minilm_v1",
+    "minilm_v2",
     "multi_teacher_kd",
+    "nd",
     "nkd",
+    "nst",
+    "ofd",
+    "ofd_margin",
     "pkt",
     "reverse_kl",
     "rkd_angle",
@@ -58,4 +79,5 @@ __all__ = (
     "standardize_logits",
     "taid",
     "total_variation",
+    "vid",
 )

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from kdjax import losses
-from kdjax.losses.ofd import ofd, ofd_margin
+from kdjax.losses.overhaul import ofd, ofd_margin
 from kdjax.methods import base, feature
 
 _PREACT_TAPS = "stage1_preact,stage2_preact,stage3_preact"

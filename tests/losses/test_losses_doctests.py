@@ -11,6 +11,13 @@ MODULES = [
     "kdjax.losses.feature",
     "kdjax.losses.relational",
     "kdjax.losses.chunked",
+    "kdjax.losses.kernel",
+    "kdjax.losses.variational",
+    "kdjax.losses.norm_direction",
+    "kdjax.losses.class_attention",
+    "kdjax.losses.overhaul",
+    "kdjax.losses.review",
+    "kdjax.losses.attention",
 ]
 
 
