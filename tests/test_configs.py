@@ -11,8 +11,10 @@ from conftest import REPO
 from kdjax.train import validate_config
 from kdjax.train import optimizer as optimizer_lib
 
-CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
-                 if not os.path.basename(p).startswith(("_", "common")))
+CONFIGS = sorted(
+    os.path.relpath(p, os.path.join(REPO, "configs"))[:-3].replace(os.sep, ".")
+    for p in glob.glob(os.path.join(REPO, "configs", "**", "*.py"), recursive=True)
+    if not os.path.basename(p).startswith(("_", "common", "protocol")))
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -112,3 +114,30 @@ def test_cifar100_recipe_arguments_fail_naming_what_is_allowed():
   with pytest.raises(ValueError, match=r"the anchors' teachers: resnet56, resnet110"):
     teacher.get_config("model=resnet8")
   assert distill.get_config("epochs=2").num_steps == 2 * 781
+
+
+# megvii-research/mdistiller@a08d46f configs/imagenet/r34_r18/{kd,dkd,crd}.yaml.
+MDISTILLER_IMAGENET = {
+    "kd": dict(BATCH_SIZE=512, LR=0.2, fields=dict(temperature=1, ce_weight=0.5, kd_weight=0.5)),
+    "dkd": dict(BATCH_SIZE=512, LR=0.2, fields=dict(ce_weight=1.0, beta=0.5, temperature=1.0)),
+    "crd": dict(BATCH_SIZE=256, LR=0.1, fields=dict(ce_weight=1.0, feature_weight=0.8,
+                                                    nce_k=16384, nce_momentum=0.5, nce_t=0.07)),
+}
+
+
+@pytest.mark.parametrize("method", sorted(MDISTILLER_IMAGENET))
+def test_imagenet_recipe_equals_the_anchor_configs(method):
+  from configs.imagenet import resnet34_resnet18 as recipe
+  anchor = MDISTILLER_IMAGENET[method]
+  config = recipe.get_config(f"method={method}")
+  steps_per_epoch = 1_281_167 // anchor["BATCH_SIZE"]
+  assert config.global_batch_size == anchor["BATCH_SIZE"]
+  assert config.optimizer.learning_rate == anchor["LR"]
+  assert config.num_steps == 100 * steps_per_epoch
+  assert list(config.optimizer.decay_steps) == [e * steps_per_epoch for e in (30, 60, 90)]
+  assert (config.optimizer.weight_decay, config.optimizer.momentum) == (1e-4, 0.9)
+  for field, value in anchor["fields"].items():
+    assert config[method][field] == value, field
+  assert config.dkd.warmup_steps == steps_per_epoch  # WARMUP: 1 (epoch).
+  assert (config.student.model, config.teacher.model) == ("resnet18", "resnet34")
+  validate_config(config, num_devices=1)
