@@ -12,6 +12,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.num_classes = 10
   config.data_dir = ""  # Empty: $KDJAX_DATA_DIR, $TFDS_DATA_DIR or ~/tensorflow_datasets.
   config.seed = 0
+  config.validation_examples = 0  # Held out of the training split for model selection.
   config.augment = True  # The dataset's training augmentation (see kdjax/data/catalog.py).
 
   config.parallel = "jit"  # jit (mesh + NamedSharding) | pmap

@@ -63,6 +63,27 @@ def test_eval_batches_cover_the_split_once_with_padding_masked(data_dir):
   assert len(np.unique(kept, axis=0)) == 1000
 
 
+def test_a_held_out_validation_set_is_fixed_and_never_trained_on(data_dir):
+  pipelines = [data.InputPipeline("mnist1d", global_batch_size=100, seed=seed,
+                                  data_dir=data_dir, validation_examples=400) for seed in (0, 1)]
+  trained = np.concatenate([pipelines[0].train_batch(step)["index"] for step in range(36)])
+  assert len(np.unique(trained)) == 3600  # One epoch of the 3600 kept examples.
+  held_out = np.setdiff1d(np.arange(4000), trained)
+  assert len(held_out) == 400
+  for pipeline in pipelines:  # The same 400 examples whatever the seed.
+    batches = list(pipeline.eval_batches(300, split="validation"))
+    assert sum(int(b["mask"].sum()) for b in batches) == 400
+  whole = data.InputPipeline("mnist1d", global_batch_size=100, seed=0, data_dir=data_dir,
+                             augment=False)
+  rows = np.concatenate([b["inputs"][b["mask"]] for b in
+                         pipelines[1].eval_batches(300, split="validation")])
+  reference = np.concatenate([whole._train.gather(held_out)["signal"]])  # Unaugmented rows.
+  np.testing.assert_array_equal(rows, reference)
+  with pytest.raises(ValueError, match=r"validation_examples=4000 must be in \[0, 4000\)"):
+    data.InputPipeline("mnist1d", global_batch_size=100, seed=0, data_dir=data_dir,
+                       validation_examples=4000)
+
+
 def test_augmentation_changes_inputs_but_not_labels(data_dir):
   plain = data.InputPipeline("mnist1d", global_batch_size=32, seed=0, data_dir=data_dir,
                              augment=False).train_batch(2)

@@ -1,6 +1,7 @@
 """The pure train step: teacher handling, cached teacher outputs, optimizer state contents."""
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -97,9 +98,16 @@ def test_train_and_eval_steps_compile_once_per_run(monkeypatch, tmp_path, data_d
   teacher = loop.train_and_evaluate(_as_scratch(config), str(tmp_path / "t"))
   assert teacher["steps"] == 40
   chex.clear_trace_counter()  # Counted per function definition: the next run starts at 0.
+  config.validation_examples = 500  # Model selection on examples held out of training.
   summary = loop.train_and_evaluate(config, str(tmp_path / "s"),
                                     teacher_checkpoints=[str(tmp_path / "t" / "checkpoints")])
   assert np.isfinite(summary["final_train_loss"])
+  lines = [json.loads(l) for l in open(tmp_path / "s" / "metrics.jsonl")]
+  validation = [l for l in lines if l["split"] == "validation"]
+  assert [l["step"] for l in validation] == [20, 40]  # Every eval_every_steps, and the end.
+  assert [l["step"] for l in lines if l["split"] == "eval"] == [40]  # The test split: once.
+  assert summary["best_validation_accuracy"] == max(l["accuracy"] for l in validation)
+  assert summary["best_validation_step"] in (20, 40) and "best_eval_accuracy" not in summary
 
 
 def _as_scratch(config):

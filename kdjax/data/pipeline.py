@@ -44,6 +44,9 @@ class _RecordReader:
             np.stack([np.asarray(r[k]) for r in records]) for k in self.keys}
 
 
+_VALIDATION_SEED = 20_260_127  # Fixes which training examples a held-out validation set takes.
+
+
 class InvalidLabelsError(ValueError):
   """A dataset's labels do not fit its number of classes."""
 
@@ -97,7 +100,8 @@ class InputPipeline:
 
   def __init__(self, dataset: str, *, global_batch_size: int, seed: int,
                data_dir: Optional[str] = None, process_index: int = 0, process_count: int = 1,
-               in_memory: Optional[bool] = None, augment: bool = True):
+               in_memory: Optional[bool] = None, augment: bool = True,
+               validation_examples: int = 0):
     if global_batch_size % process_count:
       raise ValueError(f"global_batch_size={global_batch_size} is not divisible by the process "
                        f"count {process_count}.")
@@ -109,12 +113,22 @@ class InputPipeline:
     self.augment = augment
     self._train = _reader(self.spec, self.spec.train_split, data_dir, in_memory)
     self._eval = _reader(self.spec, self.spec.eval_split, data_dir, in_memory)
+    total = self._train.num_examples
+    if not 0 <= validation_examples < total:
+      raise ValueError(f"validation_examples={validation_examples} must be in [0, {total}) (the "
+                       f"training split of {self.spec.tfds_name!r} has {total} examples).")
+    # A held-out validation set carved from the training split for model selection: the same
+    # examples whatever the run's seed (a fixed permutation), never trained on.
+    carve = np.random.default_rng(_VALIDATION_SEED).permutation(total)
+    self._train_indices = np.sort(carve[:total - validation_examples])
+    self._validation_indices = np.sort(carve[total - validation_examples:])
     # Infinite stream of example indices, reshuffled every epoch.
-    self._order = (grain.MapDataset.range(self._train.num_examples)
+    self._order = (grain.MapDataset.range(len(self._train_indices))
                    .shuffle(seed=seed).repeat(None))
 
   @property
   def num_train_examples(self) -> int:
+    """The training split's size: the range of `index`, held-out validation examples included."""
     return self._train.num_examples
 
   def train_labels(self) -> Optional[np.ndarray]:
@@ -137,7 +151,8 @@ class InputPipeline:
   def train_batch(self, step: int) -> dict:
     """This process's rows of global training batch `step`."""
     start = step * self.global_batch_size + self.process_index * self.local_batch_size
-    indices = np.array([self._order[start + i] for i in range(self.local_batch_size)])
+    indices = self._train_indices[
+        np.array([self._order[start + i] for i in range(self.local_batch_size)])]
     # One generator per global batch: an example's augmentation is the same however the
     # batch is split over processes.
     rng = np.random.default_rng([self.seed, step]) if self.augment else None
@@ -146,16 +161,28 @@ class InputPipeline:
     batch["index"] = indices.astype(np.int32)  # For per-example method state (Batch.data).
     return batch
 
-  def eval_batches(self, global_batch_size: Optional[int] = None) -> Iterator[dict]:
-    """The whole eval split once, in order, last batch padded (mask False on padding)."""
+  @property
+  def num_validation_examples(self) -> int:
+    return len(self._validation_indices)
+
+  def eval_batches(self, global_batch_size: Optional[int] = None, *,
+                   split: str = "eval") -> Iterator[dict]:
+    """The whole eval split (or, with `split='validation'`, the held-out validation examples
+    of the training split) once, in order, last batch padded (mask False on padding)."""
     global_batch_size = global_batch_size or self.global_batch_size
     process_count = self.global_batch_size // self.local_batch_size
     local = global_batch_size // process_count
-    total = self._eval.num_examples
+    if split == "validation":
+      reader, rows = self._train, self._validation_indices
+    elif split == "eval":
+      reader, rows = self._eval, np.arange(self._eval.num_examples)
+    else:
+      raise ValueError(f"split={split!r}: 'eval' or 'validation'.")
+    total = len(rows)
     for begin in range(0, total, global_batch_size):
       positions = begin + self.process_index * local + np.arange(local)
       mask = positions < total
-      raw = self._eval.gather(np.where(mask, positions, 0))
+      raw = reader.gather(rows[np.where(mask, positions, 0)])
       batch = self._prepare(raw, None)
       batch["mask"] = mask
       yield batch

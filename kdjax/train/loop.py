@@ -157,10 +157,16 @@ class _Run:
                            dict(self.identity, window=self.metrics.window,
                                 skipped_steps=self.metrics.skipped_steps))
 
-  def evaluate(self) -> dict:
-    """Every eval metric's average over the whole eval split."""
+  @property
+  def selection_split(self) -> str:
+    """Where periodic evaluations (and the best step) are measured: the held-out validation
+    examples when `config.validation_examples` > 0, else the eval split."""
+    return "validation" if self.config.validation_examples else "eval"
+
+  def evaluate(self, split: str = "eval") -> dict:
+    """Every eval metric's average over the whole eval (or validation) split."""
     parallel, totals = self.parts.parallel, {}
-    for batch in self.parts.pipeline.eval_batches(self.config.eval_batch_size):
+    for batch in self.parts.pipeline.eval_batches(self.config.eval_batch_size, split=split):
       sums = self.eval_step(self.state, self.teacher_variables, parallel.put_batch(batch))
       for k, v in parallel_lib.metrics_to_host(parallel, sums).items():
         totals[k] = totals.get(k, 0.0) + v
@@ -217,7 +223,7 @@ class _Run:
                 f"[{self.name}] received {stop.received or 'a stop signal on another host'}: "
                 f"checkpoint written at step {done}; rerun the same command to continue.")
         if done % c.eval_every_steps == 0 and done != c.num_steps:
-          self.writer.write(done, "eval", self.evaluate())
+          self.writer.write(done, self.selection_split, self.evaluate(self.selection_split))
           throughput.exclude_since_mark()  # Evaluation is not training throughput.
         if is_checkpoint and not stopping:
           self.save(done)
@@ -230,14 +236,20 @@ class _Run:
       last_train_scalars = _last_logged(self.writer.path)
     final_eval = self.evaluate()
     self.writer.write(c.num_steps, "eval", final_eval)
+    split = self.selection_split
+    final_selection = final_eval if split == "eval" else self.evaluate(split)
+    if split != "eval":
+      self.writer.write(c.num_steps, split, final_selection)
     # Only process 0 writes metrics.jsonl; elsewhere the final evaluation stands alone.
     best_step, best_accuracy = best_eval(
         (metrics_lib.read_metrics(self.run_dir) if self.is_writer else []) +
-        [dict(final_eval, split="eval", step=c.num_steps)])
+        [dict(final_selection, split=split, step=c.num_steps)], split=split)
     summary = {
         "eval_accuracy": final_eval["accuracy"],  # Last step's (the run's result).
-        "best_eval_accuracy": best_accuracy,  # Over every evaluation (mdistiller's tables).
-        "best_eval_step": best_step,
+        # Over every evaluation: mdistiller's tables report the best test epoch; with a
+        # held-out validation set, the step it selects (and its validation accuracy).
+        f"best_{split}_accuracy": best_accuracy,
+        f"best_{split}_step": best_step,
         "eval_cross_entropy": final_eval["cross_entropy"],
         "final_train_loss": last_train_scalars["loss"],
         "steps": int(c.num_steps),
@@ -261,10 +273,11 @@ class _Run:
     self.checkpointer.close()
 
 
-def best_eval(lines) -> tuple:
-  """(step, accuracy) of the best evaluation among metrics.jsonl lines (the earliest on
-  ties); lines after a resumed checkpoint were dropped, so a resumed run counts each step once."""
-  evals = [l for l in lines if l["split"] == "eval"]
+def best_eval(lines, split: str = "eval") -> tuple:
+  """(step, accuracy) of the best evaluation of `split` among metrics.jsonl lines (the
+  earliest on ties); lines after a resumed checkpoint were dropped, so a resumed run counts
+  each step once."""
+  evals = [l for l in lines if l["split"] == split]
   best = max(evals, key=lambda l: (l["accuracy"], -l["step"]))
   return int(best["step"]), float(best["accuracy"])
 

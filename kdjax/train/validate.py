@@ -50,6 +50,8 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
   for field in ("global_batch_size", "eval_batch_size", "num_steps", "log_every_steps",
                 "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
     _positive_int(config, field)
+  validation.require(config.validation_examples, validation.NON_NEGATIVE_INT,
+                     "config.validation_examples")
   validation.require(config.optimizer.learning_rate, validation.POSITIVE,
                      "config.optimizer.learning_rate")
   validation.require(config.optimizer.weight_decay, validation.NON_NEGATIVE,
@@ -72,6 +74,10 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
           f"config.{field}={name!r} takes {model_input_kind(name)} inputs but dataset "
           f"{config.dataset!r} has {dataset.input_kind} inputs; models for it: "
           f"{', '.join(compatible)}.")
+  if dataset.train_examples and config.validation_examples >= dataset.train_examples:
+    raise ConfigError(f"config.validation_examples={config.validation_examples} must be smaller "
+                      f"than the training split of {config.dataset!r} "
+                      f"({dataset.train_examples} examples).")
   if config.num_classes != dataset.num_classes:
     raise ConfigError(f"config.num_classes={config.num_classes} but dataset "
                       f"{config.dataset!r} has {dataset.num_classes} classes.")
