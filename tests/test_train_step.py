@@ -242,3 +242,51 @@ def test_several_teachers_carry_every_teachers_features():
   assert output.features["teacher0/hidden1"].shape == (3, 100)
   np.testing.assert_array_equal(output.features["embedding"],
                                 output.features["teacher0/embedding"])
+
+
+class _HalfwayTeacher(methods.Method):
+  """A self-teacher kept in method state, moved halfway to the student after every step: the
+  hooks an EMA teacher uses (teacher variables from state, update after the optimizer step)."""
+  name = "halfway_teacher"
+  needs_teacher = False
+  self_teacher = True
+
+  def init(self, rng, sample):
+    return {}, {"teacher": sample.student_variables}
+
+  def teacher_variables_from_state(self, state):
+    return state["teacher"]
+
+  def update_after_step(self, state, student_variables, step):
+    return {"teacher": jax.tree.map(lambda t, s: 0.5 * t + 0.5 * s, state["teacher"],
+                                    student_variables)}
+
+  def loss(self, params, state, batch, ops):
+    from kdjax import losses
+    kd = ops.mean(losses.kd(batch.student.logits, batch.teacher.logits), batch.where)
+    return kd, {"kd": kd, "teacher_logit_sum": jnp.sum(batch.teacher.logits)}, state
+
+
+def test_a_self_teacher_runs_from_method_state_and_moves_after_the_step():
+  student, _, _, _, optimizer, _, batch = _setup()
+  apply = models.apply_fn(student)
+  initial = models.init_variables(student, jax.random.key(1), batch["inputs"])
+  teacher = jax.tree.map(lambda x: x * 0.5, initial)  # Not the student: KD is non-zero.
+  method = _HalfwayTeacher(_HalfwayTeacher.default_config())
+  train_state = state_lib.create(student_variables=initial, method_params={},
+                                 method_state={"teacher": teacher}, optimizer=optimizer,
+                                 rng=jax.random.PRNGKey(0))
+  step = step_lib.make_train_step(student_apply=apply, teacher_apply=None, method=method,
+                                  optimizer=optimizer)
+  new_state, metrics = jax.jit(lambda s, b: step(s, None, b, methods.single_device_ops()))(
+      train_state, batch)
+  expected_logits = apply(teacher, batch["inputs"], train=False)[0].logits
+  np.testing.assert_allclose(metrics["teacher_logit_sum"], jnp.sum(expected_logits), rtol=1e-5)
+  assert metrics["kd"] > 0
+  new_student = state_lib.student_variables(new_state)
+  jax.tree.map(lambda t, old, s: np.testing.assert_allclose(t, 0.5 * old + 0.5 * s, rtol=1e-6),
+               new_state.method_state["teacher"], teacher, new_student)
+  sums = step_lib.make_eval_step(student_apply=apply, teacher_apply=None,
+                                 self_teacher=method.teacher_variables_from_state)(
+                                     new_state, None, dict(batch, mask=np.ones(8, bool)))
+  assert "teacher_agreement" in sums

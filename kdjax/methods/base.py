@@ -55,6 +55,8 @@ class Batch:
   data: the rest of the input batch: 'index' [b] int32, each example's position in the
     training split (for memory banks and per-example histories), and whatever else a
     pipeline adds.
+  student_variables: at `init` only, the student's initial variables (EMA/DINO teachers start
+    as a copy); None in the loss.
   teacher_variables: the teacher's variables under stop_gradient (a list for
     `multiple_teachers`), for methods whose loss reads the teacher's parameters (OFD's margins
     from the teacher's BatchNorm statistics); None without a teacher.
@@ -67,6 +69,9 @@ class Batch:
   rng: Optional[jax.Array] = None
   data: Dict[str, jax.Array] = dataclasses.field(default_factory=dict)
   teacher_variables: Any = None
+  # At `init` only: the student's initial variables ({'params', **model_state}), for a teacher
+  # that starts as a copy of the student (EMA, DINO). None in the loss.
+  student_variables: Any = None
 
 
 Metrics = Dict[str, jax.Array]
@@ -126,6 +131,22 @@ class Method(abc.ABC):
     """Returns (trainable params, non-trainable state); both empty by default."""
     del rng, sample
     return {}, {}
+
+  # True for methods whose teacher is the student's own apply function on variables kept in
+  # method state (EMA, DINO): the step runs it, in eval mode without gradient, on
+  # `teacher_variables_from_state(state)`, and no teacher checkpoint is loaded.
+  self_teacher: ClassVar[bool] = False
+
+  def teacher_variables_from_state(self, state: Any) -> Any:
+    """The self-teacher's variables ({'params', **model_state}) held in method state."""
+    raise NotImplementedError(f"{self.name} sets self_teacher but does not say where its "
+                              "teacher's variables are.")
+
+  def update_after_step(self, state: Any, student_variables: Any, step: jax.Array) -> Any:
+    """The method state after the optimizer step, given the student's new variables (an EMA
+    teacher moves towards them here). Runs inside the jitted step; identity by default."""
+    del student_variables, step
+    return state
 
   def eval_metrics(self) -> Sequence[Callable]:
     """Metrics evaluated beside the task's (see `eval_metrics.EvalMetric`): a method with

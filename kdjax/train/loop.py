@@ -128,7 +128,9 @@ class _Run:
     self.eval_step = parallel.compile_eval_step(step_lib.make_eval_step(
         student_apply=parts.student_apply,
         teacher_apply=parts.teacher_apply if parts.method.needs_teacher else None,
-        metrics=tuple(eval_metrics.CLASSIFICATION_METRICS) + tuple(parts.method.eval_metrics())))
+        metrics=tuple(eval_metrics.CLASSIFICATION_METRICS) + tuple(parts.method.eval_metrics()),
+        self_teacher=(parts.method.teacher_variables_from_state
+                      if parts.method.self_teacher else None)))
 
   def _restore(self):
     """The newest good checkpoint's state and metrics window, or the initial state."""

@@ -6,6 +6,7 @@ a student/teacher pair of shapes a method cannot compare, fails as a ConfigError
 field, both shapes and what would fix it, before the suite's first run starts.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -48,23 +49,29 @@ def check_method_fits_models(config) -> None:
   if method.multiple_teachers:  # Logits only: stacked teachers are checked when loaded.
     return
   input_shape = tuple(spec.input_shape)
-  _, student = abstract_model(config.student.model, config.num_classes, input_shape)
-  teacher_variables, teacher = (
-      abstract_model(teacher_specs(config)[0].model, config.num_classes, input_shape)
-      if method.needs_teacher else (None, None))
+  student_variables, student = abstract_model(config.student.model, config.num_classes,
+                                              input_shape)
+  if method.self_teacher:  # The student's own apply, on variables from the method state.
+    teacher_variables, teacher = student_variables, student
+  elif method.needs_teacher:
+    teacher_variables, teacher = abstract_model(teacher_specs(config)[0].model,
+                                                config.num_classes, input_shape)
+  else:
+    teacher_variables, teacher = None, None
 
-  def init_and_loss(student, teacher, teacher_variables):
+  def init_and_loss(student, teacher, teacher_variables, student_variables):
     sample = Batch(student=student, teacher=teacher,
                    labels=jnp.zeros((_SAMPLE_BATCH,), jnp.int32),
                    where=jnp.ones((_SAMPLE_BATCH,), bool), step=jnp.zeros((), jnp.int32),
                    rng=jax.random.PRNGKey(0),
                    data={"index": jnp.zeros((_SAMPLE_BATCH,), jnp.int32)},
                    teacher_variables=teacher_variables)
-    params, state = method.init(jax.random.PRNGKey(0), sample)
+    params, state = method.init(jax.random.PRNGKey(0),
+                                dataclasses.replace(sample, student_variables=student_variables))
     return method.loss(params, state, sample, single_device_ops())
 
   try:
-    jax.eval_shape(init_and_loss, student, teacher, teacher_variables)
+    jax.eval_shape(init_and_loss, student, teacher, teacher_variables, student_variables)
   except ValueError as error:
     raise ConfigError(f"{error} (student {config.student.model!r}, teacher "
                       f"{teacher_specs(config)[0].model!r})") from None

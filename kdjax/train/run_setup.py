@@ -74,7 +74,7 @@ def build_run(config: ml_collections.ConfigDict,
   method_params, method_state = method.init(method_rng, Batch(
       student=student_sample, teacher=teacher_sample, labels=np.zeros((2,), np.int32),
       where=np.ones((2,), bool), step=jnp.zeros((), jnp.int32),
-      teacher_variables=teacher_variables))
+      teacher_variables=teacher_variables, student_variables=student_variables))
   optimizer = optimizer_lib.build_optimizer(config.optimizer, config.num_steps)
   initial_state = jax.device_get(state_lib.create(
       student_variables=student_variables, method_params=method_params,

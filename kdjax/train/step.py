@@ -86,8 +86,12 @@ def make_train_step(*, student_apply: ApplyFn, teacher_apply: Optional[ApplyFn],
     where = batch.get("mask", jnp.ones(labels.shape, bool))
     num_classes = (_num_classes(student_apply, state, batch["inputs"])
                    if TEACHER_TOPK_LOGITS_KEY in batch else None)
-    teacher = teacher_outputs(teacher_apply if method.needs_teacher else None,
-                              teacher_variables, batch, num_classes=num_classes)
+    if method.self_teacher:  # The student's apply on variables the method keeps (EMA, DINO).
+      teacher_variables = method.teacher_variables_from_state(state.method_state)
+      teacher = teacher_outputs(student_apply, teacher_variables, batch)
+    else:
+      teacher = teacher_outputs(teacher_apply if method.needs_teacher else None,
+                                teacher_variables, batch, num_classes=num_classes)
 
     def loss_fn(params):
       variables = {"params": params["student"], **state.model_state}
@@ -108,9 +112,12 @@ def make_train_step(*, student_apply: ApplyFn, teacher_apply: Optional[ApplyFn],
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.global_norm(grads)
+    model_state = {**state.model_state, **new_model_state}
+    new_method_state = method.update_after_step(
+        new_method_state, {"params": params["student"], **model_state}, state.step)
     new_state = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state,
-        model_state={**state.model_state, **new_model_state}, method_state=new_method_state)
+        model_state=model_state, method_state=new_method_state)
     metrics = dict(metrics, grad_norm=grad_norm)
     if skip_nonfinite:
       # Decided on the gradients, which are already reduced over devices, so every replica
@@ -125,18 +132,25 @@ def make_train_step(*, student_apply: ApplyFn, teacher_apply: Optional[ApplyFn],
 
 
 def make_eval_step(*, student_apply: ApplyFn, teacher_apply: Optional[ApplyFn],
-                   metrics: Sequence[EvalMetric] = CLASSIFICATION_METRICS) -> Callable:
+                   metrics: Sequence[EvalMetric] = CLASSIFICATION_METRICS,
+                   self_teacher: Optional[Callable] = None) -> Callable:
   """Builds `eval_step(state, teacher_variables, batch) -> sums`.
 
   Returns `{'count': unmasked rows, **each metric's sums}` for one batch (the caller adds them
-  up and divides by the count). With a teacher, `TEACHER_METRICS` run as well.
+  up and divides by the count). With a teacher, `TEACHER_METRICS` run as well. `self_teacher`
+  (a method's `teacher_variables_from_state`) makes the teacher the student's apply function
+  on variables from the method state.
   """
-  metrics = tuple(metrics) + (TEACHER_METRICS if teacher_apply is not None else ())
+  has_teacher = teacher_apply is not None or self_teacher is not None
+  metrics = tuple(metrics) + (TEACHER_METRICS if has_teacher else ())
 
   def eval_step(state: TrainState, teacher_variables, batch: dict):
     where = batch["mask"].astype(jnp.float32)
     student, _ = student_apply(student_variables(state), batch["inputs"], train=False, rng=None)
-    teacher = teacher_outputs(teacher_apply, teacher_variables, batch)
+    if self_teacher is not None:
+      teacher = teacher_outputs(student_apply, self_teacher(state.method_state), batch)
+    else:
+      teacher = teacher_outputs(teacher_apply, teacher_variables, batch)
     eval_batch = EvalBatch(student=student, teacher=teacher, labels=batch["labels"],
                            where=where)
     sums = {"count": jnp.sum(where)}
