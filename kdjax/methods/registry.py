@@ -5,11 +5,13 @@ from typing import Dict, Optional, Type
 
 import ml_collections
 
-from kdjax.methods import (base, cat_kd, crd, ctkd, feature, kernel, logit, meal_v2, minilm,
-                           multi_teacher, nd, ofd, relational, review_kd, sequence, taid, vid)
+from kdjax.methods import (base, born_again, byot, cat_kd, crd, cs_kd, ctkd, dino, ema_teacher,
+                           feature, kernel, logit, meal_v2, minilm, multi_teacher, nd, ofd,
+                           ps_kd, relational, review_kd, sequence, taid, tf_kd, vid)
 
 _MODULES = (logit, relational, ctkd, taid, multi_teacher, sequence, feature, crd, kernel, vid,
-            nd, cat_kd, ofd, review_kd, minilm, meal_v2)
+            nd, cat_kd, ofd, review_kd, minilm, meal_v2, ps_kd, tf_kd, ema_teacher, byot, dino,
+            cs_kd, born_again)
 
 METHODS: Dict[str, Type[base.Method]] = {}
 for _module in _MODULES:

@@ -1,0 +1,3 @@
+"""A teacher that is an exponential moving average of the student."""
+
+METHODS = ()

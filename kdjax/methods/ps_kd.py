@@ -1,0 +1,3 @@
+"""PS-KD: progressive self-knowledge distillation (Kim et al. 2021)."""
+
+METHODS = ()
