@@ -13,7 +13,6 @@ compared. The last line printed is one JSON object.
 
 import importlib.util
 import json
-import time
 
 from absl import flags, logging
 

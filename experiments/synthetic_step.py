@@ -30,7 +30,12 @@ class SyntheticStep:
 def build_synthetic_step(student_name: str, teacher_name: str, *, num_classes: int,
                          batch_size: int, method_name: str, parallel: str = "jit",
                          method_config: Optional[Any] = None, seed: int = 0,
-                         learning_rate: float = 0.05) -> SyntheticStep:
+                         learning_rate: float = 0.05,
+                         calibrate_teacher: bool = False) -> SyntheticStep:
+  """`calibrate_teacher`: set the random teacher's BatchNorm running statistics to those of
+  the random batch (as a trained teacher's match its data). Untouched, an untrained teacher's
+  statistics (mean 0, variance 1) make eval-mode BatchNorm the identity, and deep ResNet
+  features grow by orders of magnitude, which feature losses then amplify."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
@@ -50,6 +55,13 @@ def build_synthetic_step(student_name: str, teacher_name: str, *, num_classes: i
   sample = jnp.zeros((2,) + input_shape)
   student_variables = models.init_variables(student, jax.random.key(seed), sample)
   teacher_variables = models.init_variables(teacher, jax.random.key(seed + 1), sample)
+  rng = np.random.default_rng(seed)
+  inputs = rng.normal(size=(batch_size,) + input_shape).astype(np.float32)
+  if calibrate_teacher and "batch_stats" in teacher_variables:
+    plain = models.apply_fn(models.get_model(teacher_name, num_classes=num_classes))  # No pmap axis.
+    calibrate = jax.jit(lambda v: {**v, **plain(v, inputs, train=True)[1]})
+    for _ in range(40):  # Running averages with momentum 0.9: 0.9**40 = 1.5% of the start.
+      teacher_variables = calibrate(teacher_variables)
   method_class = methods.get_method_class(method_name)
   method = method_class(method_config if method_config is not None
                         else method_class.default_config())
@@ -76,9 +88,8 @@ def build_synthetic_step(student_name: str, teacher_name: str, *, num_classes: i
   train_step = parallel.compile_train_step(step_lib.make_train_step(
       student_apply=student_apply, teacher_apply=teacher_apply, method=method,
       optimizer=optimizer, reduce_gradients=parallel.reduce_gradients))
-  rng = np.random.default_rng(seed)
   batch = parallel.put_batch({
-      "inputs": rng.normal(size=(batch_size,) + input_shape).astype(np.float32),
+      "inputs": inputs,
       "labels": rng.integers(0, num_classes, size=(batch_size,)).astype(np.int32),
       "index": rng.permutation(TRAIN_EXAMPLES)[:batch_size].astype(np.int32)})
   holder = {"state": state, "metrics": None}

@@ -19,6 +19,7 @@ def main():
     config = distill.get_config(f"teacher=resnet56,student=resnet20,method={method}")
     step = build_synthetic_step("resnet20", "resnet56", num_classes=100, batch_size=16,
                                 method_name=method, parallel=sys.argv[1], learning_rate=1e-3,
+                                calibrate_teacher=True,
                                 method_config=config[method] if method in config else None)
     losses = []
     for _ in range(3):

@@ -76,6 +76,11 @@ class Batch:
 
 Metrics = Dict[str, jax.Array]
 
+# Where the step puts the Outputs of the student and the teacher on a method's extra input
+# views (`Method.views`) in `Batch.data`.
+STUDENT_VIEW_PREFIX = "student_view/"
+TEACHER_VIEW_PREFIX = "teacher_view/"
+
 
 class Method(abc.ABC):
   """Base class. Subclasses set `name` and implement `loss`; they are constructed from their
@@ -148,6 +153,26 @@ class Method(abc.ABC):
     del student_variables, step
     return state
 
+  # True for methods whose state follows their own trainable params (DINO's teacher head is
+  # an EMA of the student's head): `update_after_step` then also gets `method_params=` (the
+  # method's new params). Off by default, so existing hooks keep their signature.
+  update_reads_method_params: ClassVar[bool] = False
+
+  def views(self, inputs: jax.Array, rng: jax.Array) -> Dict[str, jax.Array]:
+    """Extra views of the batch's inputs (multi-crop augmentation), by name; none by default.
+
+    The step runs the student on each view (train mode, with gradient) and puts its Output in
+    `Batch.data[STUDENT_VIEW_PREFIX + name]`; the views named in `teacher_views` also go
+    through the teacher (eval mode, no gradient) into `Batch.data[TEACHER_VIEW_PREFIX + name]`.
+    `inputs` is the local batch [b, ...]; `rng` is `Batch.rng` (the same on every device and
+    a pure function of (seed, step)). Runs inside the jitted step.
+    """
+    del inputs, rng
+    return {}
+
+  # The names among `views` that the teacher sees as well (DINO: the global crops).
+  teacher_views: ClassVar[Tuple[str, ...]] = ()
+
   def eval_metrics(self) -> Sequence[Callable]:
     """Metrics evaluated beside the task's (see `eval_metrics.EvalMetric`): a method with
     auxiliary exits reports each exit's accuracy here. None by default."""
@@ -157,6 +182,34 @@ class Method(abc.ABC):
   def loss(self, params: Any, state: Any, batch: Batch,
            ops: BatchOps) -> Tuple[jax.Array, Metrics, Any]:
     """Returns (scalar loss, metrics of scalars, new state)."""
+
+
+def ce_term_and_kd(batch: Batch, ops: BatchOps, config, terms: Dict[str, Tuple[Any, Any]],
+                   extra_metrics: Optional[Dict[str, Any]] = None):
+  """`ce_weight * CE + sum_k weight_k * term_k + kd_weight * KD(T)`, the objective of the
+  feature and relational methods; the KD term is computed only when `kd_weight` > 0.
+
+  Args:
+    config: the method's config (`ce_weight`, `kd_weight`, `temperature`).
+    terms: metric name -> (weight, scalar term).
+    extra_metrics: more scalars to report.
+
+  Returns:
+    (loss, metrics): metrics hold 'ce', each term, 'kd' (when used), 'loss' and 'accuracy'.
+  """
+  from kdjax import losses  # pylint: disable=g-import-not-at-top
+  ce = cross_entropy(batch, ops)
+  loss = config.ce_weight * ce
+  metrics = {"ce": ce, **(extra_metrics or {})}
+  for name, (weight, term) in terms.items():
+    loss = loss + weight * term
+    metrics[name] = term
+  if config.kd_weight:
+    kd = ops.mean(losses.kd(batch.student.logits, batch.teacher.logits,
+                            temperature=config.temperature, where=batch.where), batch.where)
+    loss = loss + config.kd_weight * kd
+    metrics["kd"] = kd
+  return loss, dict(metrics, loss=loss, accuracy=accuracy(batch, ops))
 
 
 def check_teacher_cache(method: "Method", *, topk: Optional[int], num_classes: int,

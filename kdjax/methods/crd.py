@@ -130,7 +130,6 @@ class CRD(base.Method):
 
   def loss(self, params, state, batch, ops):
     c = self.config
-    ce = base.cross_entropy(batch, ops)
     head = nn.Dense(c.feat_dim)
     student, teacher = self._taps(batch)
     v_student = l2_normalize(head.apply({"params": params["head_student"]}, ops.gather(student)))
@@ -170,13 +169,7 @@ class CRD(base.Method):
     positive_s, negative_s, z_teacher = scores(memory_teacher, positive_for_student, v_student,
                                                state["z_teacher"])
     crd = nce(positive_s, negative_s) + nce(positive_t, negative_t)
-    loss = c.ce_weight * ce + c.feature_weight * crd
-    metrics = {"ce": ce, "crd": crd}
-    if c.kd_weight:
-      kd = ops.mean(losses.kd(batch.student.logits, batch.teacher.logits,
-                              temperature=c.temperature, where=batch.where), batch.where)
-      loss = loss + c.kd_weight * kd
-      metrics["kd"] = kd
+    loss, metrics = base.ce_term_and_kd(batch, ops, c, {"crd": (c.feature_weight, crd)})
 
     new_state = dict(state, z_student=z_student, z_teacher=z_teacher)
     if queue:
@@ -199,7 +192,7 @@ class CRD(base.Method):
 
       new_state.update(memory_student=update(memory_student, v_student),
                        memory_teacher=update(memory_teacher, v_teacher))
-    return loss, dict(metrics, loss=loss, accuracy=base.accuracy(batch, ops)), new_state
+    return loss, metrics, new_state
 
 
 NEGATIVES = ("other_class", "uniform")

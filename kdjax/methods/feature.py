@@ -82,16 +82,9 @@ class FeatureMethod(base.Method):
 
   def loss(self, params, state, batch, ops):
     c = self.config
-    ce = base.cross_entropy(batch, ops)
     term = self.term(params, self._pairs(batch), batch, ops)
-    loss = c.ce_weight * ce + c.feature_weight * term
-    metrics = {"ce": ce, self.name: term}
-    if c.kd_weight:
-      kd = ops.mean(losses.kd(batch.student.logits, batch.teacher.logits,
-                              temperature=c.temperature, where=batch.where), batch.where)
-      loss = loss + c.kd_weight * kd
-      metrics["kd"] = kd
-    return loss, dict(metrics, loss=loss, accuracy=base.accuracy(batch, ops)), state
+    loss, metrics = base.ce_term_and_kd(batch, ops, c, {self.name: (c.feature_weight, term)})
+    return loss, metrics, state
 
 
 def feature_tap(output, tap: str, field: str, role: str):

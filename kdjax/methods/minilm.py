@@ -27,7 +27,6 @@ from typing import Dict, Tuple
 import jax.numpy as jnp
 import ml_collections
 
-from kdjax import losses
 from kdjax.losses import attention as attention_losses
 from kdjax.methods import base
 from kdjax.methods.feature import feature_tap
@@ -124,16 +123,9 @@ class MiniLM(base.Method):
 
   def loss(self, params, state, batch, ops):
     c = self.config
-    ce = base.cross_entropy(batch, ops)
     term = ops.mean(self.term(batch), batch.where)
-    loss = c.ce_weight * ce + c.feature_weight * term
-    metrics = {"ce": ce, self.name: term}
-    if c.kd_weight:
-      kd = ops.mean(losses.kd(batch.student.logits, batch.teacher.logits,
-                              temperature=c.temperature, where=batch.where), batch.where)
-      loss = loss + c.kd_weight * kd
-      metrics["kd"] = kd
-    return loss, dict(metrics, loss=loss, accuracy=base.accuracy(batch, ops)), state
+    loss, metrics = base.ce_term_and_kd(batch, ops, c, {self.name: (c.feature_weight, term)})
+    return loss, metrics, state
 
 
 METHODS = (MiniLM,)

@@ -26,7 +26,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kdjax import losses
 from kdjax.losses.norm_direction import nd
 from kdjax.methods import base, feature
 
@@ -85,15 +84,8 @@ class ND(feature.FeatureMethod):
                                                      base.mask_rows(student, batch.where))
       per_example = nd(student, teacher, means, batch.labels, where=batch.where)
       total = total + ops.mean(per_example, batch.where)
-    ce = base.cross_entropy(batch, ops)
-    loss = c.ce_weight * ce + c.feature_weight * total
-    metrics = {"ce": ce, self.name: total}
-    if c.kd_weight:
-      kd = ops.mean(losses.kd(batch.student.logits, batch.teacher.logits,
-                              temperature=c.temperature, where=batch.where), batch.where)
-      loss = loss + c.kd_weight * kd
-      metrics["kd"] = kd
-    return loss, dict(metrics, loss=loss, accuracy=base.accuracy(batch, ops)), new_state
+    loss, metrics = base.ce_term_and_kd(batch, ops, c, {self.name: (c.feature_weight, total)})
+    return loss, metrics, new_state
 
 
 METHODS = (ND,)

@@ -34,7 +34,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from kdjax import losses
 from kdjax.losses.overhaul import ofd, ofd_margin
 from kdjax.methods import base, feature
 
@@ -232,16 +231,8 @@ class OFD(base.Method):
       per_example = ofd(connected, teacher, margin, where=where)
       mean = jnp.sum(per_example) / jnp.maximum(jnp.sum(where), 1)
       total = total + mean / 2 ** (n - 1 - i)
-    ce = base.cross_entropy(batch, ops)
-    loss = c.ce_weight * ce + c.feature_weight * total
-    metrics = {"ce": ce, "ofd": total}
-    if c.kd_weight:
-      kd = ops.mean(losses.kd(batch.student.logits, batch.teacher.logits,
-                              temperature=c.temperature, where=batch.where), batch.where)
-      loss = loss + c.kd_weight * kd
-      metrics["kd"] = kd
-    new_state = dict(state, batch_stats=new_stats)
-    return loss, dict(metrics, loss=loss, accuracy=base.accuracy(batch, ops)), new_state
+    loss, metrics = base.ce_term_and_kd(batch, ops, c, {"ofd": (c.feature_weight, total)})
+    return loss, metrics, dict(state, batch_stats=new_stats)
 
 
 METHODS = (OFD,)

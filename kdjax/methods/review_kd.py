@@ -43,7 +43,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from kdjax import losses
 from kdjax.losses.review import hcl
 from kdjax.methods import base, feature
 from kdjax.methods.ofd import statistics_mask
@@ -208,16 +207,10 @@ class ReviewKD(base.Method):
     per_example = hcl(fused, teachers, where=where)
     review = jnp.sum(per_example) / jnp.maximum(jnp.sum(where), 1)
     warmup = self.warmup(batch.step)
-    ce = base.cross_entropy(batch, ops)
-    loss = c.ce_weight * ce + c.feature_weight * warmup * review
-    metrics = {"ce": ce, "review_kd": review, "review_kd_warmup": warmup}
-    if c.kd_weight:
-      kd = ops.mean(losses.kd(batch.student.logits, batch.teacher.logits,
-                              temperature=c.temperature, where=batch.where), batch.where)
-      loss = loss + c.kd_weight * kd
-      metrics["kd"] = kd
-    new_state = dict(state, batch_stats=updates["batch_stats"])
-    return loss, dict(metrics, loss=loss, accuracy=base.accuracy(batch, ops)), new_state
+    loss, metrics = base.ce_term_and_kd(
+        batch, ops, c, {"review_kd": (c.feature_weight * warmup, review)},
+        extra_metrics={"review_kd_warmup": warmup})
+    return loss, metrics, dict(state, batch_stats=updates["batch_stats"])
 
 
 METHODS = (ReviewKD,)
