@@ -72,7 +72,8 @@ def get_config(arg=None):
   config.crd.update(ce_weight=1.0, kd_weight=0.0, feature_weight=0.8, feat_dim=128,
                     nce_k=16384, nce_momentum=0.5, nce_t=0.07)
   config.fitnet.update(ce_weight=1.0, feature_weight=100.0, student_tap="stage2",
-                       teacher_tap="stage2")  # HINT_LAYER 2: the second stage's output.
+                       teacher_tap="stage2",  # HINT_LAYER 2: the second stage's output,
+                       connector="conv_reg")  # through RepDistiller's ConvReg.
   config.at.update(ce_weight=1.0, feature_weight=1000.0, p=2.0)
   config.sp.update(ce_weight=1.0, feature_weight=3000.0)
   config.rkd.update(ce_weight=1.0, feature_weight=1.0, distance_weight=25.0, angle_weight=50.0)

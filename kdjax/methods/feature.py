@@ -11,14 +11,14 @@ trained with the student and checkpointed.
 """
 
 import abc
-from typing import Callable, ClassVar, Dict, List, Tuple
+from typing import Callable, ClassVar, Dict, List, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from kdjax import losses
+from kdjax import losses, validation
 from kdjax.methods import base
 
 
@@ -109,37 +109,128 @@ def _relational_term(loss_fn: Callable, pairs, batch, ops):
              for _, _, student, teacher in pairs)
 
 
+def pool_to_common_size(student: jax.Array, teacher: jax.Array):
+  """The larger of two `[B, H, W, C]` maps average-pooled to the other's `(H, W)`, as
+  RepDistiller's AT, NST and VID losses do (`F.adaptive_avg_pool2d`); other ranks pass."""
+  from kdjax.losses.class_attention import adaptive_average_pool  # pylint: disable=g-import-not-at-top
+  if student.ndim != 4 or teacher.ndim != 4 or student.shape[1:3] == teacher.shape[1:3]:
+    return student, teacher
+  if student.shape[1] * student.shape[2] > teacher.shape[1] * teacher.shape[2]:
+    return adaptive_average_pool(student, tuple(teacher.shape[1:3])), teacher
+  return student, adaptive_average_pool(teacher, tuple(student.shape[1:3]))
+
+
+class ConvRegressor(nn.Module):
+  """RepDistiller's `ConvReg` (`models/util.py`), FitNets' regressor between maps of different
+  sizes: a 3x3 stride-2 conv when the student map is twice the teacher's, a 4x4 stride-2
+  transposed conv when it is half, a `(1 + H_s - H_t)` valid conv when it is larger, then
+  BatchNorm and ReLU. `[b, H_s, W_s, C_s]` -> `[b, H_t, W_t, channels]`."""
+  channels: int
+  teacher_size: Tuple[int, int]
+  batch_norm_axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    (s_h, s_w), (t_h, t_w) = x.shape[1:3], self.teacher_size
+    if (s_h, s_w) == (2 * t_h, 2 * t_w):
+      x = nn.Conv(self.channels, (3, 3), strides=(2, 2), padding=[(1, 1), (1, 1)])(x)
+    elif (2 * s_h, 2 * s_w) == (t_h, t_w):
+      x = nn.ConvTranspose(self.channels, (4, 4), strides=(2, 2), padding="SAME")(x)
+    elif s_h >= t_h and s_w >= t_w:
+      x = nn.Conv(self.channels, (1 + s_h - t_h, 1 + s_w - t_w), padding="VALID")(x)
+    else:
+      raise ValueError(f"ConvRegressor: a student map of {s_h}x{s_w} cannot be regressed to a "
+                       f"teacher map of {t_h}x{t_w} (RepDistiller's ConvReg neither).")
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                     axis_name=self.batch_norm_axis_name if train else None)(x)
+    return nn.relu(x)
+
+
 class FitNet(FeatureMethod):
   """FitNets (Romero et al., ICLR 2015): hint loss `losses.fitnet` between the connected
   student tap and the teacher tap. RepDistiller: `-b 100`, hint layer 2 (`stage2` of the
-  CIFAR ResNets); the embedding is the default because every model has it."""
+  CIFAR ResNets) through `ConvReg` (`connector='conv_reg'`, which also bridges maps of half or
+  twice the teacher's size: the ShuffleNet / MobileNet pairs); the default taps are the
+  embeddings, which every model has, with a linear connector (`connector='linear'`: a dense
+  layer on the channel axis, no normalisation)."""
   name = "fitnet"
   default_feature_weight = 100.0
+  CONNECTORS = ("linear", "conv_reg")
+
+  @classmethod
+  def extra_config(cls):
+    return dict(connector="linear")
+
+  def __init__(self, config):
+    super().__init__(config)
+    validation.one_of("config.fitnet.connector", config.connector, self.CONNECTORS)
+
+  def _conv_reg(self, pair) -> bool:
+    return self.config.connector == "conv_reg" and pair[2].ndim == 4
 
   def check_pair(self, student_tap, teacher_tap, student_shape, teacher_shape):
-    if tuple(student_shape[:-1]) != tuple(teacher_shape[:-1]):
-      raise ValueError(
-          f"config.fitnet.student_tap={student_tap!r} has shape {tuple(student_shape)} and "
-          f"config.fitnet.teacher_tap={teacher_tap!r} has shape {tuple(teacher_shape)}: the "
-          "connector maps channels (the last axis) only; pick taps of equal spatial size.")
+    if self.config.connector == "conv_reg" and len(student_shape) == 4:
+      (s_h, s_w), (t_h, t_w) = student_shape[1:3], teacher_shape[1:3]
+      if len(teacher_shape) == 4 and ((2 * s_h, 2 * s_w) == (t_h, t_w) or
+                                      (s_h >= t_h and s_w >= t_w)):
+        return
+    elif tuple(student_shape[:-1]) == tuple(teacher_shape[:-1]):
+      return
+    fix = ("connector='conv_reg' bridges student maps of half, twice or more than the "
+           "teacher's size" if self.config.connector == "linear" else
+           "pick a student map at least as large as the teacher's, or half its size")
+    raise ValueError(
+        f"config.fitnet.student_tap={student_tap!r} has shape {tuple(student_shape)} and "
+        f"config.fitnet.teacher_tap={teacher_tap!r} has shape {tuple(teacher_shape)}: "
+        f"config.fitnet.connector={self.config.connector!r} maps "
+        f"{'channels (the last axis) only' if self.config.connector == 'linear' else 'sizes'}; "
+        f"{fix}.")
+
+  def _connector(self, pair):
+    if self._conv_reg(pair):
+      return ConvRegressor(pair[3].shape[-1], tuple(pair[3].shape[1:3]),
+                           self.batch_norm_axis_name)
+    return nn.Dense(pair[3].shape[-1])
 
   def init(self, rng, sample):
     super().init(rng, sample)
-    params = {}
-    for i, (_, _, student, teacher) in enumerate(self._pairs(sample)):
-      params[f"connector{i}"] = nn.Dense(teacher.shape[-1]).init(
-          jax.random.fold_in(rng, i), student)["params"]
-    return params, {}
+    params, batch_stats = {}, {}
+    for i, pair in enumerate(self._pairs(sample)):
+      kwargs = {"train": False} if self._conv_reg(pair) else {}
+      variables = self._connector(pair).init(jax.random.fold_in(rng, i), pair[2], **kwargs)
+      params[f"connector{i}"] = variables["params"]
+      if "batch_stats" in variables:
+        batch_stats[f"connector{i}"] = variables["batch_stats"]
+    return params, ({"batch_stats": batch_stats} if batch_stats else {})
+
+  def loss(self, params, state, batch, ops):
+    pairs = self._pairs(batch)
+    new_stats = {}
+
+    def connect(i, student):
+      if not self._conv_reg(pairs[i]):
+        return self._connector(pairs[i]).apply({"params": params[f"connector{i}"]}, student)
+      connected, updates = self._connector(pairs[i]).apply(
+          {"params": params[f"connector{i}"],
+           "batch_stats": state["batch_stats"][f"connector{i}"]},
+          student, train=True, mutable=["batch_stats"])
+      new_stats[f"connector{i}"] = updates["batch_stats"]
+      return connected
+
+    term = _per_example_term(losses.fitnet, pairs, batch, ops, connect)
+    loss, metrics = base.ce_term_and_kd(batch, ops, self.config,
+                                        {self.name: (self.config.feature_weight, term)})
+    return loss, metrics, (dict(state, batch_stats=new_stats) if new_stats else state)
 
   def term(self, params, pairs, batch, ops):
-    connect = lambda i, student: nn.Dense(pairs[i][3].shape[-1]).apply(
-        {"params": params[f"connector{i}"]}, student)
-    return _per_example_term(losses.fitnet, pairs, batch, ops, connect)
+    raise NotImplementedError("FitNet.loss computes its term (its connector has state).")
 
 
 class AT(FeatureMethod):
   """Attention transfer (Zagoruyko & Komodakis, ICLR 2017): `losses.attention_transfer`
-  summed over the stage pairs. RepDistiller: `-b 1000`, p 2, every stage (`stage1..3`)."""
+  summed over the stage pairs. RepDistiller: `-b 1000`, p 2, every stage (`stage1..3`); of two
+  maps of different sizes the larger is average-pooled to the smaller (RepDistiller's
+  `at_loss`)."""
   name = "at"
   default_student_tap = "stage1,stage2,stage3"
   default_teacher_tap = "stage1,stage2,stage3"
@@ -152,14 +243,19 @@ class AT(FeatureMethod):
   positive_fields = ("temperature", "p")
 
   def check_pair(self, student_tap, teacher_tap, student_shape, teacher_shape):
-    if len(student_shape) < 3 or tuple(student_shape[1:-1]) != tuple(teacher_shape[1:-1]):
+    same_size = tuple(student_shape[1:-1]) == tuple(teacher_shape[1:-1])
+    poolable = len(student_shape) == 4 and len(teacher_shape) == 4
+    if len(student_shape) < 3 or not (same_size or poolable):
       raise ValueError(
           f"config.at.student_tap={student_tap!r} has shape {tuple(student_shape)} and "
           f"config.at.teacher_tap={teacher_tap!r} has shape {tuple(teacher_shape)}: attention "
-          "transfer needs feature maps ([B, H, W, C] or [B, L, C]) of equal spatial size.")
+          "transfer needs feature maps ([B, H, W, C], pooled to the smaller size, or [B, L, C] "
+          "of equal length).")
 
   def term(self, params, pairs, batch, ops):
-    at = lambda s, t, where: losses.attention_transfer(s, t, p=self.config.p, where=where)
+    def at(s, t, where):
+      s, t = pool_to_common_size(s, t)
+      return losses.attention_transfer(s, t, p=self.config.p, where=where)
     return _per_example_term(at, pairs, batch, ops)
 
 

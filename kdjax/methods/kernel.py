@@ -20,18 +20,8 @@ import jax
 
 from kdjax import validation
 from kdjax.losses.kernel import correlation_congruence, nst
-from kdjax.losses.class_attention import adaptive_average_pool
 from kdjax.methods import base, feature
-
-
-def pool_to_common_size(student: jax.Array, teacher: jax.Array):
-  """The larger of two `[B, H, W, C]` maps average-pooled to the other's `(H, W)`, as
-  RepDistiller's NST and VID losses do (`F.adaptive_avg_pool2d`); other ranks pass."""
-  if student.ndim != 4 or teacher.ndim != 4 or student.shape[1:3] == teacher.shape[1:3]:
-    return student, teacher
-  if student.shape[1] * student.shape[2] > teacher.shape[1] * teacher.shape[2]:
-    return adaptive_average_pool(student, tuple(teacher.shape[1:3])), teacher
-  return student, adaptive_average_pool(teacher, tuple(student.shape[1:3]))
+from kdjax.methods.feature import pool_to_common_size
 
 
 def check_maps(method: str, student_tap, teacher_tap, student_shape, teacher_shape, what: str):

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from kdjax import validation
 from kdjax.losses.variational import vid as vid_loss
 from kdjax.methods import base, feature
-from kdjax.methods.kernel import pool_to_common_size
+from kdjax.methods.feature import pool_to_common_size
 
 
 class Regressor(nn.Module):

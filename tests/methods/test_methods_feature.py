@@ -148,8 +148,9 @@ def test_every_cifar_pair_traces_with_the_default_taps(name):
 def test_mismatched_maps_name_both_shapes_and_the_fix():
   with pytest.raises(ConfigError, match=r"config.fitnet.student_tap='stage1' has shape "
                                         r"\(2, 32, 32, 64\) and config.fitnet.teacher_tap="
-                                        r"'stage2' has shape \(2, 16, 16, 128\): the connector "
-                                        r"maps channels .* pick taps of equal spatial size"):
+                                        r"'stage2' has shape \(2, 16, 16, 128\): "
+                                        r"config.fitnet.connector='linear' maps channels \(the "
+                                        r"last axis\) only; connector='conv_reg' bridges"):
     check_method_fits_models(_config("fitnet", "resnet8x4", "resnet32x4", student_tap="stage1",
                                      teacher_tap="stage2"))
   with pytest.raises(ConfigError, match=r"config.at.student_tap='stage1': the student model has "
@@ -165,3 +166,42 @@ def test_rkd_with_a_zero_weight_is_the_other_term_alone():
     method = build("rkd", **fields)
     _, metrics, _ = method.loss({}, {}, batch, OPS)
     np.testing.assert_allclose(metrics["rkd"], expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("student_size, teacher_size", [(8, 16), (16, 8), (10, 8), (8, 8)])
+def test_conv_reg_connector_maps_sizes_as_repdistiller_and_trains_its_batch_norm(
+    student_size, teacher_size):
+  rng = np.random.default_rng(0)
+  student = jnp.asarray(rng.normal(size=(4, student_size, student_size, 3)), jnp.float32)
+  teacher = jnp.asarray(rng.normal(size=(4, teacher_size, teacher_size, 5)), jnp.float32)
+  batch = Batch(Output(jnp.asarray(rng.normal(size=(4, 7)), jnp.float32), {"stage2": student}),
+                Output(jnp.asarray(rng.normal(size=(4, 7)), jnp.float32), {"stage2": teacher}),
+                jnp.asarray([0, 1, 2, 3]), jnp.ones(4, bool), jnp.int32(0))
+  method = build("fitnet", connector="conv_reg", student_tap="stage2", teacher_tap="stage2")
+  params, state = method.init(jax.random.PRNGKey(0), batch)
+  loss, metrics, new_state = method.loss(params, state, batch, OPS)
+  from kdjax.methods.feature import ConvRegressor
+  connected, updates = ConvRegressor(5, (teacher_size, teacher_size)).apply(
+      {"params": params["connector0"], "batch_stats": state["batch_stats"]["connector0"]},
+      student, train=True, mutable=["batch_stats"])
+  assert connected.shape == teacher.shape
+  expected = np.mean((np.asarray(connected, np.float64) - np.asarray(teacher)) ** 2)
+  np.testing.assert_allclose(metrics["fitnet"], expected, rtol=1e-5)
+  np.testing.assert_allclose(loss, metrics["ce"] + 100.0 * expected, rtol=1e-5)
+  assert float(jnp.min(connected)) >= 0.0  # BatchNorm then ReLU, as ConvReg.
+  jax.tree.map(np.testing.assert_allclose, new_state["batch_stats"]["connector0"],
+               updates["batch_stats"])
+
+
+def test_at_pools_the_larger_map_to_the_smaller_as_repdistiller():
+  rng = np.random.default_rng(1)
+  small = jnp.asarray(rng.normal(size=(3, 4, 4, 2)), jnp.float32)
+  large = jnp.asarray(rng.normal(size=(3, 8, 8, 6)), jnp.float32)
+  batch = Batch(Output(jnp.zeros((3, 5)), {"stage1": large}),
+                Output(jnp.zeros((3, 5)), {"stage1": small}),
+                jnp.asarray([0, 1, 2]), jnp.ones(3, bool), jnp.int32(0))
+  method = build("at", student_tap="stage1", teacher_tap="stage1")
+  _, metrics, _ = method.loss({}, {}, batch, OPS)
+  pooled = np.asarray(large).reshape(3, 4, 2, 4, 2, 6).mean(axis=(2, 4))  # 2x2 average pooling
+  np.testing.assert_allclose(
+      metrics["at"], np.mean(losses.attention_transfer(jnp.asarray(pooled), small)), rtol=1e-5)
