@@ -42,6 +42,13 @@ from kdjax.losses.relational import rkd_angle
 from kdjax.losses.relational import rkd_distance
 from kdjax.losses.relational import similarity_preserving
 from kdjax.losses.review import hcl
+from kdjax.losses.self_distillation import ema_momentum
+from kdjax.losses.self_distillation import ema_update
+from kdjax.losses.self_distillation import ps_kd_alpha
+from kdjax.losses.self_distillation import ps_kd_targets
+from kdjax.losses.self_distillation import soft_cross_entropy
+from kdjax.losses.self_distillation import tf_kd_virtual
+from kdjax.losses.self_distillation import virtual_teacher_probs
 from kdjax.losses.variational import vid
 
 __all__ = (
@@ -54,6 +61,8 @@ __all__ = (
     "crd_nce",
     "dist",
     "dkd",
+    "ema_momentum",
+    "ema_update",
     "fitnet",
     "forward_kl",
     "generalized_jsd",
@@ -69,15 +78,20 @@ __all__ = (
     "ofd",
     "ofd_margin",
     "pkt",
+    "ps_kd_alpha",
+    "ps_kd_targets",
     "reverse_kl",
     "rkd_angle",
     "rkd_distance",
     "similarity_preserving",
     "skew_forward_kl",
     "skew_reverse_kl",
+    "soft_cross_entropy",
     "sparse_kd",
     "standardize_logits",
     "taid",
+    "tf_kd_virtual",
     "total_variation",
     "vid",
+    "virtual_teacher_probs",
 )

@@ -18,6 +18,7 @@ MODULES = [
     "kdjax.losses.overhaul",
     "kdjax.losses.review",
     "kdjax.losses.attention",
+    "kdjax.losses.self_distillation",
 ]
 
 
