@@ -1,6 +1,5 @@
 """Self-distillation targets and losses against float64 numpy (kdjax.losses.self_distillation)."""
 
-import doctest
 import math
 
 import jax
@@ -8,11 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import kdjax.losses
 from kdjax.losses import self_distillation as sd
-
-PUBLIC = ("soft_cross_entropy", "ps_kd_alpha", "ps_kd_targets", "virtual_teacher_probs",
-          "tf_kd_virtual", "ema_momentum", "ema_update")
 
 
 def np_log_softmax(z):
