@@ -40,6 +40,7 @@ def build_synthetic_step(student_name: str, teacher_name: str, *, num_classes: i
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
   from kdjax import methods, models  # pylint: disable=g-import-not-at-top
+  from kdjax.data import pairing  # pylint: disable=g-import-not-at-top
   from kdjax.methods.base import Batch  # pylint: disable=g-import-not-at-top
   from kdjax.train import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
   from kdjax.train import parallel as parallel_lib  # pylint: disable=g-import-not-at-top
@@ -91,7 +92,9 @@ def build_synthetic_step(student_name: str, teacher_name: str, *, num_classes: i
   batch = parallel.put_batch({
       "inputs": inputs,
       "labels": rng.integers(0, num_classes, size=(batch_size,)).astype(np.int32),
-      "index": rng.permutation(TRAIN_EXAMPLES)[:batch_size].astype(np.int32)})
+      "index": rng.permutation(TRAIN_EXAMPLES)[:batch_size].astype(np.int32),
+      **({"partner_row": pairing.partner_rows(batch_size)}
+         if method.sampler == "class_pairs" else {})})
   holder = {"state": state, "metrics": None}
 
   def run(num_steps: int) -> float:

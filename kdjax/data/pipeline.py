@@ -4,6 +4,9 @@ Training batch `step` is a pure function of (seed, step): a grain `MapDataset` g
 shuffle of the example indices each epoch, and we index it at `step * global_batch_size`.
 A resumed run therefore sees exactly the batches an uninterrupted run would. Each process
 reads only its own rows of the global batch (multi-host).
+
+`sampler='class_pairs'` (CS-KD) makes the second half of every global batch the same-class
+partners of the first half (`kdjax.data.pairing`); the default 'uniform' sampler is unchanged.
 """
 
 from typing import Iterator, Optional
@@ -11,7 +14,7 @@ from typing import Iterator, Optional
 import grain
 import numpy as np
 
-from kdjax.data import sources
+from kdjax.data import pairing, sources
 from kdjax.data.catalog import DatasetSpec, get_dataset_spec
 
 # Datasets up to this many bytes are read once into host memory (MNIST-1D: 0.8 MB) instead
@@ -96,15 +99,23 @@ class InputPipeline:
   training `index` [b] int32 (each example's position in the training split) and, for
   evaluation, `mask` [b] bool (False on padding rows). `b` is this process's share of the
   global batch size.
+
+  `sampler`: 'uniform' (every row a fresh example of the epoch's shuffle) or 'class_pairs'
+  (rows `B/2 + i` are same-class partners of rows `i`, drawn from the training examples only,
+  never the held-out validation ones; training batches then also carry `partner_row` [b],
+  see `kdjax.data.pairing`).
   """
 
   def __init__(self, dataset: str, *, global_batch_size: int, seed: int,
                data_dir: Optional[str] = None, process_index: int = 0, process_count: int = 1,
                in_memory: Optional[bool] = None, augment: bool = True,
-               validation_examples: int = 0):
+               validation_examples: int = 0, sampler: str = "uniform"):
     if global_batch_size % process_count:
       raise ValueError(f"global_batch_size={global_batch_size} is not divisible by the process "
                        f"count {process_count}.")
+    self.sampler = pairing.check_sampler(sampler)
+    if sampler == "class_pairs":
+      pairing.check_paired_batch_size(global_batch_size)
     self.spec: DatasetSpec = get_dataset_spec(dataset)
     self.global_batch_size = global_batch_size
     self.local_batch_size = global_batch_size // process_count
@@ -125,6 +136,9 @@ class InputPipeline:
     # Infinite stream of example indices, reshuffled every epoch.
     self._order = (grain.MapDataset.range(len(self._train_indices))
                    .shuffle(seed=seed).repeat(None))
+    self._partners = (pairing.ClassPartners(self.train_labels(), self._train_indices,
+                                            dataset=self.spec.tfds_name)
+                      if sampler == "class_pairs" else None)
 
   @property
   def num_train_examples(self) -> int:
@@ -150,16 +164,32 @@ class InputPipeline:
 
   def train_batch(self, step: int) -> dict:
     """This process's rows of global training batch `step`."""
-    start = step * self.global_batch_size + self.process_index * self.local_batch_size
-    indices = self._train_indices[
-        np.array([self._order[start + i] for i in range(self.local_batch_size)])]
+    local = slice(self.process_index * self.local_batch_size,
+                  (self.process_index + 1) * self.local_batch_size)
+    if self._partners is not None:
+      indices = self._paired_indices(step)[local]
+    else:
+      start = step * self.global_batch_size + local.start
+      indices = self._train_indices[
+          np.array([self._order[start + i] for i in range(self.local_batch_size)])]
     # One generator per global batch: an example's augmentation is the same however the
     # batch is split over processes.
     rng = np.random.default_rng([self.seed, step]) if self.augment else None
     rows = (self.process_index * self.local_batch_size, self.global_batch_size)
     batch = self._prepare(self._train.gather(indices), rng, rows)
     batch["index"] = indices.astype(np.int32)  # For per-example method state (Batch.data).
+    if self._partners is not None:
+      batch[pairing.PARTNER_ROW_KEY] = pairing.partner_rows(self.global_batch_size)[local]
     return batch
+
+  def _paired_indices(self, step: int) -> np.ndarray:
+    """Global batch `step` of the 'class_pairs' sampler: `B/2` anchors from the epoch's
+    shuffle, then their partners. Built whole on every process (the partners of one
+    process's anchors may be another's rows), which costs `B/2` index look-ups."""
+    half = self.global_batch_size // 2
+    anchors = self._train_indices[np.array([self._order[step * half + i] for i in range(half)])]
+    partners = self._partners.draw(anchors, seed=self.seed, step=step)
+    return np.concatenate([anchors, partners])
 
   @property
   def num_validation_examples(self) -> int:

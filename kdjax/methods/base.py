@@ -104,6 +104,9 @@ class Method(abc.ABC):
   # `losses.sparse_kd`), 'logits' (needs every logit: DKD's non-target split, DIST's
   # correlations, standardised logits) or 'features' (needs cached feature taps as well).
   teacher_cache_needs: ClassVar[str] = "logits"
+  # The training batches the method reads: 'uniform' (shuffled examples) or 'class_pairs'
+  # (second half = a same-class partner of each first-half row: CS-KD), `kdjax.data.pairing`.
+  sampler: ClassVar[str] = "uniform"
 
   @classmethod
   def default_config(cls) -> ml_collections.ConfigDict:
@@ -158,16 +161,18 @@ class Method(abc.ABC):
   # method's new params). Off by default, so existing hooks keep their signature.
   update_reads_method_params: ClassVar[bool] = False
 
-  def views(self, inputs: jax.Array, rng: jax.Array) -> Dict[str, jax.Array]:
+  def views(self, batch: Dict[str, jax.Array], rng: jax.Array) -> Dict[str, jax.Array]:
     """Extra views of the batch's inputs (multi-crop augmentation), by name; none by default.
 
     The step runs the student on each view (train mode, with gradient) and puts its Output in
     `Batch.data[STUDENT_VIEW_PREFIX + name]`; the views named in `teacher_views` also go
     through the teacher (eval mode, no gradient) into `Batch.data[TEACHER_VIEW_PREFIX + name]`.
-    `inputs` is the local batch [b, ...]; `rng` is `Batch.rng` (the same on every device and
-    a pure function of (seed, step)). Runs inside the jitted step.
+    `batch` is the step's input batch ('inputs' [b, ...], 'index' [b], ...; local to the
+    device under pmap: draw per-example randomness from 'index' for numbers that do not depend
+    on the device count); `rng` is `Batch.rng` (the same on every device, a pure function of
+    (seed, step)). Runs inside the jitted step.
     """
-    del inputs, rng
+    del batch, rng
     return {}
 
   # The names among `views` that the teacher sees as well (DINO: the global crops).

@@ -37,6 +37,14 @@ def abstract_model(model_name: str, num_classes: int, input_shape):
   return jax.eval_shape(forward, inputs)
 
 
+def _sample_data(method) -> dict:
+  """`Batch.data` of a sample batch as the method's sampler makes it."""
+  data = {"index": jnp.zeros((_SAMPLE_BATCH,), jnp.int32)}
+  if method.sampler == "class_pairs":  # Row 0's partner is row 1 (`pairing.partner_rows`).
+    data["partner_row"] = jnp.asarray([1, -1], jnp.int32)
+  return data
+
+
 def check_method_fits_models(config) -> None:
   """Raises ConfigError when `config.method` cannot run on the configured models: its `init`
   and one `loss` are traced on the models' abstract outputs."""
@@ -46,6 +54,10 @@ def check_method_fits_models(config) -> None:
   method = build_method(config, num_train_examples=num_examples)
   if method.needs_train_labels:  # Any labels of the right size will do for shapes.
     method.train_labels = np.arange(num_examples) % config.num_classes
+  if method.sampler == "class_pairs" and config.global_batch_size % 2:
+    raise ConfigError(f"Method {config.method!r} trains on class pairs (half the batch are the "
+                      f"partners of the other half): config.global_batch_size="
+                      f"{config.global_batch_size} must be even.")
   if method.multiple_teachers:  # Logits only: stacked teachers are checked when loaded.
     return
   input_shape = tuple(spec.input_shape)
@@ -64,7 +76,7 @@ def check_method_fits_models(config) -> None:
                    labels=jnp.zeros((_SAMPLE_BATCH,), jnp.int32),
                    where=jnp.ones((_SAMPLE_BATCH,), bool), step=jnp.zeros((), jnp.int32),
                    rng=jax.random.PRNGKey(0),
-                   data={"index": jnp.zeros((_SAMPLE_BATCH,), jnp.int32)},
+                   data=_sample_data(method),
                    teacher_variables=teacher_variables)
     params, state = method.init(jax.random.PRNGKey(0),
                                 dataclasses.replace(sample, student_variables=student_variables))

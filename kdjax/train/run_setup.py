@@ -49,7 +49,8 @@ def build_run(config: ml_collections.ConfigDict,
       config.dataset, global_batch_size=config.global_batch_size, seed=config.seed,
       data_dir=config.data_dir or None, process_index=jax.process_index(),
       process_count=jax.process_count(), augment=config.augment,
-      validation_examples=config.validation_examples)
+      validation_examples=config.validation_examples,
+      sampler=methods_lib.get_method_class(config.method).sampler)
   method = methods_lib.build_method(config, num_train_examples=pipeline.num_train_examples)
   method.batch_norm_axis_name = parallel.batch_norm_axis_name
   if method.needs_train_labels:
