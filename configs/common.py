@@ -38,6 +38,8 @@ def base_config() -> ml_collections.ConfigDict:
       name="adam", learning_rate=1e-2, schedule="cosine", warmup_steps=0, weight_decay=0.0,
       momentum=0.9, nesterov=False, decay_steps=(), decay_factor=0.1))
 
+  config.seeds = ()  # Every student row over these seeds (`<run>/seed<k>/`); empty: config.seed.
+  config.sweep = ""  # One row per value of one method field, e.g. 'kd.temperature=1,2,4,8'.
   config.method = "kd"
   config.suite = "teacher,scratch,kd,dkd"  # Comma-separated runs; empty: the one config.method.
   for name, method_config in default_method_configs().items():

@@ -3,10 +3,12 @@
 `config.teacher.model` is the main teacher; `config.teacher.extra` lists more as
 comma-separated `model` or `model:checkpoint_dir` entries. In a suite, an extra teacher
 without a checkpoint is trained by the run `teacher_<i>` (i = 1, 2, ...; seed + i).
+A suite run can also be taught by another suite run (born-again generations, `suite.py`): its
+teacher is then that run's checkpoint, and `load_models` loads any such list of checkpoints.
 """
 
 import os
-from typing import Callable, List, NamedTuple, Optional, Sequence
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -53,17 +55,26 @@ def load_teachers(config, method, checkpoint_dirs: Sequence[str], sample_inputs,
   if len(checkpoint_dirs) < len(specs):
     raise CheckpointError(f"Method {config.method!r} needs {len(specs)} teacher checkpoints, "
                           f"got {len(checkpoint_dirs)}.")
-  applies, variables = [], []
-  for spec, directory in zip(specs, checkpoint_dirs):
-    module = models_lib.get_model(spec.model, num_classes=config.num_classes,
-                                  **model_kwargs(spec.model))
-    expected = jax.eval_shape(lambda m=module: models_lib.init_variables(
-        m, jax.random.PRNGKey(0), sample_inputs))
-    variables.append(load_model_variables(directory, expected, model_name=spec.model))
-    applies.append(models_lib.apply_fn(module))
+  applies, variables = load_models([spec.model for spec in specs], checkpoint_dirs[:len(specs)],
+                                   num_classes=config.num_classes, sample_inputs=sample_inputs,
+                                   model_kwargs=model_kwargs)
   if method.multiple_teachers:
     return ensemble_apply_fn(applies), variables
   return applies[0], variables[0]
+
+
+def load_models(models: Sequence[str], checkpoint_dirs: Sequence[str], *, num_classes: int,
+                sample_inputs, model_kwargs: Callable[[str], dict]) -> Tuple[list, list]:
+  """Each trained model's apply function and variables (host arrays), from the run
+  checkpoint directory of the same position; the checkpoint must hold that architecture."""
+  applies, variables = [], []
+  for model, directory in zip(models, checkpoint_dirs, strict=True):
+    module = models_lib.get_model(model, num_classes=num_classes, **model_kwargs(model))
+    expected = jax.eval_shape(lambda m=module: models_lib.init_variables(
+        m, jax.random.PRNGKey(0), sample_inputs))
+    variables.append(load_model_variables(directory, expected, model_name=model))
+    applies.append(models_lib.apply_fn(module))
+  return applies, variables
 
 
 def ensemble_apply_fn(apply_fns):

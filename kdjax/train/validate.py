@@ -4,7 +4,7 @@ Every error names the config field, the value given and what is allowed.
 """
 
 import os
-from typing import Iterable
+from typing import Iterable, NamedTuple, Optional, Tuple
 
 import ml_collections
 
@@ -35,6 +35,99 @@ def _positive_int(config, field: str):
 def suite_runs(config) -> list:
   """The run names of `config.suite` ('teacher,scratch,kd'), in order."""
   return [name.strip() for name in str(config.suite).split(",") if name.strip()]
+
+
+def suite_seeds(config) -> Tuple[int, ...]:
+  """`config.seeds`: the seeds every student row of the suite runs with, in order; empty (or
+  no such field) means the one run with `config.seed`."""
+  seeds = config.get("seeds", ()) or ()
+  if isinstance(seeds, (str, bytes)) or not isinstance(seeds, (list, tuple)):
+    raise ConfigError(f"config.seeds must be a list of non-negative integers (on the command "
+                      f"line --config.seeds=0,1,2), got {seeds!r}.")
+  for seed in seeds:
+    validation.require(seed, validation.NON_NEGATIVE_INT, "every entry of config.seeds")
+  if len(set(seeds)) != len(seeds):
+    raise ConfigError(f"config.seeds={tuple(seeds)!r} repeats a seed; each seed runs once.")
+  return tuple(int(seed) for seed in seeds)
+
+
+class Sweep(NamedTuple):
+  """`config.sweep = '<method>.<field>=<v1>,<v2>,...'`: the suite row `<method>` runs once per
+  value, as the rows `<method>@<field>=<v>` (`texts`: each value as written)."""
+  method: str
+  field: str
+  values: tuple
+  texts: Tuple[str, ...]
+
+  def row(self, text: str) -> str:
+    return f"{self.method}@{self.field}={text}"
+
+
+_SWEEP_FORM = ("must read '<method>.<field>=<v1>,<v2>,...' (a method of config.suite and one "
+               "of its fields), e.g. 'kd.temperature=1,2,4,8'")
+
+
+def _sweep_value(text: str, current, where: str):
+  """`text` as the type of the field's current value."""
+  if isinstance(current, bool):
+    if text.lower() not in ("true", "false"):
+      raise ConfigError(f"{where}: {text!r} is not a bool; write true or false.")
+    return text.lower() == "true"
+  try:
+    if isinstance(current, int):
+      return int(text)
+    if isinstance(current, float):
+      return float(text)
+  except ValueError:
+    raise ConfigError(f"{where}: {text!r} is not a {type(current).__name__}.") from None
+  if isinstance(current, str) or current is None:
+    return text
+  raise ConfigError(f"{where}: a {type(current).__name__} field cannot be swept; sweep a "
+                    "number, bool or string field.")
+
+
+def parse_sweep(config) -> Optional[Sweep]:
+  """`config.sweep` parsed and checked against the config, or None when empty (or absent)."""
+  spec = str(config.get("sweep", "") or "").strip()
+  if not spec:
+    return None
+  target, equals, values_text = spec.partition("=")
+  method, dot, field = target.strip().partition(".")
+  method, field = method.strip(), field.strip()
+  if not equals or not dot or not method or not field:
+    raise ConfigError(f"config.sweep={spec!r} {_SWEEP_FORM}.")
+  runs = suite_runs(config) or [config.method]
+  if method not in runs:
+    raise ConfigError(f"config.sweep={spec!r} sweeps {method!r}, which is not a run of "
+                      f"config.suite={config.suite!r}; sweep one of: {', '.join(runs)}.")
+  if method == "born_again":
+    raise ConfigError(f"config.sweep={spec!r}: born_again cannot be swept (its generations are "
+                      "chained runs); sweep another method or run one suite per value.")
+  if method not in METHODS or method not in config or not config[method].keys():
+    raise ConfigError(f"config.sweep={spec!r}: run {method!r} has no hyper-parameters "
+                      f"(no config.{method} block) to sweep.")
+  block = config[method]
+  if field not in block:
+    raise ConfigError(f"config.sweep={spec!r}: config.{method} has no field {field!r}"
+                      f"{did_you_mean(field, list(block.keys()))}; its fields: "
+                      f"{', '.join(sorted(block.keys()))}.")
+  texts = tuple(text.strip() for text in values_text.split(","))
+  if not all(texts):
+    raise ConfigError(f"config.sweep={spec!r} has an empty value; {_SWEEP_FORM}.")
+  if len(set(texts)) != len(texts):
+    raise ConfigError(f"config.sweep={spec!r} repeats a value; each value is one row.")
+  for text in texts:
+    if "/" in text or text in (".", ".."):  # The value names the row's directory.
+      raise ConfigError(f"config.sweep={spec!r}: value {text!r} cannot name a run directory.")
+  values = tuple(_sweep_value(text, block[field], f"config.sweep={spec!r} ({method}.{field})")
+                 for text in texts)
+  return Sweep(method, field, values, texts)
+
+
+def validate_suite_fields(config) -> None:
+  """The suite-only fields, `config.seeds` and `config.sweep` (absent from a run's config)."""
+  suite_seeds(config)
+  parse_sweep(config)
 
 
 def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
@@ -103,6 +196,8 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
       raise ConfigError(f"config.suite names run {run!r}, which is neither a method nor a "
                         f"teacher run{did_you_mean(run, valid_runs)}; valid runs: "
                         f"{', '.join(valid_runs)}.")
+
+  validate_suite_fields(config)
 
   teacher_checkpoint = config.teacher.checkpoint
   if teacher_checkpoint and not os.path.isdir(teacher_checkpoint):
