@@ -81,6 +81,9 @@ def get_config(arg=None):
   config.ema_teacher.num_steps = config.get_ref("num_steps")
   config.ema_teacher.kd_weight, config.ema_teacher.temperature = 0.5, 1.0  # 75.1 vs 73.3% (s0)
   config.tf_kd.kd_weight = 1.0  # The official 10 over-regularises 10 classes: 69.6 vs 77.1% (s0).
+  config.dino.num_train_steps = config.get_ref("num_steps")
+  config.dino.teacher_warmup_steps = config.get_ref("num_steps") * 3 // 10
+  config.dino.out_dim, config.dino.hidden_dim, config.dino.local_crops = 256, 256, 4
   config.cs_kd.kd_weight = 0.3  # lambda 1 gave 66.9% (s0); 0.3: 71.4 +- 1.4 (3 seeds, batch 128).
 
   variants = [part.strip() for part in str(arg or "").split(",") if part.strip()]

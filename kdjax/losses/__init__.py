@@ -16,6 +16,9 @@ from kdjax.losses.chunked import chunked_forward_kl
 from kdjax.losses.chunked import chunked_kd
 from kdjax.losses.class_attention import cat_kd
 from kdjax.losses.contrastive import crd_nce
+from kdjax.losses.dino import dino_center_and_sharpen
+from kdjax.losses.dino import dino_cross_entropy
+from kdjax.losses.dino import dino_update_center
 from kdjax.losses.feature import attention_transfer
 from kdjax.losses.feature import fitnet
 from kdjax.losses.kernel import correlation_congruence
@@ -59,6 +62,9 @@ __all__ = (
     "chunked_kd",
     "correlation_congruence",
     "crd_nce",
+    "dino_center_and_sharpen",
+    "dino_cross_entropy",
+    "dino_update_center",
     "dist",
     "dkd",
     "ema_momentum",

@@ -2,12 +2,13 @@
 
 A metric is `metric(batch: EvalBatch) -> {name: sum over the unmasked rows}`; the loop adds
 the sums over the eval split and divides each by the number of examples, so every metric is a
-per-example average (top-1, cross-entropy, agreement; per-exit accuracy for BYOT later).
+per-example average (top-1, cross-entropy, agreement; per-exit accuracy for BYOT, k-NN
+accuracy for DINO).
 The eval step runs `task metrics + teacher metrics (with a teacher) + method.eval_metrics()`,
 and knows none of them by name.
 """
 
-from typing import Callable, Dict, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,11 +19,15 @@ from kdjax.models.output import Output
 
 class EvalBatch(NamedTuple):
   """student / teacher: Outputs in eval mode (teacher None without one; several teachers'
-  logits stacked on a leading axis); labels [b]; where [b] float32, 0 on padding rows."""
+  logits stacked on a leading axis); labels [b]; where [b] float32, 0 on padding rows;
+  method_params / method_state: the method's trainable params and state, for metrics of
+  method-owned parts (BYOT's exit heads, DINO's k-NN bank); None where the caller has none."""
   student: Output
   teacher: Optional[Output]
   labels: jax.Array
   where: jax.Array
+  method_params: Any = None
+  method_state: Any = None
 
 
 EvalMetric = Callable[[EvalBatch], Dict[str, jax.Array]]

@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kdjax.methods.base import Batch, BatchOps, Method
+from kdjax.methods.base import (STUDENT_VIEW_PREFIX, TEACHER_VIEW_PREFIX, Batch, BatchOps,
+                                Method)
 from kdjax.methods.eval_metrics import (CLASSIFICATION_METRICS, TEACHER_METRICS, EvalBatch,
                                         EvalMetric)
 from kdjax.models.apply import ApplyFn
@@ -73,7 +74,9 @@ def make_train_step(*, student_apply: ApplyFn, teacher_apply: Optional[ApplyFn],
   `batch` is {'inputs': [b, ...], 'labels': [b], optional 'mask': [b] bool, optional cached
   teacher outputs ('teacher_logits' [b, C], or 'teacher_topk_logits' / 'teacher_topk_indices'
   [b, k], and 'teacher_features/<tap>'), and any other entries (such as 'index' [b]), which
-  the method receives as `Batch.data`}. `ops` and `reduce_gradients` come from the parallel strategy.
+  the method receives as `Batch.data`}; the Outputs of the student and the teacher on the
+  method's extra input views (`Method.views`) join `Batch.data` as well. `ops` and
+  `reduce_gradients` come from the parallel strategy.
   With `skip_nonfinite`, a step whose gradients are not finite leaves the state unchanged
   except for the step counter, and reports `skipped_nonfinite` = 1. (optax's own step count,
   which drives the learning-rate schedule, does not advance on a skipped step.)
@@ -89,15 +92,33 @@ def make_train_step(*, student_apply: ApplyFn, teacher_apply: Optional[ApplyFn],
     if method.self_teacher:  # The student's apply on variables the method keeps (EMA, DINO).
       teacher_variables = method.teacher_variables_from_state(state.method_state)
       teacher = teacher_outputs(student_apply, teacher_variables, batch)
+      view_teacher_apply = student_apply
     else:
       teacher = teacher_outputs(teacher_apply if method.needs_teacher else None,
                                 teacher_variables, batch, num_classes=num_classes)
+      cached = any(key in batch for key in _CACHE_KEYS)
+      view_teacher_apply = teacher_apply if method.needs_teacher and not cached else None
+    # A method's extra input views (multi-crop): the teacher sees those it names.
+    views = method.views(batch, method_rng)
+    view_data = {}
+    if view_teacher_apply is not None:
+      for name in method.teacher_views:
+        view_data[TEACHER_VIEW_PREFIX + name] = teacher_outputs(
+            view_teacher_apply, teacher_variables, {"inputs": views[name]})
 
     def loss_fn(params):
       variables = {"params": params["student"], **state.model_state}
       student, new_model_state = student_apply(variables, batch["inputs"], train=True,
                                                rng=model_rng)
       data = {k: v for k, v in batch.items() if not _is_step_key(k)}
+      data.update(view_data)
+      for i, (name, view) in enumerate(views.items()):
+        # Model state (BatchNorm statistics) moves on through the views, as in a framework
+        # that runs the model once per crop.
+        data[STUDENT_VIEW_PREFIX + name], view_model_state = student_apply(
+            {"params": params["student"], **state.model_state, **new_model_state}, view,
+            train=True, rng=jax.random.fold_in(model_rng, i + 1))
+        new_model_state = {**new_model_state, **view_model_state}
       loss, metrics, new_method_state = method.loss(
           params["method"], state.method_state,
           Batch(student=student, teacher=teacher, labels=labels, where=where, step=state.step,
@@ -114,7 +135,8 @@ def make_train_step(*, student_apply: ApplyFn, teacher_apply: Optional[ApplyFn],
     grad_norm = optax.global_norm(grads)
     model_state = {**state.model_state, **new_model_state}
     new_method_state = method.update_after_step(
-        new_method_state, {"params": params["student"], **model_state}, state.step)
+        new_method_state, {"params": params["student"], **model_state}, state.step,
+        **({"method_params": params["method"]} if method.update_reads_method_params else {}))
     new_state = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state,
         model_state=model_state, method_state=new_method_state)
@@ -152,7 +174,8 @@ def make_eval_step(*, student_apply: ApplyFn, teacher_apply: Optional[ApplyFn],
     else:
       teacher = teacher_outputs(teacher_apply, teacher_variables, batch)
     eval_batch = EvalBatch(student=student, teacher=teacher, labels=batch["labels"],
-                           where=where)
+                           where=where, method_params=state.params["method"],
+                           method_state=state.method_state)
     sums = {"count": jnp.sum(where)}
     for metric in metrics:
       for name, value in metric(eval_batch).items():

@@ -19,6 +19,7 @@ MODULES = [
     "kdjax.losses.review",
     "kdjax.losses.attention",
     "kdjax.losses.self_distillation",
+    "kdjax.losses.dino",
 ]
 
 
