@@ -45,7 +45,8 @@ def dino_center_and_sharpen(teacher_logits: ArrayLike, center: ArrayLike, *,
     [..., K] probabilities.
 
   >>> import jax.numpy as jnp
-  >>> p = dino_center_and_sharpen(jnp.array([[1.0, 0.0]]), jnp.array([0.5, 0.5]),
+  >>> from kdjax import losses
+  >>> p = losses.dino_center_and_sharpen(jnp.array([[1.0, 0.0]]), jnp.array([0.5, 0.5]),
   ...                             temperature=1.0)
   >>> [round(float(v), 4) for v in p[0]]
   [0.7311, 0.2689]
@@ -82,9 +83,10 @@ def dino_cross_entropy(student_logits: ArrayLike, teacher_probs: ArrayLike, *,
     [b] the loss per example.
 
   >>> import jax.numpy as jnp
+  >>> from kdjax import losses
   >>> student = jnp.zeros((3, 1, 2))  # 3 views, 1 example, 2 outputs.
   >>> teacher = jnp.full((2, 1, 2), 0.5)
-  >>> [round(float(v), 4) for v in dino_cross_entropy(student, teacher)]  # log 2.
+  >>> [round(float(v), 4) for v in losses.dino_cross_entropy(student, teacher)]  # log 2.
   [0.6931]
   """
   name = "dino_cross_entropy"
@@ -136,7 +138,8 @@ def dino_update_center(center: ArrayLike, teacher_logits: ArrayLike, *,
     [K] the new centre.
 
   >>> import jax.numpy as jnp
-  >>> c = dino_update_center(jnp.zeros(2), jnp.array([[[1.0, 2.0], [3.0, 4.0]]]),
+  >>> from kdjax import losses
+  >>> c = losses.dino_update_center(jnp.zeros(2), jnp.array([[[1.0, 2.0], [3.0, 4.0]]]),
   ...                        momentum=0.5)
   >>> [float(v) for v in c]
   [1.0, 1.5]
