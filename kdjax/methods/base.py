@@ -107,6 +107,9 @@ class Method(abc.ABC):
   # The training batches the method reads: 'uniform' (shuffled examples) or 'class_pairs'
   # (second half = a same-class partner of each first-half row: CS-KD), `kdjax.data.pairing`.
   sampler: ClassVar[str] = "uniform"
+  # A method whose suite row is a chain of generations, each the teacher of the next (born-again
+  # networks): the name of its config field holding the number of generations; None otherwise.
+  generations_field: ClassVar[Optional[str]] = None
 
   @classmethod
   def default_config(cls) -> ml_collections.ConfigDict:

@@ -37,6 +37,7 @@ class BornAgain(logit.KD):
   cross-architecture BANs (Sec. 4, e.g. DenseNet teacher, ResNet students). Generations 2..N
   are `config.student.model`.
   """
+  generations_field = "generations"  # The suite expands the row into chained generations.
   name = "born_again"
 
   @classmethod

@@ -15,11 +15,11 @@ Rows that expand into several runs:
   (`std`, ddof 1) and count (`num_seeds`). Without seeds, the layout is one run per row.
 - Sweeps: `config.sweep = 'kd.temperature=1,2,4,8'` replaces the row `kd` by the rows
   `kd@temperature=1`, ..., each with that value of `config.kd.temperature`.
-- Chains: the row `born_again` becomes the runs `born_again_1 .. born_again_N`
-  (N = `config.born_again.generations`, Furlanello et al. 2018): generation 1 is taught by the
+- Chains: the row of a method with a `generations_field` (born-again networks, Furlanello et
+  al. 2018) becomes the runs `<name>_1 .. <name>_N` (N = `config.<name>.<generations_field>`): generation 1 is taught by the
   suite's `teacher` run, generation k+1 by generation k's checkpoint (of the same seed); then
   the born-again ensemble of the N generations (their probabilities averaged) is evaluated on
-  the eval split and reported under `summary['ensembles']['born_again']`.
+  the eval split and reported under `summary['ensembles'][<name>]`.
 """
 
 import dataclasses
@@ -49,7 +49,6 @@ SUMMARY = "summary.json"
 # Fields of a suite config that are not fields of its runs: removed from each run's config, so
 # that a run's fingerprint (and its config.json) does not depend on the rest of the suite.
 SUITE_ONLY_FIELDS = ("seeds", "sweep")
-BORN_AGAIN = "born_again"
 
 
 def _run_dict(config: ml_collections.ConfigDict) -> dict:
@@ -154,12 +153,12 @@ def expand_suite(config: ml_collections.ConfigDict, workdir: str):
     cls = get_method_class(name)
     teachers = teacher_dirs if cls.needs_teacher else ()
 
-    if name == BORN_AGAIN:
-      generations = int(config[BORN_AGAIN].generations)
+    if cls.generations_field:  # A chain: generation k teaches generation k + 1 (born-again).
+      generations = int(config[name][cls.generations_field])
       for k in range(1, generations + 1):
         row = f"{name}_{k}"
         # The generation's index in its own config: extending the chain keeps its runs.
-        cfg = _with(base, **{f"{name}.generations": k})
+        cfg = _with(base, **{f"{name}.{cls.generations_field}": k})
         if k > 1:  # Taught by generation k - 1: the student architecture, from the suite.
           cfg = _with(cfg, **{"teacher.model": cfg.student.model, "teacher.checkpoint": None,
                               "teacher.extra": ""})

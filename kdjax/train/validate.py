@@ -100,8 +100,8 @@ def parse_sweep(config) -> Optional[Sweep]:
   if method not in runs:
     raise ConfigError(f"config.sweep={spec!r} sweeps {method!r}, which is not a run of "
                       f"config.suite={config.suite!r}; sweep one of: {', '.join(runs)}.")
-  if method == "born_again":
-    raise ConfigError(f"config.sweep={spec!r}: born_again cannot be swept (its generations are "
+  if method in METHODS and METHODS[method].generations_field:
+    raise ConfigError(f"config.sweep={spec!r}: {method} cannot be swept (its generations are "
                       "chained runs); sweep another method or run one suite per value.")
   if method not in METHODS or method not in config or not config[method].keys():
     raise ConfigError(f"config.sweep={spec!r}: run {method!r} has no hyper-parameters "
