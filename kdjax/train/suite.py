@@ -16,9 +16,9 @@ Rows that expand into several runs:
 - Sweeps: `config.sweep = 'kd.temperature=1,2,4,8'` replaces the row `kd` by the rows
   `kd@temperature=1`, ..., each with that value of `config.kd.temperature`.
 - Chains: the row of a method with a `generations_field` (born-again networks, Furlanello et
-  al. 2018) becomes the runs `<name>_1 .. <name>_N` (N = `config.<name>.<generations_field>`): generation 1 is taught by the
-  suite's `teacher` run, generation k+1 by generation k's checkpoint (of the same seed); then
-  the born-again ensemble of the N generations (their probabilities averaged) is evaluated on
+  al. 2018) becomes the runs `<name>_1 .. <name>_N` (N = `config.<name>.<generations_field>`):
+  generation 1 is taught by the suite's `teacher` run, generation k+1 by generation k's
+  checkpoint (of the same seed); then the born-again ensemble of the N generations (their probabilities averaged) is evaluated on
   the eval split and reported under `summary['ensembles'][<name>]`.
 """
 
