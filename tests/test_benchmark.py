@@ -17,6 +17,7 @@ def test_benchmark_prints_one_json_line_with_the_fields():
   assert report["examples_per_sec"] > 0 and report["devices"] == 1
 
 
+@pytest.mark.slow  # A ResNet KD step compiled for 8 devices (~35 s here).
 def test_benchmark_on_eight_devices_with_pmap():
   result = run_python(["-m", "experiments.benchmark", "--student=resnet8", "--teacher=resnet8",
                        "--num_classes=10", "--batch_size=8", "--steps=1", "--warmup=1",

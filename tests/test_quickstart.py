@@ -53,6 +53,7 @@ def test_smoke_quickstart_writes_every_result(reference_run):
     assert "| dkd | dkd | mlp |" in f.read()
 
 
+@pytest.mark.slow  # Two 8-device smoke suites (~2.5 min here); slow tests run in CI too.
 @pytest.mark.parametrize("parallel", ["jit", "pmap"])
 def test_eight_devices_give_the_single_device_numbers(reference_run, tmp_path, data_dir,
                                                       parallel):
@@ -106,6 +107,7 @@ def test_sigkill_after_first_checkpoint_then_rerun_gives_identical_summary(
         {**reference[name], "train_examples_per_sec": None}, name
 
 
+@pytest.mark.slow  # Eleven methods through the launcher (~1.5 min here).
 def test_every_other_method_runs_from_the_quickstart_suite(tmp_path, data_dir):
   """CTKD, TAID, multi-teacher KD, the sequence divergences, SP and PKT through the real
   launcher."""

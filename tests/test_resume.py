@@ -91,7 +91,10 @@ KILL_POINTS = {
 }
 
 
-@pytest.mark.parametrize("point", sorted(KILL_POINTS))
+@pytest.mark.parametrize("point", [
+    # One kill point in the default run; the others (~40 s each here) with the slow tests.
+    point if point == "teacher_after_first_checkpoint" else pytest.param(
+        point, marks=pytest.mark.slow) for point in sorted(KILL_POINTS)])
 def test_sigkill_at_any_point_then_rerun_is_bit_identical(point, uninterrupted, tmp_path,
                                                           data_dir):
   process = _start(tmp_path, data_dir)
@@ -152,6 +155,7 @@ def test_all_checkpoints_damaged_refuses_to_restart_from_zero(uninterrupted, tmp
   assert again.returncode == 2 and "holds only damaged checkpoints" in again.stderr
 
 
+@pytest.mark.slow  # Kill/rerun of methods with state (~1.5 min here).
 def test_method_parameters_and_state_resume_exactly(tmp_path, data_dir):
   """CTKD's learnable temperature (method params) and TAID's schedule (method state)."""
   args = ARGS[:-3] + ["--config.suite=teacher,ctkd,taid", "--config.num_steps=60",
