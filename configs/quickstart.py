@@ -82,6 +82,9 @@ def get_config(arg=None):
   config.fitnet.feature_weight = 1.0
   config.rkd.angle_weight = 0.0  # RKD-D: the angle term is O(B^3), 50 ms a step here.
   config.crd.nce_k = 256  # Negatives per example; 4000 examples in all (16384 on CIFAR).
+  # RepDistiller's other-class negatives (the CIFAR recipes') gave 75.9% here against 79.2% for
+  # uniform ones (seed 0, same teacher): with 10 classes the bank's same-class rows help.
+  config.crd.negatives = "uniform"
   config.born_again.generations = 2
   config.suite = "teacher,scratch,kd,dkd,dist,kd_std,nkd,fitnet,rkd,crd"
   config.ps_kd.num_steps = config.get_ref("num_steps")
