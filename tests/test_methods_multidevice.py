@@ -1,6 +1,9 @@
-"""Every feature method trains 3 steps on a CIFAR ResNet pair (resnet56 -> resnet20, the
-recipe's hyper-parameters) with the same losses on 1 device and on 8 forced host devices under
-jit and pmap (BatchNorm statistics, relational losses and memories all see the global batch)."""
+"""Feature methods with global-batch machinery train 3 steps on a CIFAR ResNet pair (resnet56
+-> resnet20, the recipe's hyper-parameters) with the same losses on 1 device and on 8 forced
+host devices under jit and pmap: FitNet's ConvReg BatchNorm (pmap axis), CRD's memory banks and
+other-class negatives, OFD's and ReviewKD's masked BatchNorm over the gathered batch. (The
+relational losses of sp, rkd and pkt are checked against one device by simulated pmap in the
+method tests; per-example terms need no more than `ops.mean`.)"""
 
 import json
 
@@ -9,7 +12,7 @@ import pytest
 
 from conftest import run_python
 
-FEATURE_METHODS = "fitnet,at,sp,rkd,pkt,crd,ofd,review_kd"
+FEATURE_METHODS = "fitnet,crd,ofd,review_kd"
 
 
 def _losses(parallel, devices):
