@@ -150,7 +150,7 @@ class Method(abc.ABC):
 
   def teacher_variables_from_state(self, state: Any) -> Any:
     """The self-teacher's variables ({'params', **model_state}) held in method state."""
-    raise NotImplementedError(f"{self.name} sets self_teacher but does not say where its "
+    raise TypeError(f"{self.name} sets self_teacher but does not say where its "
                               "teacher's variables are.")
 
   def update_after_step(self, state: Any, student_variables: Any, step: jax.Array) -> Any:
@@ -293,6 +293,3 @@ def check_interval(config, method: str, field: str, low: float, high: float, *,
 def check_positive_int(config, method: str, field: str):
   _require(config, method, field, validation.POSITIVE_INT)
 
-
-is_number = validation.is_number  # A real number that is not a bool.
-_is_number = is_number  # TODO(coordinator): remove once every method uses `is_number`.

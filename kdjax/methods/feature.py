@@ -10,7 +10,6 @@ to the teacher's: a 1x1 conv on maps, a dense layer on embeddings) is a paramete
 trained with the student and checkpointed.
 """
 
-import abc
 from typing import Callable, ClassVar, Dict, List, Optional, Tuple
 
 import flax.linen as nn
@@ -75,10 +74,11 @@ class FeatureMethod(base.Method):
   def check_pair(self, student_tap, teacher_tap, student_shape, teacher_shape):
     """Raises ValueError, naming both shapes, for a pair the term cannot compare."""
 
-  @abc.abstractmethod
   def term(self, params, pairs, batch: base.Batch, ops: base.BatchOps) -> jnp.ndarray:
     """The feature term (before `feature_weight`) for the (tap, tap, student, teacher)
-    `pairs` of this batch."""
+    `pairs` of this batch. Subclasses define it, or override `loss` when the term also
+    updates method state (FitNet's ConvReg BatchNorm, ND's class centres)."""
+    raise TypeError(f"{type(self).__name__} defines neither `term` nor its own `loss`.")
 
   def loss(self, params, state, batch, ops):
     c = self.config
@@ -222,8 +222,6 @@ class FitNet(FeatureMethod):
                                         {self.name: (self.config.feature_weight, term)})
     return loss, metrics, (dict(state, batch_stats=new_stats) if new_stats else state)
 
-  def term(self, params, pairs, batch, ops):
-    raise NotImplementedError("FitNet.loss computes its term (its connector has state).")
 
 
 class AT(FeatureMethod):

@@ -62,9 +62,6 @@ class ND(feature.FeatureMethod):
       state[f"class_counts{i}"] = jnp.zeros((num_classes,), jnp.float32)
     return params, state
 
-  def term(self, params, pairs, batch, ops):
-    raise NotImplementedError("nd computes its term in `loss` (it updates the class centres).")
-
   def loss(self, params, state, batch, ops):
     c = self.config
     labels = ops.gather(batch.labels)

@@ -30,7 +30,7 @@ Inputs [B, 32, 32, 3]. Feature taps (RepDistiller's `is_feat=True` features), v1
       returns it unshuffled, so its channel order differs from 'stage{k}').
   'embedding'      [B, 960 / 1024]          global average pool (f4); v2 after the 1x1 conv.
 Neither model has a single BatchNorm producing its pre-ReLU features (the residual or the kept
-half is added), and RepDistiller / mdistiller raise NotImplementedError in
+half is added), and RepDistiller / mdistiller refuse it (NotImplementedError) in
 `get_bn_before_relu`; so `BN_BEFORE_RELU` has no entries for them.
 """
 

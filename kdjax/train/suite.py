@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 
 from kdjax import data as data_lib
-from kdjax import paths
+from kdjax import paths, validation
 from kdjax.methods.registry import get_method_class
 from kdjax.train import files
 from kdjax.train import teachers as teachers_lib
@@ -241,10 +241,6 @@ def plan_suite(config: ml_collections.ConfigDict, workdir: str, *,
                    teacher_runs=teacher_runs, teacher_dirs=teacher_dirs)
 
 
-def _is_number(value) -> bool:
-  return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
-
-
 def aggregate_seeds(results: Dict[int, dict]) -> dict:
   """One row from the results of its seeds (by seed): the mean of each number every seed has,
   under its key, and its sample standard deviation (ddof 1; 0 for one seed) in `std`; fields
@@ -257,7 +253,7 @@ def aggregate_seeds(results: Dict[int, dict]) -> dict:
     if all(isinstance(v, int) and not isinstance(v, bool) for v in values) \
         and len(set(values)) == 1:
       row[key] = value  # The same count on every seed (steps, parameters): not averaged.
-    elif all(_is_number(v) for v in values):
+    elif all(validation.is_number(v) for v in values):
       array = np.array(values, np.float64)
       row[key] = float(array.mean())
       std[key] = float(array.std(ddof=1)) if len(array) > 1 else 0.0
