@@ -25,6 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 2
   config.on_nonfinite = "stop"  # stop | skip
   config.progress = True
+  config.prefetch = 2  # Training batches prepared and put on the devices ahead; 0 = off.
   config.allow_config_change = False  # Rerun into a workdir whose runs used another config.
 
   config.student = ml_collections.ConfigDict(dict(model="mlp"))
@@ -32,11 +33,24 @@ def base_config() -> ml_collections.ConfigDict:
       model="cnn1d",
       checkpoint=config_dict.placeholder(str),  # A run's checkpoints/ dir; default: suite's.
       num_steps=0,  # Steps of the suite's teacher runs; 0 means config.num_steps.
-      extra=""))  # More teachers for multi-teacher methods: "model[:checkpoint_dir],...".
+      extra="",  # More teachers for multi-teacher methods: "model[:checkpoint_dir],...".
+      # A teacher-output cache (experiments/cache_teacher.py) read instead of running the
+      # teacher; '' = off. cache_topk: the top-k logits read from it (0: all it holds).
+      cache="",
+      cache_topk=0))
 
   config.optimizer = ml_collections.ConfigDict(dict(
       name="adam", learning_rate=1e-2, schedule="cosine", warmup_steps=0, weight_decay=0.0,
       momentum=0.9, nesterov=False, decay_steps=(), decay_factor=0.1))
+
+  # Language models (text datasets only): windows of `sequence_length` tokens; tokenizer 'byte'
+  # (259 tokens) or 'bpe' (trained on the training split, `vocab_size` tokens, saved in
+  # `tokenizer_dir`, default <workdir>/tokenizer). The generation metrics run at the end of a
+  # run with a teacher: `eval_prompts` prompts of `eval_prompt_length` tokens, continued by
+  # `eval_new_tokens` tokens, speculative decoding with `speculative_gamma` draft tokens.
+  config.lm = ml_collections.ConfigDict(dict(
+      sequence_length=128, tokenizer="byte", vocab_size=0, tokenizer_dir="", eval_prompts=16,
+      eval_prompt_length=32, eval_new_tokens=32, speculative_gamma=4))
 
   config.seeds = ()  # Every student row over these seeds (`<run>/seed<k>/`); empty: config.seed.
   config.sweep = ""  # One row per value of one method field, e.g. 'kd.temperature=1,2,4,8'.

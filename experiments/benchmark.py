@@ -9,6 +9,12 @@ warm-up (compilation) and blocks on the results. With `--reference=torch` the Py
 of the same two models and loss (experiments/torch_reference.py) is timed in the same
 invocation, interleaved with the JAX runs over `--rounds` rounds, and the best of each is
 compared. The last line printed is one JSON object.
+
+    python -m experiments.benchmark --teacher_cache --cache_topk=10 --rounds=5
+
+times, interleaved, the same KD step three ways: the teacher run live, the teacher's outputs
+read from the batch (a run with `config.teacher.cache`, experiments/cache_teacher.py), and
+the student alone (scratch).
 """
 
 import importlib.util
@@ -29,6 +35,10 @@ flags.DEFINE_integer("rounds", 1, "Timing rounds (best is reported); interleaved
 flags.DEFINE_string("method", "kd", "Distillation method.")
 flags.DEFINE_string("parallel", "jit", "jit | pmap.")
 flags.DEFINE_enum("reference", "none", ["none", "torch"], "Also time the PyTorch reference.")
+flags.DEFINE_bool("teacher_cache", False, "Time the --method step three ways, interleaved: "
+                  "live (teacher run), cached (teacher outputs read from the batch, as with "
+                  "config.teacher.cache) and the student alone (scratch).")
+flags.DEFINE_integer("cache_topk", 0, "With --teacher_cache: cached top-k logits (0: all).")
 FLAGS = flags.FLAGS
 
 
@@ -54,6 +64,11 @@ def _check_flags():
   for flag in ("num_classes", "batch_size", "steps", "rounds"):
     if FLAGS[flag].value <= 0:
       cli.fail(f"--{flag} must be a positive integer, got {FLAGS[flag].value}.")
+  if FLAGS.cache_topk < 0 or FLAGS.cache_topk > FLAGS.num_classes:
+    cli.fail(f"--cache_topk must be in [0, --num_classes={FLAGS.num_classes}], got "
+             f"{FLAGS.cache_topk}.")
+  if FLAGS.teacher_cache and FLAGS.reference != "none":
+    cli.fail("--teacher_cache and --reference time different things; give one of them.")
   if FLAGS.warmup < 0:
     cli.fail(f"--warmup must be >= 0, got {FLAGS.warmup}.")
   if FLAGS.reference == "torch" and importlib.util.find_spec("torch") is None:
@@ -61,10 +76,55 @@ def _check_flags():
              "`pip install -e \".[torch]\"` (a CPU wheel, torch==2.13.0) or drop --reference.")
 
 
+def _cached_outputs(host_batch: dict, num_classes: int, topk: int, seed: int = 0) -> dict:
+  """Cached-teacher batch entries of the shapes a cache holds (random values: only the time
+  of the step is measured)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  batch = len(host_batch["labels"])
+  logits = np.random.default_rng(seed).normal(size=(batch, num_classes)).astype(np.float32)
+  if not topk or topk >= num_classes:
+    return {"teacher_logits": logits}
+  order = np.argsort(-logits, axis=-1)[:, :topk].astype(np.int32)
+  return {"teacher_topk_logits": np.take_along_axis(logits, order, -1),
+          "teacher_topk_indices": order}
+
+
+def teacher_cache_main():
+  """Live vs cached vs student-only step, interleaved over --rounds; prints one JSON line."""
+  from experiments.synthetic_step import build_synthetic_step  # pylint: disable=g-import-not-at-top
+  kwargs = dict(num_classes=FLAGS.num_classes, batch_size=FLAGS.batch_size,
+                parallel=FLAGS.parallel)
+  live = build_synthetic_step(FLAGS.student, FLAGS.teacher, method_name=FLAGS.method, **kwargs)
+  scratch = build_synthetic_step(FLAGS.student, FLAGS.teacher, method_name="scratch", **kwargs)
+  cached_batch = live.put_batch(dict(live.host_batch, **_cached_outputs(
+      live.host_batch, FLAGS.num_classes, FLAGS.cache_topk)))
+  runs = {"live": live.run, "cached": lambda n: live.run(n, cached_batch), "scratch": scratch.run}
+  times = {name: [] for name in runs}
+  for run in runs.values():
+    run(FLAGS.warmup)
+  for _ in range(FLAGS.rounds):
+    for name, run in runs.items():
+      times[name].append(run(FLAGS.steps))
+  step_ms = {name: 1000 * min(t) / FLAGS.steps for name, t in times.items()}
+  jax = live.jax
+  print(json.dumps({
+      **{f"{name}_step_ms": ms for name, ms in step_ms.items()},
+      **{f"{name}_examples_per_sec": FLAGS.batch_size / ms * 1000 for name, ms in step_ms.items()},
+      "cached_over_scratch": step_ms["cached"] / step_ms["scratch"],
+      "live_over_cached": step_ms["live"] / step_ms["cached"],
+      "method": FLAGS.method, "student": FLAGS.student, "teacher": FLAGS.teacher,
+      "cache_topk": FLAGS.cache_topk or FLAGS.num_classes, "batch_size": FLAGS.batch_size,
+      "steps": FLAGS.steps, "rounds": FLAGS.rounds, "backend": jax.default_backend(),
+      "device_kind": jax.devices()[0].device_kind, "devices": jax.device_count()}))
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   _check_flags()
+  if FLAGS.teacher_cache:
+    teacher_cache_main()
+    return
   run, student_params, teacher_params, jax = build_jax_step(
       FLAGS.student, FLAGS.teacher, FLAGS.num_classes, FLAGS.batch_size, FLAGS.method,
       FLAGS.parallel)

@@ -1,11 +1,15 @@
 """Runs an experiment config: `python -m experiments.main --config=configs/X.py --workdir=DIR`.
 
 Any config field can be overridden: `--config.method=dkd --config.parallel=pmap`; list them
-with `--config=configs/X.py --help`. Results: DIR/summary.json, DIR/results.md,
+with `--config=configs/X.py --help`. `--register=my_module` imports a module of yours first,
+which registers the models and datasets the config names (README: "Bring your own model and
+data"). Results: DIR/summary.json, DIR/results.md,
 DIR/results.png, and one subdirectory per run. Paths may be relative or start with '~'.
 Mistakes end in one line `Error: ...` and exit status 2, before any work.
 """
 
+import importlib
+import os
 import sys
 
 from absl import flags, logging
@@ -24,6 +28,10 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Multi-host: call jax.distributed.initialize() and let it detect the "
     "cluster (Cloud TPU, SLURM, ...), without the three flags above.")
+_REGISTER = flags.DEFINE_multi_string(
+    "register", [], "A Python module to import before the run (repeatable), e.g. "
+    "--register=my_models: it registers the models and datasets the config names "
+    "(kdjax.models.register, kdjax.data.register_arrays).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -52,6 +60,13 @@ def main(argv):
   _initialize_distributed(jax)
   from experiments import report
   from kdjax import data, paths, train
+  for module in _REGISTER.value:  # Before the config's names are checked.
+    try:
+      importlib.import_module(module)
+    except ModuleNotFoundError as error:
+      if error.name != module.split(".")[0] and error.name != module:
+        raise  # A missing import inside the user's module: its traceback helps.
+      cli.fail(f"--register={module}: no module {module!r} importable from {os.getcwd()!r}.")
   workdir = paths.resolve(_WORKDIR.value)
   # The user's mistakes (config, paths, a busy workdir): one line, status 2, nothing done.
   # A run that went wrong (non-finite loss, full disk): one line naming what, status 1.

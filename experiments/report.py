@@ -1,17 +1,29 @@
-"""Results of a suite: `results.md` (a table) and `results.png` (accuracy bars, curves).
+"""Reports of suites: `results.md` and `results.csv` (tables) and `results.png` (plots).
+
+    python -m experiments.report --workdir=runs/quickstart
+    python -m experiments.report --workdir=runs/a --workdir=runs/b --out=runs/compare
+
+`experiments.main` writes the report of its workdir when a suite ends; this command rewrites
+it, or compares several workdirs in one table and one figure (their rows named
+`<workdir>/<row>`; `--out` is then required). A workdir is a suite's (with `summary.json`) or a
+single run's directory (with `run_summary.json`).
 
 A row run over several seeds (`config.seeds`, see `kdjax/train/suite.py`) holds the mean of
 its seeds under the usual keys, their standard deviation in `std` and their count in
-`num_seeds`: the table shows its accuracy columns as `mean ± std (n)` and the plots the mean,
-with the standard deviation as error bars. Ensembles (`summary['ensembles']`, the born-again
-generations) are extra rows of the table and bars of the plot.
+`num_seeds`: the markdown table shows its accuracy columns as `mean ± std (n)`, the CSV has a
+`<key>_std` column beside each number, and the plots show the mean with the standard deviation
+as error bars or bands. Ensembles (`summary['ensembles']`, the born-again generations) are
+extra rows of the tables and bars of the plot. The figure is drawn by `report_plots.py`.
 """
 
+import csv
+import dataclasses
+import io
 import math
 import os
+from typing import List, Sequence
 
 from kdjax.train import files
-from kdjax.train.metrics import read_metrics
 
 # (summary key, column title, format, is an accuracy: shown as mean ± std (n) over seeds).
 _COLUMNS = (("eval_accuracy", "eval acc (last)", "{:.4f}", True),
@@ -20,6 +32,29 @@ _COLUMNS = (("eval_accuracy", "eval acc (last)", "{:.4f}", True),
             ("final_train_loss", "final train loss", "{:.4f}", False),
             ("steps", "steps", "{}", False),
             ("train_examples_per_sec", "train ex/s", "{:,.0f}", False))
+
+# The numbers of the CSV table, each followed by its `_std` column.
+CSV_KEYS = ("eval_accuracy", "best_eval_accuracy", "best_eval_step", "teacher_agreement",
+            "eval_cross_entropy", "final_train_loss", "steps", "train_examples_per_sec",
+            "student_params")
+
+SUMMARY, RUN_SUMMARY = "summary.json", "run_summary.json"
+
+
+class ReportError(ValueError):
+  """A workdir the report cannot read; its message names the path and what is expected."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """One row of the report: a suite row (over its seeds) or an ensemble."""
+  name: str
+  result: dict
+  directories: tuple  # The run directories holding its metrics.jsonl (none for ensembles).
+
+  @property
+  def is_ensemble(self) -> bool:
+    return not self.directories
 
 
 def _missing(value) -> bool:
@@ -39,77 +74,159 @@ def format_cell(result: dict, key: str, fmt: str, is_accuracy: bool) -> str:
   return fmt.format(value)
 
 
-def table_rows(summary: dict) -> list:
-  """(name, result) of every row: the runs, then the ensembles."""
-  rows = list(summary["runs"].items())
+def _run_dirs(workdir: str, run: str, result: dict) -> tuple:
+  if "seeds" in result:
+    return tuple(os.path.join(workdir, run, f"seed{seed}") for seed in result["seeds"])
+  return (os.path.join(workdir, run),)
+
+
+def summary_rows(summary: dict, workdir: str = "", prefix: str = "") -> List[Row]:
+  """The rows of one summary: its runs, then its ensembles, names prefixed by `prefix`."""
+  rows = [Row(prefix + name, result, _run_dirs(workdir, name, result))
+          for name, result in summary["runs"].items()]
   for name, result in summary.get("ensembles", {}).items():
-    rows.append((f"{name} ensemble ({result.get('generations', '?')})", result))
+    rows.append(Row(f"{prefix}{name} ensemble ({result.get('generations', '?')})", result, ()))
   return rows
 
 
-def results_table(summary: dict) -> str:
-  """A markdown table with one row per suite row (and ensemble)."""
+def table_rows(summary: dict) -> list:
+  """(name, result) of every row: the runs, then the ensembles."""
+  return [(row.name, row.result) for row in summary_rows(summary)]
+
+
+def markdown_table(rows: Sequence[Row]) -> str:
+  """A markdown table with one line per row."""
   header = "| run | method | model | " + " | ".join(c[1] for c in _COLUMNS) + " |"
   rule = "|" + " --- |" * (3 + len(_COLUMNS))
+  lines = []
+  for row in rows:
+    cells = [format_cell(row.result, key, fmt, is_accuracy)
+             for key, _, fmt, is_accuracy in _COLUMNS]
+    lines.append(f"| {row.name} | {row.result.get('method', '')} | "
+                 f"{row.result.get('student', '')} | " + " | ".join(cells) + " |")
+  return "\n".join([header, rule] + lines) + "\n"
+
+
+def results_table(summary: dict) -> str:
+  """The markdown table of one suite's summary."""
+  return markdown_table(summary_rows(summary))
+
+
+def csv_table(rows: Sequence[Row]) -> str:
+  """The rows as CSV: run, method, model, num_seeds, then each of `CSV_KEYS` and its
+  standard deviation over seeds (`<key>_std`, empty for a single run); empty cells for
+  numbers a row does not have."""
+  out = io.StringIO()
+  writer = csv.writer(out, lineterminator="\n")
+  writer.writerow(["run", "method", "model", "num_seeds"] +
+                  [name for key in CSV_KEYS for name in (key, f"{key}_std")])
+  for row in rows:
+    result, std = row.result, row.result.get("std", {})
+    cells = [row.name, result.get("method", ""), result.get("student", ""),
+             result.get("num_seeds", 1)]
+    for key in CSV_KEYS:
+      cells += ["" if _missing(result.get(key)) else repr(result[key]),
+                "" if _missing(std.get(key)) else repr(std[key])]
+    writer.writerow(cells)
+  return out.getvalue()
+
+
+def load_workdir(workdir: str) -> dict:
+  """A workdir's summary: `summary.json` of a suite, or a one-row summary from a single run's
+  `run_summary.json` (its row named after the directory). Raises ReportError otherwise."""
+  if not os.path.isdir(workdir):
+    raise ReportError(f"--workdir={workdir}: no such directory.")
+  if os.path.exists(os.path.join(workdir, SUMMARY)):
+    summary = files.read_json(os.path.join(workdir, SUMMARY))
+  elif os.path.exists(os.path.join(workdir, RUN_SUMMARY)):
+    summary = {"runs": {"": files.read_json(os.path.join(workdir, RUN_SUMMARY))}}
+  else:
+    raise ReportError(f"--workdir={workdir} holds no {SUMMARY} (a suite's) nor "
+                      f"{RUN_SUMMARY} (a run's): give the --workdir of a finished "
+                      "experiments.main run.")
+  if not isinstance(summary, dict) or not summary.get("runs"):
+    raise ReportError(f"--workdir={workdir}: its {SUMMARY} lists no finished runs yet.")
+  return summary
+
+
+def _labels(workdirs: Sequence[str]) -> List[str]:
+  """Short distinct names of the workdirs: each its last path components, as few as tell it
+  apart from the others ('a/suite' and 'b/suite', but 'one')."""
+  parts = [os.path.normpath(w).split(os.sep) for w in workdirs]
+  labels = []
+  for i, mine in enumerate(parts):
+    depth = 1
+    while depth < len(mine) and any(other[-depth:] == mine[-depth:]
+                                     for j, other in enumerate(parts) if j != i):
+      depth += 1
+    labels.append("/".join(mine[-depth:]))
+  return labels
+
+
+def workdir_rows(workdirs: Sequence[str]) -> List[Row]:
+  """The rows of one or several workdirs; with several, each row name is `<workdir>/<row>`."""
   rows = []
-  for run, result in table_rows(summary):
-    cells = [format_cell(result, key, fmt, is_accuracy) for key, _, fmt, is_accuracy in _COLUMNS]
-    rows.append(f"| {run} | {result.get('method', '')} | {result.get('student', '')} | "
-                + " | ".join(cells) + " |")
-  return "\n".join([header, rule] + rows) + "\n"
+  labels = _labels(workdirs)
+  for workdir, label in zip(workdirs, labels):
+    summary = load_workdir(workdir)
+    if list(summary["runs"]) == [""]:  # A single run: the row is the workdir itself.
+      result = summary["runs"][""]
+      rows.append(Row(label, result, (workdir,)))
+      continue
+    rows += summary_rows(summary, workdir, prefix=f"{label}/" if len(workdirs) > 1 else "")
+  return rows
 
 
-def _run_dirs(workdir: str, run: str, result: dict) -> list:
-  if "seeds" in result:
-    return [os.path.join(workdir, run, f"seed{seed}") for seed in result["seeds"]]
-  return [os.path.join(workdir, run)]
-
-
-def _mean_curve(line_sets, key: str):
-  """(steps, mean over runs) of `key`, at the steps every run logged."""
-  by_step = {}
-  for lines in line_sets:
-    for line in lines:
-      by_step.setdefault(line["step"], []).append(line[key])
-  steps = sorted(s for s, values in by_step.items() if len(values) == len(line_sets))
-  return steps, [sum(by_step[s]) / len(by_step[s]) for s in steps]
-
-
-def plot_results(summary: dict, workdir: str, path: str):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  rows = table_rows(summary)
-  figure, (bars, train, evals) = plt.subplots(1, 3, figsize=(15, 4))
-  names = [name for name, _ in rows]
-  accuracies = [result["eval_accuracy"] for _, result in rows]
-  errors = [result.get("std", {}).get("eval_accuracy", 0.0) for _, result in rows]
-  bars.bar(names, accuracies, yerr=errors, capsize=3, color="tab:blue")
-  bars.set_ylim(max(0.0, min(accuracies) - 0.1), min(1.0, max(accuracies) + 0.05))
-  for i, value in enumerate(accuracies):
-    bars.text(i, value, f"{value:.3f}", ha="center", va="bottom")
-  bars.set_title("eval accuracy (mean ± std over seeds)")
-  plt.setp(bars.get_xticklabels(), rotation=30, ha="right")
-  for run, result in summary["runs"].items():
-    line_sets = [read_metrics(d) for d in _run_dirs(workdir, run, result)]
-    train_curve = _mean_curve([[l for l in s if l["split"] == "train"] for s in line_sets], "loss")
-    eval_curve = _mean_curve([[l for l in s if l["split"] == "eval"] for s in line_sets],
-                             "accuracy")
-    train.plot(*train_curve, label=run)
-    evals.plot(*eval_curve, "o-", label=run)
-  train.set(title="train loss (mean over seeds)", xlabel="step", yscale="log")
-  evals.set(title="eval accuracy (mean over seeds)", xlabel="step")
-  train.legend()
-  evals.legend()
-  figure.tight_layout()
-  figure.savefig(path, dpi=100)
-  plt.close(figure)
+def write_rows_report(rows: Sequence[Row], out: str, *, title: str = "Results") -> str:
+  """Writes results.md, results.csv and results.png into `out`; returns the markdown table."""
+  from experiments import report_plots  # pylint: disable=g-import-not-at-top  (matplotlib)
+  table = markdown_table(rows)
+  os.makedirs(out, exist_ok=True)
+  files.write_atomic(os.path.join(out, "results.md"), f"# {title}\n\n" + table)
+  files.write_atomic(os.path.join(out, "results.csv"), csv_table(rows))
+  report_plots.plot_report(rows, os.path.join(out, "results.png"))
+  return table
 
 
 def write_report(summary: dict, workdir: str) -> str:
-  """Writes results.md and results.png into workdir; returns the table."""
-  table = results_table(summary)
-  files.write_atomic(os.path.join(workdir, "results.md"), "# Results\n\n" + table)
-  plot_results(summary, workdir, os.path.join(workdir, "results.png"))
-  return table
+  """The report of a suite that just ended, into its workdir; returns the markdown table."""
+  return write_rows_report(summary_rows(summary, workdir), workdir)
+
+
+def main(argv):
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from experiments import cli  # pylint: disable=g-import-not-at-top
+  from kdjax import paths  # pylint: disable=g-import-not-at-top
+  workdirs = [paths.resolve(w) for w in flags.FLAGS.workdir or []]
+  if not workdirs:
+    cli.fail("--workdir is required: the directory of a finished experiments.main run "
+             "(repeat --workdir to compare several).")
+  out = paths.resolve(flags.FLAGS.out) if flags.FLAGS.out else None
+  if out is None and len(workdirs) > 1:
+    cli.fail(f"--out is required with {len(workdirs)} workdirs: the directory for the "
+             "combined results.md, results.csv and results.png.")
+  try:
+    rows = workdir_rows(workdirs)
+    table = write_rows_report(rows, out or workdirs[0],
+                              title="Results" if len(workdirs) == 1 else
+                              "Results of " + ", ".join(workdirs))
+  except ReportError as error:
+    cli.fail(str(error))
+  except OSError as error:
+    cli.fail(f"--out={out or workdirs[0]}: cannot write the report there ({error.strerror}).")
+  print(table + f"\nReport in {out or workdirs[0]}/ (results.md, results.csv, results.png)")
+
+
+def _define_flags():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_multi_string("workdir", None, "A suite's workdir (experiments.main --workdir), "
+                            "or a run's directory; repeat to compare several.")
+  flags.DEFINE_string("out", None, "Where to write results.md / .csv / .png; default: the "
+                      "workdir (required with several).")
+
+
+if __name__ == "__main__":
+  from experiments import cli as _cli  # pylint: disable=g-import-not-at-top
+  _define_flags()
+  _cli.run(main, config_name=None)

@@ -19,12 +19,17 @@ TRAIN_EXAMPLES = 50_000  # CIFAR-sized memories for methods that keep one (CRD).
 
 @dataclasses.dataclass
 class SyntheticStep:
-  run: Callable[[int], float]  # run(n) -> seconds for n steps (blocking on the result).
+  # run(n) -> seconds for n steps (blocking on the result); run(n, batch) on another device
+  # batch, e.g. `put_batch(dict(host_batch, **cached_teacher_outputs))`, or on `batch(i)` for
+  # the i-th of the n steps (a data pipeline's batches).
+  run: Callable[..., float]
   last_metrics: Callable[[], dict]  # The last step's metrics, on the host.
   student_params: int
   teacher_params: int
   method_params: int
   jax: Any
+  host_batch: Optional[dict] = None  # The fixed random batch, on the host.
+  put_batch: Optional[Callable[[dict], Any]] = None  # The parallel strategy's put_batch.
 
 
 def build_synthetic_step(student_name: str, teacher_name: str, *, num_classes: int,
@@ -89,18 +94,21 @@ def build_synthetic_step(student_name: str, teacher_name: str, *, num_classes: i
   train_step = parallel.compile_train_step(step_lib.make_train_step(
       student_apply=student_apply, teacher_apply=teacher_apply, method=method,
       optimizer=optimizer, reduce_gradients=parallel.reduce_gradients))
-  batch = parallel.put_batch({
+  host_batch = {
       "inputs": inputs,
       "labels": rng.integers(0, num_classes, size=(batch_size,)).astype(np.int32),
       "index": rng.permutation(TRAIN_EXAMPLES)[:batch_size].astype(np.int32),
       **({"partner_row": pairing.partner_rows(batch_size)}
-         if method.sampler == "class_pairs" else {})})
+         if method.sampler == "class_pairs" else {})}
+  fixed_batch = parallel.put_batch(host_batch)
   holder = {"state": state, "metrics": None}
 
-  def run(num_steps: int) -> float:
+  def run(num_steps: int, batch=None) -> float:
+    batch = fixed_batch if batch is None else batch
     start = time.perf_counter()
-    for _ in range(num_steps):
-      holder["state"], holder["metrics"] = train_step(holder["state"], teacher_on_device, batch)
+    for i in range(num_steps):
+      holder["state"], holder["metrics"] = train_step(
+          holder["state"], teacher_on_device, batch(i) if callable(batch) else batch)
     jax.block_until_ready((holder["state"], holder["metrics"]))
     return time.perf_counter() - start
 
@@ -110,4 +118,5 @@ def build_synthetic_step(student_name: str, teacher_name: str, *, num_classes: i
   return SyntheticStep(run=run, last_metrics=last_metrics,
                        student_params=models.count_params(student_variables["params"]),
                        teacher_params=models.count_params(teacher_variables["params"]),
-                       method_params=models.count_params(method_params), jax=jax)
+                       method_params=models.count_params(method_params), jax=jax,
+                       host_batch=host_batch, put_batch=parallel.put_batch)

@@ -1,11 +1,12 @@
 """The datasets kdjax knows by name, and how to turn their records into model inputs."""
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Any, Callable, Mapping, Optional, Union
 
 import numpy as np
 
 from kdjax.data import augment
+from kdjax.data.text_catalog import TEXT_DATASETS, TextDatasetSpec
 
 # CIFAR channel statistics used by RepDistiller / mdistiller.
 _CIFAR100_MEAN = np.array([0.5071, 0.4867, 0.4408], np.float32)
@@ -34,6 +35,8 @@ class DatasetSpec:
     preprocess: `(inputs [b, ...] raw, rng or None, rows) -> float32 inputs`; augments the
       training batches with `rng`; `rng` is None at evaluation (and when augmentation is off).
       `rows` = (offset, global batch size) places the b rows within the global batch.
+    in_memory_splits: for datasets registered from numpy arrays, each split's in-memory
+      random-access source (`sources.ArraySource`); None for TFDS datasets.
   """
   tfds_name: str
   input_key: str
@@ -47,6 +50,10 @@ class DatasetSpec:
   variable_input_size: bool = False
   local_builder: Optional[Callable] = None
   preprocess: Callable = lambda inputs, rng, rows=None: np.asarray(inputs, np.float32)
+  # Split name -> random-access source held in memory (`kdjax.data.register_arrays`); such a
+  # dataset is never read from TFDS. Left out of comparisons: it holds the arrays.
+  in_memory_splits: Optional[Mapping[str, Any]] = dataclasses.field(
+      default=None, compare=False, repr=False)
 
 
 def _mnist1d_builder():
@@ -104,8 +111,51 @@ DATASETS = {
 }
 
 
-def get_dataset_spec(name: str) -> DatasetSpec:
-  if name not in DATASETS:
-    raise ValueError(
-        f"Unknown dataset {name!r}; valid datasets: {', '.join(sorted(DATASETS))}.")
-  return DATASETS[name]
+def get_dataset_spec(name: str) -> Union[DatasetSpec, TextDatasetSpec]:
+  """The DatasetSpec of an image/signal dataset or the TextDatasetSpec of a text dataset."""
+  if name in DATASETS:
+    return DATASETS[name]
+  if name in TEXT_DATASETS:
+    return TEXT_DATASETS[name]
+  raise ValueError(f"Unknown dataset {name!r}; valid datasets: "
+                   f"{', '.join(sorted(DATASETS))}; text datasets: "
+                   f"{', '.join(sorted(TEXT_DATASETS))}.")
+
+
+# The datasets shipped with kdjax: `register` never replaces these.
+BUILT_IN = frozenset(DATASETS)
+
+
+def register(name: str, spec: DatasetSpec, *, replace: bool = False) -> None:
+  """Makes a dataset of your own available by name to configs (`config.dataset`).
+
+  `spec` says how to read it: a TFDS dataset prepared in array_record format in
+  `config.data_dir` (`tfds_name`, keys, `num_classes`, `input_shape`, `input_kind`,
+  `preprocess`), or in-memory arrays (`kdjax.data.register_arrays` builds that spec). Like a
+  model registration, it must run in the training process before `train_and_evaluate` /
+  `run_suite`.
+
+  Raises:
+    ValueError: the name is taken (pass `replace=True` to replace an earlier registration;
+      built-in datasets are never replaced) or `spec` is not a `DatasetSpec`.
+  """
+  if not isinstance(name, str) or not name or any(c in name for c in ",:/ "):
+    raise ValueError(f"register: dataset name must be a non-empty string without ',', ':', '/' "
+                     f"or spaces; got {name!r}.")
+  if not isinstance(spec, DatasetSpec):
+    raise ValueError(f"register: spec of dataset {name!r} must be a kdjax.data.DatasetSpec; got "
+                     f"{type(spec).__name__}.")
+  if name in BUILT_IN or name in TEXT_DATASETS:
+    raise ValueError(f"register: {name!r} is a built-in dataset and cannot be replaced; choose "
+                     "another name.")
+  if name in DATASETS and not replace:
+    raise ValueError(f"register: dataset {name!r} is already registered; pass replace=True to "
+                     "replace it.")
+  DATASETS[name] = spec
+
+
+def unregister(name: str) -> None:
+  """Removes a registered dataset (tests, notebooks re-run cell by cell)."""
+  if name in BUILT_IN:
+    raise ValueError(f"unregister: {name!r} is a built-in dataset.")
+  DATASETS.pop(name, None)

@@ -1,7 +1,9 @@
-"""Random-access TFDS data sources (array_record), read without TensorFlow.
+"""Random-access data sources: TFDS (array_record, read without TensorFlow) or in memory.
 
-Every dataset, the offline MNIST-1D included, goes through `tfds.data_source`; datasets with
-a local builder are generated into `data_dir` on first use.
+Every TFDS dataset, the offline MNIST-1D included, goes through `tfds.data_source`; datasets
+with a local builder are generated into `data_dir` on first use. Datasets registered from numpy
+arrays (`register_arrays`) are `ArraySource`s with the same random-access interface, so the
+input pipeline reads both the same way.
 """
 
 import contextlib
@@ -10,9 +12,12 @@ import logging
 import os
 import sys
 import time
-from typing import Optional
+from typing import Callable, Optional, Tuple
+
+import numpy as np
 
 from kdjax import paths
+from kdjax.data import catalog
 from kdjax.data.catalog import DatasetSpec
 
 
@@ -69,8 +74,11 @@ def ensure_prepared(spec: DatasetSpec, data_dir: Optional[str] = None) -> str:
   Returns:
     The data_dir used.
   """
-  import tensorflow_datasets as tfds
   data_dir = paths.resolve(data_dir) or default_data_dir()
+  # Registered numpy arrays: nothing to prepare (text specs have no such field).
+  if getattr(spec, "in_memory_splits", None) is not None:
+    return data_dir
+  import tensorflow_datasets as tfds
   if spec.local_builder is not None:
     with _quiet():
       builder = spec.local_builder()(data_dir=data_dir, file_format="array_record")
@@ -98,8 +106,104 @@ def ensure_prepared(spec: DatasetSpec, data_dir: Optional[str] = None) -> str:
 
 def load_split(spec: DatasetSpec, split: str, data_dir: Optional[str] = None):
   """Returns a random-access source of dict records for one split."""
+  if getattr(spec, "in_memory_splits", None) is not None:
+    if split not in spec.in_memory_splits:
+      raise ValueError(f"Dataset {spec.tfds_name!r} has the splits "
+                       f"{sorted(spec.in_memory_splits)}, not {split!r}.")
+    return spec.in_memory_splits[split]
   import tensorflow_datasets as tfds
   data_dir = ensure_prepared(spec, data_dir)
   if spec.local_builder is not None:
     return _local_builder(spec, data_dir).as_data_source(split=split)
   return tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir)
+
+
+class ArraySource:
+  """Numpy arrays as a random-access source of records `{'inputs': x[i], 'label': y[i]}`
+  (the interface of `tfds.data_source`: `len`, `[i]`, `__getitems__`)."""
+
+  INPUT_KEY, LABEL_KEY = "inputs", "label"
+
+  def __init__(self, inputs: np.ndarray, labels: np.ndarray):
+    self.inputs, self.labels = inputs, labels
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def __getitem__(self, index: int) -> dict:
+    return {self.INPUT_KEY: self.inputs[index], self.LABEL_KEY: self.labels[index]}
+
+  def __getitems__(self, indices) -> list:
+    return [self[int(i)] for i in indices]
+
+
+def _checked_split(name: str, split: str, pair, num_classes: int) -> Tuple[np.ndarray, np.ndarray]:
+  where = f"register_arrays({name!r}): {split}"
+  if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+    raise ValueError(f"{where} must be a pair (inputs [N, ...], labels [N]); got "
+                     f"{type(pair).__name__}.")
+  inputs, labels = np.asarray(pair[0]), np.asarray(pair[1])
+  if inputs.ndim < 2 or labels.ndim != 1 or len(inputs) != len(labels) or not len(labels):
+    raise ValueError(f"{where} must be inputs [N, ...] and labels [N] with the same N > 0; got "
+                     f"shapes {inputs.shape} and {labels.shape}.")
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f"{where} labels must be integers (class ids); got dtype {labels.dtype}.")
+  bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+  if bad.size:
+    raise ValueError(f"{where} labels must lie in [0, {num_classes}) (num_classes="
+                     f"{num_classes}); label {int(labels[bad[0]])} at row {int(bad[0])} does not.")
+  return inputs, labels.astype(np.int32)
+
+
+def register_arrays(  # pylint: disable=redefined-builtin
+    name: str, *, train, eval, num_classes: int, input_kind: str,
+    preprocess: Optional[Callable] = None, replace: bool = False) -> DatasetSpec:
+  """Registers in-memory numpy arrays as the dataset `name` (`config.dataset=name`).
+
+  Args:
+    name: the dataset's name in configs.
+    train: `(inputs [N, ...], labels [N])`, the training split (integer labels).
+    eval: `(inputs [M, ...], labels [M])`, the evaluation split (same input shape).
+    num_classes: the number of classes; labels must lie in [0, num_classes).
+    input_kind: the kind of inputs ('signal1d', 'image32', 'image224', or a kind of your own);
+      only models registered with the same kind are accepted for it.
+    preprocess: `(inputs [b, ...] as stored, rng or None, rows=None) -> float32 inputs`, as
+      `DatasetSpec.preprocess`: `rng` (a numpy Generator) is given for training batches when
+      `config.augment` is on, None at evaluation. Default: cast to float32.
+    replace: allow replacing an earlier registration of `name`.
+
+  Returns:
+    The registered `DatasetSpec` (its `input_shape` is that of one preprocessed input).
+
+  The arrays live in this process only: register them in every process of a multi-host run
+  (each reads its own rows), and again before `kdjax.load_run` if you evaluate there.
+  """
+  if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+    raise ValueError(f"register_arrays({name!r}): num_classes must be an integer >= 2; got "
+                     f"{num_classes!r}.")
+  if not isinstance(input_kind, str) or not input_kind:
+    raise ValueError(f"register_arrays({name!r}): input_kind must be a non-empty string such as "
+                     f"'signal1d' or 'image32'; got {input_kind!r}.")
+  train_inputs, train_labels = _checked_split(name, "train", train, num_classes)
+  eval_inputs, eval_labels = _checked_split(name, "eval", eval, num_classes)
+  if train_inputs.shape[1:] != eval_inputs.shape[1:]:
+    raise ValueError(f"register_arrays({name!r}): train and eval inputs differ in shape: "
+                     f"{train_inputs.shape[1:]} vs {eval_inputs.shape[1:]} per example.")
+  if preprocess is None:
+    preprocess = lambda inputs, rng, rows=None: np.asarray(inputs, np.float32)
+  elif not callable(preprocess):
+    raise ValueError(f"register_arrays({name!r}): preprocess must be a function (inputs, rng, "
+                     f"rows=None) -> float32 inputs; got {type(preprocess).__name__}.")
+  sample = np.asarray(preprocess(train_inputs[:2], None, None))
+  if sample.shape[:1] != (min(2, len(train_inputs)),):
+    raise ValueError(f"register_arrays({name!r}): preprocess must keep the batch axis; it mapped "
+                     f"inputs {train_inputs[:2].shape} to {sample.shape}.")
+  spec = DatasetSpec(
+      tfds_name=name, input_key=ArraySource.INPUT_KEY, label_key=ArraySource.LABEL_KEY,
+      num_classes=num_classes, input_shape=tuple(sample.shape[1:]), input_kind=input_kind,
+      train_split="train", eval_split="eval", train_examples=len(train_labels),
+      preprocess=preprocess,
+      in_memory_splits={"train": ArraySource(train_inputs, train_labels),
+                        "eval": ArraySource(eval_inputs, eval_labels)})
+  catalog.register(name, spec, replace=replace)
+  return spec

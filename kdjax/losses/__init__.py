@@ -21,6 +21,13 @@ from kdjax.losses.dino import dino_cross_entropy
 from kdjax.losses.dino import dino_update_center
 from kdjax.losses.feature import attention_transfer
 from kdjax.losses.feature import fitnet
+from kdjax.losses.fused import fused_forward_kl
+from kdjax.losses.fused import fused_generalized_jsd
+from kdjax.losses.fused import fused_kd
+from kdjax.losses.fused import fused_reverse_kl
+from kdjax.losses.fused import fused_skew_forward_kl
+from kdjax.losses.fused import fused_skew_reverse_kl
+from kdjax.losses.fused import fused_total_variation
 from kdjax.losses.kernel import correlation_congruence
 from kdjax.losses.kernel import nst
 from kdjax.losses.logit import dkd
@@ -71,6 +78,13 @@ __all__ = (
     "ema_update",
     "fitnet",
     "forward_kl",
+    "fused_forward_kl",
+    "fused_generalized_jsd",
+    "fused_kd",
+    "fused_reverse_kl",
+    "fused_skew_forward_kl",
+    "fused_skew_reverse_kl",
+    "fused_total_variation",
     "generalized_jsd",
     "hcl",
     "kd",

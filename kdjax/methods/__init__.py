@@ -2,7 +2,7 @@
 
 from kdjax.methods.base import Batch, BatchOps, Method, single_device_ops
 from kdjax.methods.registry import (METHODS, build_method, default_method_configs,
-                                    get_method_class)
+                                    get_method_class, register)
 
 __all__ = ["Batch", "BatchOps", "Method", "single_device_ops", "METHODS", "build_method",
-           "default_method_configs", "get_method_class"]
+           "default_method_configs", "get_method_class", "register"]

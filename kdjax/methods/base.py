@@ -13,7 +13,6 @@ from typing import Any, Callable, ClassVar, Dict, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
 from kdjax import validation
@@ -74,6 +73,16 @@ class Batch:
   student_variables: Any = None
 
 
+class StepModels(NamedTuple):
+  """The models a method's `rewrite_batch` may run inside the train step: pure apply functions
+  and their variables (the student's as of this step, under stop_gradient; the teacher's, or
+  None without a teacher)."""
+  student_apply: Callable
+  student_variables: Any
+  teacher_apply: Optional[Callable]
+  teacher_variables: Any
+
+
 Metrics = Dict[str, jax.Array]
 
 # Where the step puts the Outputs of the student and the teacher on a method's extra input
@@ -112,8 +121,10 @@ class Method(abc.ABC):
   generations_field: ClassVar[Optional[str]] = None
 
   @classmethod
-  def default_config(cls) -> ml_collections.ConfigDict:
+  def default_config(cls) -> "ml_collections.ConfigDict":
     """The method's hyper-parameters, stored in experiment configs as `config.<name>`."""
+    # Imported here: code that only runs methods (the GPU benchmark image) has no ml_collections.
+    import ml_collections  # pylint: disable=g-import-not-at-top
     return ml_collections.ConfigDict()
 
   # The training split's size, for methods with per-example memory (CRD's memory bank); set
@@ -131,7 +142,7 @@ class Method(abc.ABC):
   # Set by the run before `init`.
   batch_norm_axis_name: Optional[str] = None
 
-  def __init__(self, config: ml_collections.ConfigDict):
+  def __init__(self, config: "ml_collections.ConfigDict"):
     for field in self.non_negative_fields:
       check_non_negative(config, self.name, field)
     for field in self.positive_fields:
@@ -180,6 +191,24 @@ class Method(abc.ABC):
 
   # The names among `views` that the teacher sees as well (DINO: the global crops).
   teacher_views: ClassVar[Tuple[str, ...]] = ()
+
+  # True for methods that rewrite the input batch inside the jitted step, before the teacher
+  # and the student run on it: on-policy distillation (GKD) replaces continuations by the
+  # student's samples, sequence-level KD trains on the teacher's generations.
+  rewrites_batch: ClassVar[bool] = False
+
+  def rewrite_batch(self, state: Any, batch: Dict[str, jax.Array], models: StepModels,
+                    rng: jax.Array, ops: BatchOps) -> Tuple[Dict[str, jax.Array], Any]:
+    """Returns (the batch the step trains on, the new method state); identity by default.
+
+    Runs inside the jitted step, before the teacher's outputs are computed (so the teacher
+    sees the rewritten batch). `batch` is the step's input batch (a language model's:
+    'tokens', 'targets', 'mask' [b, T], 'index' [b]; local to the device under pmap); `rng` is
+    the same on every device (a pure function of (seed, step)), so a random choice made from it
+    alone (GKD's on-/off-policy draw) is the same everywhere.
+    """
+    del models, rng, ops
+    return batch, state
 
   def eval_metrics(self) -> Sequence[Callable]:
     """Metrics evaluated beside the task's (see `eval_metrics.EvalMetric`): a method with

@@ -21,13 +21,17 @@ class EvalBatch(NamedTuple):
   """student / teacher: Outputs in eval mode (teacher None without one; several teachers'
   logits stacked on a leading axis); labels [b]; where [b] float32, 0 on padding rows;
   method_params / method_state: the method's trainable params and state, for metrics of
-  method-owned parts (BYOT's exit heads, DINO's k-NN bank); None where the caller has none."""
+  method-owned parts (BYOT's exit heads, DINO's k-NN bank); None where the caller has none;
+  stacked_teachers: the teacher's logits are several teachers' on a leading axis.
+  For language models logits are [b, T, V] and labels / where [b, T]: every metric is then a
+  per-token average."""
   student: Output
   teacher: Optional[Output]
   labels: jax.Array
   where: jax.Array
   method_params: Any = None
   method_state: Any = None
+  stacked_teachers: bool = False
 
 
 EvalMetric = Callable[[EvalBatch], Dict[str, jax.Array]]
@@ -48,18 +52,22 @@ def cross_entropy(batch: EvalBatch) -> Dict[str, jax.Array]:
   return {"cross_entropy": _sum(ce, batch.where)}
 
 
-def teacher_log_probs(teacher: Output) -> jax.Array:
-  """The teacher's log-probabilities; several teachers: their average prediction."""
-  logits = teacher.logits.astype(jnp.float32)
-  log_probs = jax.nn.log_softmax(logits)
-  return jnp.mean(log_probs, axis=0) if teacher.logits.ndim == 3 else log_probs
+def teacher_log_probs(teacher: Output, stacked: bool = False) -> jax.Array:
+  """The teacher's log-probabilities; several (`stacked`) teachers: their average prediction."""
+  log_probs = jax.nn.log_softmax(teacher.logits.astype(jnp.float32))
+  return jnp.mean(log_probs, axis=0) if stacked else log_probs
 
 
 def teacher_accuracy_and_agreement(batch: EvalBatch) -> Dict[str, jax.Array]:
-  """The teacher's top-1 and how often the student's top-1 equals the teacher's."""
-  teacher_prediction = jnp.argmax(teacher_log_probs(batch.teacher), -1)
+  """The teacher's top-1 and cross-entropy, and how often the student's top-1 equals the
+  teacher's."""
+  log_probs = teacher_log_probs(batch.teacher, batch.stacked_teachers)
+  teacher_prediction = jnp.argmax(log_probs, -1)
+  labels = jnp.where(batch.where > 0, batch.labels, 0)  # Padding may hold any label.
+  teacher_ce = -jnp.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
   return {
       "teacher_accuracy": _sum(teacher_prediction == batch.labels, batch.where),
+      "teacher_cross_entropy": _sum(teacher_ce, batch.where),
       "teacher_agreement": _sum(
           teacher_prediction == jnp.argmax(batch.student.logits, -1), batch.where),
   }

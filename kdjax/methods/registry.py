@@ -1,23 +1,54 @@
 """Methods by name. A new method module declares `METHODS = (cls, ...)` and is listed in
-`_MODULES`; nothing in `kdjax.train` changes."""
+`_MODULES`; nothing in `kdjax.train` changes. A method defined outside kdjax (a notebook, a
+user's module) joins with `register(cls)` before the config that names it is run."""
 
 from typing import Dict, Optional, Type
 
 import ml_collections
 
-from kdjax.methods import (base, born_again, byot, cat_kd, crd, cs_kd, ctkd, dino, ema_teacher,
+from kdjax.methods import (adaspec, base, born_again, byot, cat_kd, crd, cs_kd, ctkd, dino, ema_teacher,
                            feature, kernel, logit, meal_v2, minilm, multi_teacher, nd, ofd,
-                           ps_kd, relational, review_kd, sequence, taid, tf_kd, vid)
+                           on_policy, ps_kd, relational, review_kd, sequence, taid, tf_kd, vid)
 
 _MODULES = (logit, relational, ctkd, taid, multi_teacher, sequence, feature, crd, kernel, vid,
             nd, cat_kd, ofd, review_kd, minilm, meal_v2, ps_kd, tf_kd, ema_teacher, byot, dino,
-            cs_kd, born_again)
+            cs_kd, born_again, on_policy, adaspec)
 
 METHODS: Dict[str, Type[base.Method]] = {}
 for _module in _MODULES:
   for _cls in _module.METHODS:
     assert _cls.name not in METHODS, f"method {_cls.name!r} is defined twice"
     METHODS[_cls.name] = _cls
+
+
+BUILTIN_METHODS = frozenset(METHODS)
+
+
+def register(cls: Type[base.Method], *, replace: bool = False) -> Type[base.Method]:
+  """Makes a `base.Method` subclass usable as `config.method` / a `config.suite` row under its
+  `name`; returns `cls`, so it also works as a class decorator. Put its hyper-parameters in
+  the experiment config as `config[cls.name] = cls.default_config()`.
+
+  `replace=True` swaps an earlier registration of the same name (re-running a notebook cell);
+  kdjax's own methods cannot be replaced.
+  """
+  if not (isinstance(cls, type) and issubclass(cls, base.Method)):
+    raise TypeError(f"register: {cls!r} is not a subclass of kdjax.methods.base.Method.")
+  name = getattr(cls, "name", None)
+  if not isinstance(name, str) or not name.isidentifier():
+    raise ValueError(f"register: {cls.__name__}.name must be a Python identifier (it names a "
+                     f"config field and a run directory), got {name!r}.")
+  if getattr(cls, "__abstractmethods__", None):
+    raise TypeError(f"register: {cls.__name__} does not define "
+                    f"{', '.join(sorted(cls.__abstractmethods__))}.")
+  if name in BUILTIN_METHODS:
+    raise ValueError(f"register: {name!r} is one of kdjax's methods; give {cls.__name__} "
+                     "another name.")
+  if name in METHODS and METHODS[name] is not cls and not replace:
+    raise ValueError(f"register: method {name!r} is already registered "
+                     f"({METHODS[name].__qualname__}); pass replace=True to swap it.")
+  METHODS[name] = cls
+  return cls
 
 
 def get_method_class(name: str) -> Type[base.Method]:

@@ -7,6 +7,7 @@ temporary directory and renames it when complete, so a crash mid-write leaves th
 checkpoint as the latest.
 """
 
+import json
 import os
 import shutil
 from typing import Any, Optional, Tuple
@@ -202,6 +203,8 @@ def load_model_variables(directory: str, expected_variables: Any, *, model_name:
     `{'params': ..., **model_state}` as host arrays.
   """
   directory = paths.resolve(directory)
+  if directory.endswith(EXPORTED_SUFFIX):
+    return load_exported_variables(directory, expected_variables, model_name=model_name)
   if not os.path.isdir(directory):
     raise CheckpointError(
         f"Teacher checkpoint directory {directory!r} does not exist. Train the teacher first "
@@ -292,3 +295,58 @@ def save_model_variables(directory: str, variables: Any, *, model_name: str) -> 
   finally:
     checkpointer.close()
   return directory
+
+
+# A trained model's variables as one file (flax msgpack): what kdjax ships as a ready teacher
+# (the LM quickstart's) and what `experiments/export_model.py` writes from a run.
+EXPORTED_SUFFIX = ".msgpack"
+
+
+def export_model_variables(variables: Any, path: str, *, model_name: str,
+                           dtype: Optional[str] = None, meta: Optional[dict] = None) -> int:
+  """Writes `variables` ({'params': ..., **model_state}) to the file `path` with the model's
+  name (checked on loading) and `meta` (JSON-able: how it was trained). `dtype` ('bfloat16')
+  casts floating arrays to halve the file; loading casts them back to float32.
+  Returns the file's size in bytes."""
+  import ml_dtypes  # pylint: disable=g-import-not-at-top
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+  cast = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else None
+  if dtype not in (None, "float32", "bfloat16"):
+    raise ValueError(f"dtype={dtype!r}: None, 'float32' or 'bfloat16'.")
+
+  def host(x):
+    x = np.asarray(x)
+    return x.astype(cast) if cast is not None and np.issubdtype(x.dtype, np.floating) else x
+
+  payload = {"model": model_name, "meta": json.dumps(meta or {}),
+             "variables": jax.tree.map(host, dict(variables))}
+  data = serialization.msgpack_serialize(payload)
+  files.write_atomic(path, data)
+  return len(data)
+
+
+def load_exported_variables(path: str, expected_variables: Any, *, model_name: str) -> dict:
+  """The variables of a file written by `export_model_variables`, as float32 host arrays,
+  checked against the model's expected variables."""
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(path):
+    raise CheckpointError(f"Exported model file {path!r} does not exist.")
+  with open(path, "rb") as f:
+    payload = serialization.msgpack_restore(f.read())
+  if payload.get("model") != model_name:
+    raise CheckpointError(f"The exported model {path!r} is of model {payload.get('model')!r}, "
+                          f"but the teacher is configured as {model_name!r} "
+                          "(config.teacher.model).")
+  variables = jax.tree.map(
+      lambda x: x.astype(np.float32) if x.dtype.kind == "f" or x.dtype.name == "bfloat16" else x,
+      payload["variables"])
+  _check_same_structure(variables, expected_variables,
+                        f"The exported model {path!r} does not match model {model_name!r}")
+  return variables
+
+
+def exported_meta(path: str) -> dict:
+  """The `meta` stored with an exported model (how it was trained)."""
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+  with open(path, "rb") as f:
+    return json.loads(serialization.msgpack_restore(f.read())["meta"])

@@ -21,8 +21,8 @@ def _resolve_extra_teachers(extra: str) -> str:
 
 
 def resolve_config_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A copy of `config` with `data_dir`, `teacher.checkpoint` and the checkpoints named in
-  `teacher.extra` made absolute."""
+  """A copy of `config` with `data_dir`, `teacher.checkpoint`, `teacher.cache` and the
+  checkpoints named in `teacher.extra` made absolute."""
   config = config.copy_and_resolve_references()
   if config.get("data_dir"):
     config.data_dir = paths.resolve(config.data_dir)
@@ -30,6 +30,8 @@ def resolve_config_paths(config: ml_collections.ConfigDict) -> ml_collections.Co
   if teacher is not None:
     if teacher.get("checkpoint"):
       teacher.checkpoint = paths.resolve(teacher.checkpoint)
+    if teacher.get("cache"):
+      teacher.cache = paths.resolve(teacher.cache)
     if teacher.get("extra"):
       teacher.extra = _resolve_extra_teachers(teacher.extra)
   return config

@@ -31,15 +31,16 @@ def _umask() -> int:
   return mask
 
 
-def write_atomic(path: str, text: str):
-  """Writes `text` to `path` through a temporary file and a rename, with the permissions a
-  plain `open(path, 'w')` would give (0644 under umask 022; mkstemp alone gives 0600)."""
+def write_atomic(path: str, text):
+  """Writes `text` (str, or bytes) to `path` through a temporary file and a rename, with the
+  permissions a plain `open(path, 'w')` would give (0644 under umask 022; mkstemp alone gives
+  0600)."""
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
   try:
     os.fchmod(fd, 0o666 & ~_umask())
-    with os.fdopen(fd, "w") as f:
+    with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as f:
       f.write(text)
       f.flush()
       os.fsync(f.fileno())

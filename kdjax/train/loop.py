@@ -12,6 +12,7 @@ are `bookkeeping.itstime`; its metrics and throughput are `bookkeeping.MetricsWi
 """
 
 import json
+import math
 import os
 from typing import Optional, Sequence
 
@@ -22,14 +23,17 @@ import numpy as np
 from kdjax import methods as methods_lib
 from kdjax import models as models_lib
 from kdjax import paths
+from kdjax.data.prefetch import Prefetcher
 from kdjax.methods import eval_metrics
 from kdjax.train import checkpoint as checkpoint_lib
 from kdjax.train import files, metrics as metrics_lib
 from kdjax.train import parallel as parallel_lib, step as step_lib
+from kdjax.train import provenance
 from kdjax.train.bookkeeping import MetricsWindow, Throughput, itstime
 from kdjax.train.config_paths import resolve_config_paths
 from kdjax.train.run_dir import check_run_dir, config_fingerprint
-from kdjax.train.run_setup import RunParts, build_run
+from kdjax.train.run_setup import RunParts, build_run, is_language_model_run
+from kdjax.train.state import student_variables
 from kdjax.train.signals import StopSignals
 from kdjax.train.validate import validate_config
 
@@ -66,7 +70,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run_dir: str, *,
     teacher_checkpoints = [teacher_checkpoints]
   teacher_checkpoints = [paths.resolve(directory) for directory in teacher_checkpoints]
   validate_config(config, num_devices=jax.device_count())
-  if methods_lib.get_method_class(config.method).needs_teacher and not teacher_checkpoints:
+  if (methods_lib.get_method_class(config.method).needs_teacher and not teacher_checkpoints
+      and not config.teacher.get("cache")):
     raise checkpoint_lib.CheckpointError(
         f"Method {config.method!r} needs a teacher; set config.teacher.checkpoint or put "
         "'teacher' first in config.suite.")
@@ -130,7 +135,8 @@ class _Run:
         teacher_apply=parts.teacher_apply if parts.method.needs_teacher else None,
         metrics=tuple(eval_metrics.CLASSIFICATION_METRICS) + tuple(parts.method.eval_metrics()),
         self_teacher=(parts.method.teacher_variables_from_state
-                      if parts.method.self_teacher else None)))
+                      if parts.method.self_teacher else None),
+        stacked_teachers=parts.method.multiple_teachers))
 
   def _restore(self):
     """The newest good checkpoint's state and metrics window, or the initial state."""
@@ -195,9 +201,12 @@ class _Run:
     throughput = Throughput(c.global_batch_size, self.start_step)
     last_train_scalars = None
     multi_host = jax.process_count() > 1
-    with StopSignals() as stop:
+    # Batches step+1..step+prefetch are prepared and put on the devices while step runs.
+    with StopSignals() as stop, Prefetcher(
+        self.parts.pipeline.train_batch, put=parallel.put_batch, start=self.start_step,
+        stop=c.num_steps, depth=c.get("prefetch", 0)) as batches:
       for step in range(self.start_step, c.num_steps):
-        batch = parallel.put_batch(self.parts.pipeline.train_batch(step))
+        batch = batches.get(step)
         self.state, step_metrics = self.train_step(self.state, self.teacher_variables, batch)
         done = step + 1
         self.metrics.add(done, step_metrics)
@@ -265,10 +274,37 @@ class _Run:
     if "teacher_agreement" in final_eval:
       summary["teacher_agreement"] = final_eval["teacher_agreement"]
       summary["teacher_eval_accuracy"] = final_eval["teacher_accuracy"]
+    if "teacher_cross_entropy" in final_eval:
+      summary["teacher_eval_cross_entropy"] = final_eval["teacher_cross_entropy"]
     for name, value in final_eval.items():  # A method's own metrics (per-exit accuracy, ...).
-      if name not in ("accuracy", "cross_entropy", "teacher_agreement", "teacher_accuracy"):
+      if name not in ("accuracy", "cross_entropy", "teacher_agreement", "teacher_accuracy",
+                      "teacher_cross_entropy"):
         summary[f"eval_{name}"] = value
+    if is_language_model_run(c):
+      summary.update(self.language_model_metrics(final_eval))
+    summary["provenance"] = provenance.run_provenance(self.parts.pipeline, c)
     return summary
+
+  def language_model_metrics(self, final_eval: dict) -> dict:
+    """Perplexities (exp of the per-token cross-entropy) and the decoding metrics of
+    `kdjax.lm.evaluation` (speculative decoding with the student as the teacher's draft)."""
+    metrics = {"eval_perplexity": math.exp(final_eval["cross_entropy"])}
+    if "teacher_cross_entropy" in final_eval:
+      metrics["teacher_eval_perplexity"] = math.exp(final_eval["teacher_cross_entropy"])
+    if not self.config.lm.eval_prompts:
+      return metrics
+    from kdjax.lm import evaluation  # pylint: disable=g-import-not-at-top
+    method = self.parts.method
+    # The speculative target is the run's one live teacher (not a self-teacher or an ensemble).
+    has_teacher = (method.needs_teacher and not method.self_teacher and
+                   not method.multiple_teachers and self.parts.teacher_apply is not None)
+    metrics.update(evaluation.generation_metrics(
+        student_apply=self.parts.student_apply,
+        student_variables=self.parts.parallel.to_host(student_variables(self.state)),
+        teacher_apply=self.parts.teacher_apply if has_teacher else None,
+        teacher_variables=self.parts.teacher_variables if has_teacher else None,
+        pipeline=self.parts.pipeline, lm_config=self.config.lm, seed=self.config.seed))
+    return metrics
 
   def close(self):
     self.writer.close()

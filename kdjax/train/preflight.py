@@ -24,17 +24,21 @@ _SAMPLE_BATCH = 2
 
 
 @functools.lru_cache(maxsize=64)
-def abstract_model(model_name: str, num_classes: int, input_shape):
+def abstract_model(model_name: str, num_classes: int, input_shape, input_dtype=jnp.float32):
   """(variables, Output) of the model on a sample batch, as shapes only (cached: a suite asks
   for the same models once per run)."""
-  module = models_lib.get_model(model_name, num_classes=num_classes)
-  inputs = jax.ShapeDtypeStruct((_SAMPLE_BATCH,) + tuple(input_shape), jnp.float32)
+  fns = models_lib.get_model_fns(model_name, num_classes=num_classes)
+  inputs = jax.ShapeDtypeStruct((_SAMPLE_BATCH,) + tuple(input_shape), input_dtype)
 
   def forward(x):
-    variables = models_lib.init_variables(module, jax.random.PRNGKey(0), x)
-    return variables, models_lib.apply_fn(module)(variables, x, train=False)[0]
+    variables = fns.init(jax.random.PRNGKey(0), x)
+    return variables, fns.apply(variables, x, train=False)[0]
 
   return jax.eval_shape(forward, inputs)
+
+
+# A model registered again under the same name (`replace=True`) must not be checked stale.
+models_lib.registry.ON_CHANGE.append(abstract_model.cache_clear)
 
 
 def _sample_data(method) -> dict:
@@ -60,21 +64,25 @@ def check_method_fits_models(config) -> None:
                       f"{config.global_batch_size} must be even.")
   if method.multiple_teachers:  # Logits only: stacked teachers are checked when loaded.
     return
-  input_shape = tuple(spec.input_shape)
+  if spec.input_kind == "tokens":  # Token windows: their length is a config field.
+    input_shape, input_dtype = (config.lm.sequence_length,), jnp.int32
+  else:
+    input_shape, input_dtype = tuple(spec.input_shape), jnp.float32
   student_variables, student = abstract_model(config.student.model, config.num_classes,
-                                              input_shape)
+                                              input_shape, input_dtype)
   if method.self_teacher:  # The student's own apply, on variables from the method state.
     teacher_variables, teacher = student_variables, student
   elif method.needs_teacher:
     teacher_variables, teacher = abstract_model(teacher_specs(config)[0].model,
-                                                config.num_classes, input_shape)
+                                                config.num_classes, input_shape, input_dtype)
   else:
     teacher_variables, teacher = None, None
 
   def init_and_loss(student, teacher, teacher_variables, student_variables):
+    label_shape = student.logits.shape[:-1]  # [b] for classifiers, [b, T] for LMs.
     sample = Batch(student=student, teacher=teacher,
-                   labels=jnp.zeros((_SAMPLE_BATCH,), jnp.int32),
-                   where=jnp.ones((_SAMPLE_BATCH,), bool), step=jnp.zeros((), jnp.int32),
+                   labels=jnp.zeros(label_shape, jnp.int32),
+                   where=jnp.ones(label_shape, bool), step=jnp.zeros((), jnp.int32),
                    rng=jax.random.PRNGKey(0),
                    data=_sample_data(method),
                    teacher_variables=teacher_variables)

@@ -19,7 +19,7 @@ class ConfigChanged(ValueError):
 # Fields that do not change the trained numbers: a run may resume under different values.
 _NOT_FINGERPRINTED = {"parallel", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                       "suite", "data_dir", "progress", "allow_config_change", "on_nonfinite",
-                      "seeds", "sweep"}
+                      "seeds", "sweep", "prefetch"}
 
 
 def _training_fields(config) -> dict:
@@ -27,6 +27,11 @@ def _training_fields(config) -> dict:
   per-method hyper-parameter blocks only the run's own method's."""
   data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
   other_methods = set(methods_lib.METHODS) - {data.get("method")}
+  method = methods_lib.METHODS.get(data.get("method"))
+  if isinstance(data.get("teacher"), dict) and (method is None or not method.needs_teacher):
+    # A teacher-output cache changes nothing for a run without a teacher (teacher, scratch).
+    data["teacher"] = {k: v for k, v in data["teacher"].items()
+                       if k not in ("cache", "cache_topk")}
   return {k: v for k, v in data.items() if k not in _NOT_FINGERPRINTED | other_methods}
 
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from kdjax.methods.base import (STUDENT_VIEW_PREFIX, TEACHER_VIEW_PREFIX, Batch, BatchOps,
-                                Method)
+                                Method, StepModels)
 from kdjax.methods.eval_metrics import (CLASSIFICATION_METRICS, TEACHER_METRICS, EvalBatch,
                                         EvalMetric)
 from kdjax.models.apply import ApplyFn
@@ -23,10 +23,26 @@ TEACHER_FEATURES_PREFIX = "teacher_features/"
 _CACHE_KEYS = (TEACHER_LOGITS_KEY, TEACHER_TOPK_LOGITS_KEY, TEACHER_TOPK_INDICES_KEY)
 
 
+# A language-model batch names its inputs and labels `tokens` [b, T] and `targets` [b, T]
+# (DESIGN.md); a classifier's are `inputs` [b, ...] and `labels` [b].
+_INPUT_KEYS = ("inputs", "tokens")
+_LABEL_KEYS = ("labels", "targets")
+
+
 def _is_step_key(key: str) -> bool:
   """Batch entries the step consumes itself; every other one reaches the method's Batch.data."""
-  return key in ("inputs", "labels", "mask") + _CACHE_KEYS or key.startswith(
+  return key in _INPUT_KEYS + _LABEL_KEYS + ("mask",) + _CACHE_KEYS or key.startswith(
       TEACHER_FEATURES_PREFIX)
+
+
+def batch_inputs(batch: dict) -> jax.Array:
+  """The model inputs of a batch: `inputs` (classifiers) or `tokens` (language models)."""
+  return batch["inputs"] if "inputs" in batch else batch["tokens"]
+
+
+def batch_labels(batch: dict) -> jax.Array:
+  """The labels of a batch: `labels` [b] (classifiers) or `targets` [b, T] (language models)."""
+  return batch["labels"] if "labels" in batch else batch["targets"]
 
 
 def topk_to_logits(topk_logits: jax.Array, topk_indices: jax.Array,
@@ -61,7 +77,7 @@ def teacher_outputs(teacher_apply: Optional[ApplyFn], teacher_variables, batch: 
     return jax.lax.stop_gradient(Output(logits, features))
   if teacher_apply is None:
     return None
-  output, _ = teacher_apply(teacher_variables, batch["inputs"], train=False, rng=None)
+  output, _ = teacher_apply(teacher_variables, batch_inputs(batch), train=False, rng=None)
   return jax.lax.stop_gradient(output)
 
 
@@ -85,9 +101,18 @@ def make_train_step(*, student_apply: ApplyFn, teacher_apply: Optional[ApplyFn],
   def train_step(state: TrainState, teacher_variables, batch: dict, ops: BatchOps):
     rng = jax.random.fold_in(state.rng, state.step)
     model_rng, method_rng = jax.random.split(rng)
-    labels = batch["labels"]
+    if method.rewrites_batch:  # On-policy continuations (GKD), teacher generations (SeqKD).
+      batch, method_state = method.rewrite_batch(
+          state.method_state, batch, StepModels(
+              student_apply=student_apply,
+              student_variables=jax.lax.stop_gradient(student_variables(state)),
+              teacher_apply=teacher_apply if method.needs_teacher else None,
+              teacher_variables=teacher_variables),
+          jax.random.fold_in(method_rng, 1), ops)
+      state = state.replace(method_state=method_state)
+    inputs, labels = batch_inputs(batch), batch_labels(batch)
     where = batch.get("mask", jnp.ones(labels.shape, bool))
-    num_classes = (_num_classes(student_apply, state, batch["inputs"])
+    num_classes = (_num_classes(student_apply, state, inputs)
                    if TEACHER_TOPK_LOGITS_KEY in batch else None)
     if method.self_teacher:  # The student's apply on variables the method keeps (EMA, DINO).
       teacher_variables = method.teacher_variables_from_state(state.method_state)
@@ -108,8 +133,7 @@ def make_train_step(*, student_apply: ApplyFn, teacher_apply: Optional[ApplyFn],
 
     def loss_fn(params):
       variables = {"params": params["student"], **state.model_state}
-      student, new_model_state = student_apply(variables, batch["inputs"], train=True,
-                                               rng=model_rng)
+      student, new_model_state = student_apply(variables, inputs, train=True, rng=model_rng)
       data = {k: v for k, v in batch.items() if not _is_step_key(k)}
       data.update(view_data)
       for i, (name, view) in enumerate(views.items()):
@@ -155,27 +179,30 @@ def make_train_step(*, student_apply: ApplyFn, teacher_apply: Optional[ApplyFn],
 
 def make_eval_step(*, student_apply: ApplyFn, teacher_apply: Optional[ApplyFn],
                    metrics: Sequence[EvalMetric] = CLASSIFICATION_METRICS,
-                   self_teacher: Optional[Callable] = None) -> Callable:
+                   self_teacher: Optional[Callable] = None,
+                   stacked_teachers: bool = False) -> Callable:
   """Builds `eval_step(state, teacher_variables, batch) -> sums`.
 
   Returns `{'count': unmasked rows, **each metric's sums}` for one batch (the caller adds them
   up and divides by the count). With a teacher, `TEACHER_METRICS` run as well. `self_teacher`
   (a method's `teacher_variables_from_state`) makes the teacher the student's apply function
-  on variables from the method state.
+  on variables from the method state. `stacked_teachers`: the teacher's logits are several
+  teachers' stacked on a leading axis (`Method.multiple_teachers`).
   """
   has_teacher = teacher_apply is not None or self_teacher is not None
   metrics = tuple(metrics) + (TEACHER_METRICS if has_teacher else ())
 
   def eval_step(state: TrainState, teacher_variables, batch: dict):
     where = batch["mask"].astype(jnp.float32)
-    student, _ = student_apply(student_variables(state), batch["inputs"], train=False, rng=None)
+    student, _ = student_apply(student_variables(state), batch_inputs(batch), train=False,
+                               rng=None)
     if self_teacher is not None:
       teacher = teacher_outputs(student_apply, self_teacher(state.method_state), batch)
     else:
       teacher = teacher_outputs(teacher_apply, teacher_variables, batch)
-    eval_batch = EvalBatch(student=student, teacher=teacher, labels=batch["labels"],
+    eval_batch = EvalBatch(student=student, teacher=teacher, labels=batch_labels(batch),
                            where=where, method_params=state.params["method"],
-                           method_state=state.method_state)
+                           method_state=state.method_state, stacked_teachers=stacked_teachers)
     sums = {"count": jnp.sum(where)}
     for metric in metrics:
       for name, value in metric(eval_batch).items():

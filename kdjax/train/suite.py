@@ -34,7 +34,7 @@ import numpy as np
 from kdjax import data as data_lib
 from kdjax import paths, validation
 from kdjax.methods.registry import get_method_class
-from kdjax.train import files
+from kdjax.train import files, provenance
 from kdjax.train import teachers as teachers_lib
 from kdjax.train.checkpoint import CheckpointError, saved_model_name
 from kdjax.train.loop import RUN_SUMMARY, train_checked_run
@@ -136,6 +136,29 @@ def _seeded(config: ml_collections.ConfigDict, seed: Optional[int]):
   return config if seed is None else _with(config, seed=seed)
 
 
+def _with_reference(config, cls, workdir: str, seed: Optional[int], rows: List[str]):
+  """`config` seeded, with a method's reference model (`Method.reference_field`, AdaSPEC's)
+  resolved: a row of the suite that runs before this one becomes that row's checkpoint of the
+  same seed; anything else must be a checkpoint directory or exported model file."""
+  config = _seeded(config, seed)
+  field = getattr(cls, "reference_field", None)
+  if not field:
+    return config
+  reference = str(config[cls.name][field] or "")
+  where = f"config.{cls.name}.{field}={reference!r}"
+  if reference in rows:
+    if rows.index(reference) > rows.index(cls.name):
+      raise ConfigError(f"{where} names a row that runs after {cls.name!r} in config.suite; "
+                        f"list {reference!r} first.")
+    return _with(config, **{f"{cls.name}.{field}": os.path.join(
+        workdir, run_directory(reference, seed), "checkpoints")})
+  path = paths.resolve(reference) if reference else ""
+  if not path or not os.path.exists(path):
+    raise ConfigError(f"{where} is neither a row of config.suite ({', '.join(rows)}) nor an "
+                      "existing checkpoint directory or exported model file.")
+  return _with(config, **{f"{cls.name}.{field}": path})
+
+
 def expand_suite(config: ml_collections.ConfigDict, workdir: str):
   """(runs, ensembles) of a suite: its rows expanded by sweep, generations and seeds. Pure:
   reads nothing from disk. `config` is checked (`validate_config`) and its paths absolute."""
@@ -178,8 +201,9 @@ def expand_suite(config: ml_collections.ConfigDict, workdir: str):
                   for text, value in zip(sweep.texts, sweep.values)]
     for row, cfg in variants:
       for seed in seeds:
-        runs.append(SuiteRun(row, run_directory(row, seed), _seeded(cfg, seed), teachers, seed,
-                             False))
+        runs.append(SuiteRun(row, run_directory(row, seed),
+                             _with_reference(cfg, cls, workdir, seed, suite_runs(config)),
+                             teachers, seed, False))
   return runs, ensembles
 
 
@@ -352,6 +376,7 @@ def run_suite(config: ml_collections.ConfigDict, workdir: str, *, num_devices: i
           run.config, os.path.join(plan.workdir, run.directory),
           teacher_checkpoints=run.teacher_checkpoints, name=run.directory)
       summary["runs"] = summarize_runs(plan, results)
+      summary["provenance"] = provenance.suite_provenance(results.values())
       if is_writer:  # Partial results survive a later crash.
         files.write_json_atomic(summary_path, summary)
     if plan.ensembles:

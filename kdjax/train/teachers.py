@@ -69,11 +69,10 @@ def load_models(models: Sequence[str], checkpoint_dirs: Sequence[str], *, num_cl
   checkpoint directory of the same position; the checkpoint must hold that architecture."""
   applies, variables = [], []
   for model, directory in zip(models, checkpoint_dirs, strict=True):
-    module = models_lib.get_model(model, num_classes=num_classes, **model_kwargs(model))
-    expected = jax.eval_shape(lambda m=module: models_lib.init_variables(
-        m, jax.random.PRNGKey(0), sample_inputs))
+    fns = models_lib.get_model_fns(model, num_classes=num_classes, **model_kwargs(model))
+    expected = jax.eval_shape(fns.init, jax.random.PRNGKey(0), sample_inputs)
     variables.append(load_model_variables(directory, expected, model_name=model))
-    applies.append(models_lib.apply_fn(module))
+    applies.append(fns.apply)
   return applies, variables
 
 

@@ -12,6 +12,9 @@ from kdjax import validation
 from kdjax.names import did_you_mean
 from kdjax.validation import ConfigError
 from kdjax.data.catalog import DATASETS, get_dataset_spec
+from kdjax.data.text_catalog import TEXT_DATASETS
+from kdjax.data import teacher_cache as teacher_cache_lib
+from kdjax.methods.base import check_teacher_cache
 from kdjax.methods.registry import METHODS
 from kdjax.models.registry import MODELS, model_input_kind
 from kdjax.train import optimizer as optimizer_lib
@@ -132,7 +135,7 @@ def validate_suite_fields(config) -> None:
 
 def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
   """Raises ConfigError for the first problem found in the run configuration."""
-  _one_of("dataset", config.dataset, DATASETS)
+  _one_of("dataset", config.dataset, list(DATASETS) + list(TEXT_DATASETS))
   _one_of("method", config.method, METHODS)
   _one_of("student.model", config.student.model, MODELS)
   _one_of("teacher.model", config.teacher.model, MODELS)
@@ -171,7 +174,9 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
     raise ConfigError(f"config.validation_examples={config.validation_examples} must be smaller "
                       f"than the training split of {config.dataset!r} "
                       f"({dataset.train_examples} examples).")
-  if config.num_classes != dataset.num_classes:
+  if dataset.input_kind == "tokens":
+    validate_language_model(config, [name for _, name in roles])
+  elif config.num_classes != dataset.num_classes:
     raise ConfigError(f"config.num_classes={config.num_classes} but dataset "
                       f"{config.dataset!r} has {dataset.num_classes} classes.")
 
@@ -199,8 +204,75 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
 
   validate_suite_fields(config)
 
+  validation.require(config.get("prefetch", 0), validation.NON_NEGATIVE_INT, "config.prefetch")
+  validate_teacher_cache(config)
+
   teacher_checkpoint = config.teacher.checkpoint
-  if teacher_checkpoint and not os.path.isdir(teacher_checkpoint):
+  exported = str(teacher_checkpoint or "").endswith(".msgpack")
+  if teacher_checkpoint and not (os.path.isfile(teacher_checkpoint) if exported
+                                 else os.path.isdir(teacher_checkpoint)):
     raise ConfigError(f"config.teacher.checkpoint={teacher_checkpoint!r} does not exist; give a "
-                      "kdjax run's checkpoints/ directory or leave it empty to use the suite's "
+                      "kdjax run's checkpoints/ directory, an exported model file (.msgpack, "
+                      "experiments/export_model.py) or leave it empty to use the suite's "
                       "teacher run.")
+
+
+def validate_teacher_cache(config) -> None:
+  """`config.teacher.cache` / `cache_topk`: the cache exists, was written for this run's data,
+  seed, batch size, augmentation and teacher, covers `num_steps`, and holds what the method
+  learns from (`kdjax.methods.base.check_teacher_cache`)."""
+  directory = config.teacher.get("cache", "") or ""
+  if not isinstance(directory, str):
+    raise ConfigError(f"config.teacher.cache must be a directory path or '' (off), got "
+                      f"{directory!r}.")
+  validation.require(config.teacher.get("cache_topk", 0), validation.NON_NEGATIVE_INT,
+                     "config.teacher.cache_topk")
+  method_class = METHODS[config.method]
+  if not directory or not method_class.needs_teacher:
+    return
+  if (method_class.self_teacher or method_class.multiple_teachers or method_class.teacher_views
+      or getattr(method_class, "rewrites_batch", False)):
+    raise ConfigError(
+        f"config.teacher.cache is set, but method {config.method!r} cannot learn from cached "
+        "teacher outputs (its teacher is the student itself, an ensemble, runs on extra views "
+        "or on a rewritten batch); leave config.teacher.cache empty for it.")
+  meta = teacher_cache_lib.read_meta(directory)
+  teacher_cache_lib.check_cache_matches(meta, config, sampler=method_class.sampler,
+                                        num_steps=config.num_steps, directory=directory)
+  topk = teacher_cache_lib.effective_topk(meta, config.teacher.get("cache_topk", 0))
+  try:
+    check_teacher_cache(method_class(config[config.method]), topk=topk,
+                        num_classes=meta["num_classes"],
+                        feature_taps=meta.get("feature_taps", ()))
+  except ConfigError as error:
+    raise ConfigError(f"config.teacher.cache={directory!r}: {error}") from None
+
+
+def validate_language_model(config, models) -> None:
+  """`config.lm` of a text dataset: the tokenizer, its vocabulary (= `config.num_classes`, the
+  models' output size) and the window length, which every model must be able to read."""
+  from kdjax.data import tokenization  # pylint: disable=g-import-not-at-top
+  from kdjax.models.registry import get_model  # pylint: disable=g-import-not-at-top
+  lm = config.get("lm")
+  if lm is None:
+    raise ConfigError(f"Dataset {config.dataset!r} is a text dataset: the config needs an `lm` "
+                      "block (sequence_length, tokenizer, vocab_size), see configs/common.py.")
+  _positive_int(config, "lm.sequence_length")
+  _one_of("lm.tokenizer", lm.tokenizer, tokenization.TOKENIZERS)
+  if lm.tokenizer == "byte":
+    vocab_size = tokenization.ByteTokenizer.vocab_size
+    if lm.vocab_size not in (0, vocab_size):
+      raise ConfigError(f"config.lm.vocab_size={lm.vocab_size} but the byte tokenizer has "
+                        f"{vocab_size} tokens; leave it 0 or set {vocab_size}.")
+  else:
+    _positive_int(config, "lm.vocab_size")
+    vocab_size = lm.vocab_size
+  if config.num_classes != vocab_size:
+    raise ConfigError(f"config.num_classes={config.num_classes} but the {lm.tokenizer} "
+                      f"tokenizer has {vocab_size} tokens: a language model's output size is its "
+                      f"vocabulary; set config.num_classes={vocab_size}.")
+  for name in models:
+    max_length = getattr(get_model(name, num_classes=vocab_size), "max_length", None)
+    if max_length is not None and lm.sequence_length > max_length:
+      raise ConfigError(f"config.lm.sequence_length={lm.sequence_length} is longer than model "
+                        f"{name!r} can read (max_length {max_length}); use at most {max_length}.")

@@ -1,0 +1,150 @@
+"""The report's figure, `results.png`: four panels over the rows of `experiments.report`.
+
+1. Eval accuracy per row (the last evaluation), mean ± std over seeds as error bars, with
+   the scratch student's accuracy as a dashed reference line.
+2. Teacher agreement (top-1, on the eval split) against eval accuracy, one point per
+   distilled row, error bars both ways over seeds.
+3. Training cross-entropy against step. Each method's total loss has its own scale (KD's T^2
+   factor, feature terms weighted by 1 to 1000), so the curves show the CE term `ce` that
+   every method logs; a run that logs no `ce` falls back to its total `loss` (marked so).
+4. Eval accuracy against step.
+
+A row has the same colour in every panel; teacher runs are dashed in the curves, and the
+step axis stops at the students' last step when the teachers train longer.
+"""
+
+from typing import List, Sequence, Tuple
+
+import numpy as np
+
+from kdjax.train.metrics import read_metrics
+
+
+def _is_teacher(row) -> bool:
+  return row.name.split("/")[-1].startswith("teacher")
+
+
+def mean_curve(line_sets: Sequence[Sequence[dict]], key: str) -> Tuple[list, list, list]:
+  """(steps, mean, std) of `key` over runs (ddof 1; 0 for one run), at the steps every run
+  logged it."""
+  by_step = {}
+  for lines in line_sets:
+    for line in lines:
+      if key in line:
+        by_step.setdefault(line["step"], []).append(line[key])
+  steps = sorted(s for s, values in by_step.items() if len(values) == len(line_sets))
+  means = [float(np.mean(by_step[s])) for s in steps]
+  stds = [float(np.std(by_step[s], ddof=1)) if len(line_sets) > 1 else 0.0 for s in steps]
+  return steps, means, stds
+
+
+def row_curves(row) -> dict:
+  """{'train': (steps, mean, std, key), 'eval': (steps, mean, std)} of a row over its seeds;
+  the train key is 'ce' when every run logs it, else 'loss'."""
+  line_sets = [read_metrics(d) for d in row.directories]
+  train = [[l for l in lines if l["split"] == "train"] for lines in line_sets]
+  evals = [[l for l in lines if l["split"] == "eval"] for lines in line_sets]
+  key = "ce" if all(any("ce" in l for l in lines) for lines in train) else "loss"
+  return {"train": mean_curve(train, key) + (key,), "eval": mean_curve(evals, "accuracy")}
+
+
+def _colors(count: int) -> List:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  cmap = matplotlib.colormaps["tab10" if count <= 10 else "tab20"]
+  return [cmap(i % cmap.N) for i in range(count)]
+
+
+def _over_seeds(rows) -> str:
+  """A title's note on what a point is: the mean ± std over seeds, where some row has seeds."""
+  return ", mean ± std over seeds" if any(r.result.get("num_seeds", 1) > 1 for r in rows) else ""
+
+
+def _bars(ax, rows, colors):
+  names = [row.name for row in rows]
+  accuracies = [row.result.get("eval_accuracy") or 0.0 for row in rows]
+  errors = [row.result.get("std", {}).get("eval_accuracy", 0.0) for row in rows]
+  positions = np.arange(len(rows))
+  ax.bar(positions, accuracies, yerr=errors if any(errors) else None, capsize=3, color=colors,
+         hatch=["//" if _is_teacher(r) else ".." if r.is_ensemble else "" for r in rows],
+         edgecolor="white")  # Teachers and ensembles are not students: marked apart.
+  scratch = [a for row, a in zip(rows, accuracies) if row.name.split("/")[-1] == "scratch"]
+  if len(scratch) == 1:
+    ax.axhline(scratch[0], color="gray", linestyle="--", linewidth=1, label="scratch")
+  shown = [a for a in accuracies if a > 0]
+  low = min(shown, default=0.0)
+  ax.set_ylim(max(0.0, low - 0.1), min(1.0, max(accuracies, default=1.0) + 0.06))
+  for x, value, error in zip(positions, accuracies, errors):
+    ax.text(x, value + error, f"{value:.3f}", ha="center", va="bottom", fontsize=8)
+  ax.set_xticks(positions, names, rotation=35, ha="right", fontsize=9)
+  ax.set(title=f"eval accuracy (last eval{_over_seeds(rows)})", ylabel="accuracy")
+
+
+def _scatter(ax, rows, colors):
+  points = [(row, color) for row, color in zip(rows, colors)
+            if row.result.get("teacher_agreement") is not None]
+  xy = np.array([(r.result["teacher_agreement"], r.result["eval_accuracy"]) for r, _ in points])
+  scale = np.ptp(xy, axis=0) + 1e-9 if len(points) else 1.0
+  placed = []
+  for (row, color), (x, y) in zip(points, xy):
+    std = row.result.get("std", {})
+    ax.errorbar(x, y, xerr=std.get("teacher_agreement", 0.0) or None,
+                yerr=std.get("eval_accuracy", 0.0) or None, fmt="o", color=color, capsize=3)
+    # Near-equal rows (dkd and nkd here) would print their names on top of each other.
+    crowded = any(np.all(np.abs((np.array((x, y)) - p) / scale) < 0.05) for p in placed)
+    ax.annotate(row.name, (x, y), textcoords="offset points",
+                xytext=(4, -11) if crowded else (4, 4), fontsize=8)
+    placed.append(np.array((x, y)))
+  if not points:
+    ax.text(0.5, 0.5, "no distilled rows", ha="center", va="center", transform=ax.transAxes)
+  ax.set(title=f"teacher agreement vs eval accuracy{_over_seeds(rows)}",
+         xlabel="top-1 agreement with the teacher", ylabel="eval accuracy")
+
+
+def _curves(train_ax, eval_ax, rows, colors):
+  student_steps, train_keys = [], set()
+  for row, color in zip(rows, colors):
+    if row.is_ensemble:
+      continue
+    curves = row_curves(row)
+    style = "--" if _is_teacher(row) else "-"
+    steps, mean, std, key = curves["train"]
+    train_keys.add(key)
+    label = row.name if key == "ce" else f"{row.name} (total loss)"
+    train_ax.plot(steps, mean, style, color=color, label=label)
+    train_ax.fill_between(steps, np.subtract(mean, std), np.add(mean, std), color=color,
+                          alpha=0.15, linewidth=0)
+    steps, mean, std = curves["eval"]
+    eval_ax.errorbar(steps, mean, yerr=std, fmt="o" + style, color=color, markersize=3,
+                     capsize=2, label=row.name)
+    if not _is_teacher(row) and steps:
+      student_steps.append(max(steps))
+  if student_steps:  # Teachers that train longer would squeeze the students' curves.
+    for ax in (train_ax, eval_ax):
+      ax.set_xlim(0, max(student_steps) * 1.02)
+  what = "cross-entropy (the ce term)" if train_keys == {"ce"} else "cross-entropy or total loss"
+  train_ax.set(title=f"training {what}{_over_seeds(rows)}", xlabel="step", yscale="log")
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
+  # Ticks at 1, 2, 5 x 10^k written as 0.2, 0.5, 1, 2: matplotlib's default labels every
+  # minor tick of a short log axis as 2 x 10^-1, 3 x 10^-1, ...
+  train_ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+  train_ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%.3g"))
+  train_ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+  eval_ax.set(title=f"eval accuracy{_over_seeds(rows)}", xlabel="step", ylabel="accuracy")
+
+
+def plot_report(rows, path: str):
+  """Draws the four panels for `rows` (`experiments.report.Row`) and saves them to `path`."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  colors = _colors(len(rows))
+  figure, axes = plt.subplots(2, 2, figsize=(15, 10))
+  _bars(axes[0, 0], rows, colors)
+  _scatter(axes[0, 1], rows, colors)
+  _curves(axes[1, 0], axes[1, 1], rows, colors)
+  handles, labels = axes[1, 1].get_legend_handles_labels()
+  figure.legend(handles, labels, loc="center right", fontsize=9, title="run")
+  figure.tight_layout(rect=(0, 0, 0.89, 1))
+  figure.savefig(path, dpi=100)
+  plt.close(figure)

@@ -1,0 +1,57 @@
+"""experiments/gpu_benchmark.py runs where the GPU image's missing packages cannot be imported."""
+
+import json
+
+import pytest
+
+from conftest import run_python
+
+# The GPU machine's image lacks these (shared/ENVIRONMENT.md); importing one must fail there.
+MISSING_ON_GPU = ("ml_collections", "grain", "tensorflow_datasets", "tensorboardX", "mnist1d",
+                  "array_record")
+
+_BLOCKER = f"""
+import importlib.abc, runpy, sys
+class _Missing(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path=None, target=None):
+    if name.split(".")[0] in {MISSING_ON_GPU!r}:
+      raise ImportError(f"{{name}} is not installed on the GPU machine")
+sys.meta_path.insert(0, _Missing())
+"""
+
+
+def test_imports_nothing_the_gpu_image_lacks():
+  code = _BLOCKER + """
+import experiments.gpu_benchmark as bench
+bench.parse_args(["--smoke"])
+from kdjax import losses, models  # What the figures import.
+import kdjax.models.transformer, kdjax.losses.fused
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in {blocked!r})
+print("LOADED", loaded)
+""".format(blocked=MISSING_ON_GPU)
+  result = run_python(["-c", code])
+  assert "LOADED []" in result.stdout
+
+
+def test_bad_arguments_exit_2_with_one_line():
+  result = run_python(["-m", "experiments.gpu_benchmark", "--steps=-1"], check=False)
+  assert result.returncode == 2
+  assert result.stderr.strip() == "Error: --steps must be a positive integer, got -1."
+
+
+@pytest.mark.slow
+def test_smoke_prints_every_figure_as_json_without_the_missing_packages():
+  code = _BLOCKER + """
+sys.argv = ["gpu_benchmark", "--smoke"]
+runpy.run_module("experiments.gpu_benchmark", run_name="__main__")
+"""
+  result = run_python(["-c", code], timeout=900)
+  records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+  figures = [r["figure"] for r in records]
+  assert figures == ["start", "kd_step", "kd_step", "lm_kd_step", "fused_loss_memory"]
+  resnet, vit, lm, fused = records[1:]
+  assert resnet["kdjax_examples_per_sec"] > 0 and vit["kdjax_examples_per_sec"] > 0
+  assert "torch_compile_skipped" in resnet  # Smoke mode does not compile torch.
+  assert lm.get("skipped") or lm["tokens_per_sec"] > 0
+  assert fused.get("skipped") or (fused["full_logits_temp_bytes"] > 0
+                                  and fused["fused_temp_bytes"] > 0)
