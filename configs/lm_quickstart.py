@@ -19,6 +19,9 @@ teacher's forward pass, so at equal steps KD students used more compute than `sc
   seq_kd     sequence-level KD (Kim & Rush 2016): CE on the teacher's greedy continuations
   adaspec    AdaSPEC (Hu et al. 2025): forward KL on the 40% of tokens where the draft is
              furthest behind the reference (the fkl run)
+`distillm` (Ko et al. 2024, skew KL with adaptive off-policy student samples) and `miniplm`
+(Gu et al. 2025, difference sampling against the `scratch` row as reference LM) run in the
+`:smoke` suite and by name (`--config.suite=scratch,miniplm`).
 Each row reports eval perplexity, per-token agreement with the teacher, and the speculative-
 decoding acceptance rate of the student as the teacher's draft model (greedy and sampled,
 gamma 4), measured by running speculative decoding (`kdjax/lm/evaluation.py`).
@@ -59,6 +62,8 @@ def get_config(arg=None):
   config.gkd.prompt_length = 32
   config.seq_kd.prompt_length = 32
   config.seq_kd.max_new_tokens = 96
+  config.distillm.num_train_steps = config.get_ref("num_steps")
+  config.distillm.prompt_length, config.distillm.max_new_tokens = 32, 32
 
   variants = [part.strip() for part in str(arg or "").split(",") if part.strip()]
   for variant in variants:
@@ -71,10 +76,13 @@ def get_config(arg=None):
     config.teacher.model = "lm_tiny"
     config.teacher.checkpoint = None
     config.student.model = "lm_tiny"
-    config.suite = "teacher," + SUITE
+    config.suite = "teacher," + SUITE + ",distillm,miniplm"
     config.lm.sequence_length = 32
     config.gkd.prompt_length = config.seq_kd.prompt_length = 8
     config.gkd.max_new_tokens = config.seq_kd.max_new_tokens = 8
+    config.distillm.prompt_length = config.distillm.max_new_tokens = 8
+    config.distillm.init_threshold = 0.5  # Exercise every data source in a few steps.
+    config.distillm.capacity = 16
     config.lm.eval_prompts, config.lm.eval_prompt_length = 4, 8
     config.lm.eval_new_tokens, config.lm.speculative_gamma = 8, 2
     config.global_batch_size = 8

@@ -91,8 +91,9 @@ def _scatter(ax, rows, colors):
                 yerr=std.get("eval_accuracy", 0.0) or None, fmt="o", color=color, capsize=3)
     # Near-equal rows (dkd and nkd here) would print their names on top of each other.
     crowded = any(np.all(np.abs((np.array((x, y)) - p) / scale) < 0.05) for p in placed)
-    ax.annotate(row.name, (x, y), textcoords="offset points",
-                xytext=(4, -11) if crowded else (4, 4), fontsize=8)
+    if len(points) <= 12:  # Beyond that the names cover the points; the legend has colours.
+      ax.annotate(row.name, (x, y), textcoords="offset points",
+                  xytext=(4, -11) if crowded else (4, 4), fontsize=8)
     placed.append(np.array((x, y)))
   if not points:
     ax.text(0.5, 0.5, "no distilled rows", ha="center", va="center", transform=ax.transAxes)

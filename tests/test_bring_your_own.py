@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,7 @@ from kdjax.data import catalog
 from kdjax.models import adapters
 from kdjax.models.output import Output
 from kdjax.train import provenance, run_suite
+from kdjax.train.checkpoint import save_model_variables
 from kdjax.train.validate import ConfigError, validate_config
 
 _DIM, _HIDDEN, _CLASSES = 16, 12, 4
@@ -106,13 +108,9 @@ def test_nnx_mlp_matches_numpy_in_eval_and_train_mode():
                              0.9 * stats["norm"]["mean"] + 0.1 * hidden.mean(0), rtol=1e-5)
   np.testing.assert_allclose(state["batch_stats"]["norm"]["var"],
                              0.9 * stats["norm"]["var"] + 0.1 * hidden.var(0), rtol=1e-5)
-
-
-def test_nnx_seeds_initialise_differently_and_shapes_trace_abstractly():
-  fns = adapters.from_nnx(lambda rngs: NnxMLP(_CLASSES, rngs=rngs))
-  x = np.zeros((2, _DIM), np.float32)
-  a, b = fns.init(jax.random.PRNGKey(0), x), fns.init(jax.random.PRNGKey(1), x)
-  assert not np.allclose(a["params"]["hidden"]["kernel"], b["params"]["hidden"]["kernel"])
+  # Each seed initialises anew (one compilation: same shapes); shapes trace abstractly.
+  other_seed = fns.init(jax.random.PRNGKey(1), x)
+  assert not np.allclose(other_seed["params"]["hidden"]["kernel"], p["hidden"]["kernel"])
   shapes = jax.eval_shape(fns.init, jax.random.PRNGKey(0), x)
   assert shapes["params"]["head"]["kernel"].shape == (_HIDDEN, _CLASSES)
 
@@ -238,19 +236,28 @@ def test_register_arrays_rules(registered):
     validate_config(config, num_devices=1)
 
 
+_CENTRES = np.random.default_rng(42).normal(size=(_CLASSES, _DIM)) * 3.0
+
+
 def _clusters(count: int, seed: int):
-  """Four well separated Gaussian clusters in 16 dimensions."""
+  """Four well separated Gaussian clusters (unit noise) in 16 dimensions."""
   rng = np.random.default_rng(seed)
-  centres = np.random.default_rng(42).normal(size=(_CLASSES, _DIM)) * 3.0
   labels = rng.integers(0, _CLASSES, size=count)
-  return (centres[labels] + rng.normal(size=(count, _DIM))).astype(np.float32), labels
+  return (_CENTRES[labels] + rng.normal(size=(count, _DIM))).astype(np.float32), labels
 
 
-def _suite_config():
+def _teacher_variables():
+  """The Bayes classifier of the clusters (equal isotropic noise): logit_c = <x, mu_c> -
+  |mu_c|^2 / 2, as the linear NNX model's parameters."""
+  return {"params": {"head": {"kernel": _CENTRES.T.astype(np.float32),
+                              "bias": (-0.5 * (_CENTRES ** 2).sum(1)).astype(np.float32)}}}
+
+
+def _suite_config(teacher_checkpoint: str):
   config = common.base_config()
   config.dataset, config.num_classes = "byo_clusters", _CLASSES
   config.student.model, config.teacher.model = "byo_student", "byo_teacher"
-  config.suite, config.num_steps = "teacher,kd", 20
+  config.suite, config.teacher.checkpoint, config.num_steps = "kd", teacher_checkpoint, 20
   config.global_batch_size, config.eval_batch_size = 32, 128
   config.log_every_steps = config.eval_every_steps = config.checkpoint_every_steps = 20
   config.progress, config.prefetch = False, 0
@@ -260,14 +267,18 @@ def _suite_config():
 
 @pytest.fixture(scope="module")
 def suite_workdir(tmp_path_factory):
-  """A two-run suite (NNX teacher, NNX student distilled with kd) on numpy clusters."""
+  """A suite on numpy clusters: an NNX MLP student (BatchNorm, dropout) distilled with kd from
+  a linear NNX teacher given as a checkpoint."""
   train, evaluation = _clusters(256, 0), _clusters(128, 1)
-  models.register("byo_teacher", NnxMLP, input_kind="vec16", replace=True)
-  models.register("byo_student", NnxTinyStudent, input_kind="vec16", replace=True)
+  models.register("byo_teacher", NnxTinyStudent, input_kind="vec16", replace=True)
+  models.register("byo_student", NnxMLP, input_kind="vec16", replace=True)
   data.register_arrays("byo_clusters", train=train, eval=evaluation, num_classes=_CLASSES,
                        input_kind="vec16", replace=True)
-  workdir = tmp_path_factory.mktemp("byo") / "suite"
-  summary = run_suite(_suite_config(), str(workdir), num_devices=jax.device_count())
+  root = tmp_path_factory.mktemp("byo")
+  teacher = save_model_variables(str(root / "teacher"), _teacher_variables(),
+                                 model_name="byo_teacher")
+  workdir = root / "suite"
+  summary = run_suite(_suite_config(teacher), str(workdir), num_devices=jax.device_count())
   yield workdir, summary, train, evaluation
   models.unregister("byo_teacher")
   models.unregister("byo_student")
@@ -275,11 +286,16 @@ def suite_workdir(tmp_path_factory):
 
 
 def test_suite_trains_registered_nnx_models_on_numpy_arrays(suite_workdir):
-  _, summary, _, _ = suite_workdir
-  runs = summary["runs"]
-  assert runs["teacher"]["eval_accuracy"] >= 0.9, runs["teacher"]
-  assert runs["kd"]["eval_accuracy"] >= 0.8 and runs["kd"]["method"] == "kd", runs["kd"]
-  assert runs["kd"]["student_params"] == _DIM * _CLASSES + _CLASSES
+  _, summary, _, (eval_inputs, eval_labels) = suite_workdir
+  kd = summary["runs"]["kd"]
+  teacher = _np(_teacher_variables()["params"]["head"])
+  teacher_logits = eval_inputs @ teacher["kernel"] + teacher["bias"]
+  assert kd["teacher_eval_accuracy"] == pytest.approx(
+      np.mean(teacher_logits.argmax(-1) == eval_labels), abs=1e-6)
+  assert kd["teacher_eval_accuracy"] >= 0.95
+  assert kd["eval_accuracy"] >= 0.8 and kd["method"] == "kd" and kd["steps"] == 20, kd
+  assert kd["student_params"] == (_DIM * _HIDDEN + _HIDDEN) + 2 * _HIDDEN + (
+      _HIDDEN * _CLASSES + _CLASSES)  # hidden, BatchNorm scale and bias, head.
 
 
 def _reference_fingerprint(inputs, labels) -> str:
@@ -321,20 +337,33 @@ def test_provenance_outside_git_is_none(tmp_path):
 def test_load_run_gives_the_trained_student(suite_workdir, monkeypatch):
   workdir, summary, _, (eval_inputs, eval_labels) = suite_workdir
   monkeypatch.chdir(workdir.parent)  # Relative paths resolve from here.
-  loaded = kdjax.load_run(os.path.join(workdir.name), run="kd")
+  loaded = kdjax.load_run(workdir.name, run="kd")  # Relative to the current directory.
   assert loaded.config.student.model == "byo_student"
   assert loaded.summary["eval_accuracy"] == summary["runs"]["kd"]["eval_accuracy"]
-  assert sorted(loaded.variables) == ["params"]  # kd has no method params; none leak in.
+  assert sorted(loaded.variables) == ["batch_stats", "params"]  # The student's only.
   output, _ = loaded.apply_fn(loaded.variables, eval_inputs, train=False)
   accuracy = float(np.mean(np.argmax(np.asarray(output.logits), -1) == eval_labels))
   assert accuracy == pytest.approx(loaded.summary["eval_accuracy"], abs=1e-6)
-  # The run directory itself, and a teacher with BatchNorm statistics.
-  teacher = kdjax.load_run(workdir / "teacher")
-  assert sorted(teacher.variables) == ["batch_stats", "params"]
-  with pytest.raises(ValueError, match="several runs; pick one with run=, one of: kd, teacher"):
-    kdjax.load_run(workdir)
-  with pytest.raises(ValueError, match="no run 'dkd'.*its runs: kd, teacher"):
-    kdjax.load_run(workdir, run="dkd")
+  same = kdjax.load_run(workdir / "kd")  # The run directory itself; one run: no run= needed.
+  equal = jax.tree.map(np.array_equal, same.variables, loaded.variables)
+  assert all(jax.tree.leaves(equal)) and kdjax.load_run(workdir).summary == loaded.summary
+
+
+def test_load_run_names_the_runs_when_ambiguous(suite_workdir, tmp_path):
+  workdir = suite_workdir[0]
+  shutil.copytree(workdir, tmp_path / "suite")
+  shutil.copytree(workdir / "kd", tmp_path / "suite" / "dkd" / "seed0")
+  shutil.copytree(workdir / "kd", tmp_path / "suite" / "dkd" / "seed1")
+  with pytest.raises(ValueError, match="several runs; pick one with run=, one of: "
+                                       "dkd/seed0, dkd/seed1, kd"):
+    kdjax.load_run(tmp_path / "suite")
+  with pytest.raises(ValueError, match="run='dkd' ran over several seeds .* dkd/seed0, dkd/seed1"):
+    kdjax.load_run(tmp_path / "suite", run="dkd")
+  with pytest.raises(ValueError, match="no run 'nkd' .* its runs: dkd/seed0, dkd/seed1, kd"):
+    kdjax.load_run(tmp_path / "suite", run="nkd")
+  assert kdjax.load_run(tmp_path / "suite", run="dkd/seed1").config.method == "kd"
+  with pytest.raises(FileNotFoundError, match="not a directory"):
+    kdjax.load_run(tmp_path / "nowhere")
 
 
 def readme_section_code() -> str:

@@ -165,7 +165,7 @@ def test_eval_step_sums_every_metric_given_and_the_teachers():
   mask = np.arange(8) < 6
   sums = eval_step(train_state, teacher_variables, dict(batch, mask=mask))
   assert set(sums) == {"count", "accuracy", "cross_entropy", "margin", "teacher_accuracy",
-                       "teacher_agreement"}
+                       "teacher_agreement", "teacher_cross_entropy"}
   s = np.asarray(student_apply(state_lib.student_variables(train_state), batch["inputs"],
                                train=False)[0].logits)[:6]
   t = np.asarray(teacher_apply(teacher_variables, batch["inputs"], train=False)[0].logits)[:6]
@@ -176,6 +176,10 @@ def test_eval_step_sums_every_metric_given_and_the_teachers():
   assert sums["accuracy"] == np.sum(s.argmax(-1) == labels)
   assert sums["teacher_agreement"] == np.sum(s.argmax(-1) == t.argmax(-1))
   assert sums["teacher_accuracy"] == np.sum(t.argmax(-1) == labels)
+  t_log_probs = t - np.log(np.sum(np.exp(t - t.max(-1, keepdims=True)), -1,
+                                  keepdims=True)) - t.max(-1, keepdims=True)
+  np.testing.assert_allclose(sums["teacher_cross_entropy"],
+                             -np.sum(t_log_probs[np.arange(6), labels]), rtol=1e-5)
 
 
 def test_best_eval_is_the_highest_accuracy_and_the_earliest_on_ties():

@@ -195,6 +195,20 @@ class LMInputPipeline:
   def num_eval_tokens(self) -> int:
     return self._eval.num_tokens
 
+  def training_windows(self, indices: np.ndarray) -> dict:
+    """The training windows `indices` as a batch ({'tokens', 'targets', 'mask'} [n, T]), for
+    offline passes over the training split (data selection)."""
+    return self._train.gather(np.asarray(indices))
+
+  def restrict_training(self, indices: np.ndarray) -> None:
+    """Trains on the windows `indices` only (held-out validation windows stay out), reshuffled
+    by the seed as before: batch `step` stays a pure function of (seed, step, indices)."""
+    kept = np.intersect1d(self._train_indices, np.asarray(indices))
+    if not len(kept):
+      raise ValueError("restrict_training: none of the given windows is a training window.")
+    self._train_indices = kept
+    self._order = grain.MapDataset.range(len(kept)).shuffle(seed=self.seed).repeat(None)
+
   def train_labels(self) -> None:
     """Language-model windows have no class label."""
     return None

@@ -71,8 +71,8 @@ class AdaSPEC(base.Method):
                  else sample.student_variables)
     return {}, {"reference": reference}
 
-  def rewrite_batch(self, state, batch, models, rng, ops):
-    del rng, ops
+  def rewrite_batch(self, state, batch, models, rng, ops, step):
+    del rng, ops, step
     reference, _ = models.student_apply(state["reference"], batch["tokens"], train=False,
                                         rng=None)
     return dict(batch, **{REFERENCE_LOGITS_KEY: jax.lax.stop_gradient(reference.logits)}), state

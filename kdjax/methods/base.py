@@ -198,17 +198,28 @@ class Method(abc.ABC):
   rewrites_batch: ClassVar[bool] = False
 
   def rewrite_batch(self, state: Any, batch: Dict[str, jax.Array], models: StepModels,
-                    rng: jax.Array, ops: BatchOps) -> Tuple[Dict[str, jax.Array], Any]:
+                    rng: jax.Array, ops: BatchOps,
+                    step: jax.Array) -> Tuple[Dict[str, jax.Array], Any]:
     """Returns (the batch the step trains on, the new method state); identity by default.
 
     Runs inside the jitted step, before the teacher's outputs are computed (so the teacher
     sees the rewritten batch). `batch` is the step's input batch (a language model's:
     'tokens', 'targets', 'mask' [b, T], 'index' [b]; local to the device under pmap); `rng` is
     the same on every device (a pure function of (seed, step)), so a random choice made from it
-    alone (GKD's on-/off-policy draw) is the same everywhere.
+    alone (GKD's on-/off-policy draw) is the same everywhere. `step` is the optimizer step.
     """
-    del models, rng, ops
+    del models, rng, ops, step
     return batch, state
+
+  # True for methods whose state follows the periodic evaluations (DistiLLM's adaptive
+  # off-policy threshold): the loop calls `after_evaluation` after each one.
+  reacts_to_evaluation: ClassVar[bool] = False
+
+  def after_evaluation(self, state: Any, eval_metrics: Dict[str, float]) -> Any:
+    """The method state (host numpy arrays) after a periodic evaluation with these averages
+    ('cross_entropy', 'accuracy', ...); runs on the host, outside the jitted step."""
+    del eval_metrics
+    return state
 
   def eval_metrics(self) -> Sequence[Callable]:
     """Metrics evaluated beside the task's (see `eval_metrics.EvalMetric`): a method with

@@ -21,7 +21,7 @@ from kdjax import losses, validation
 from kdjax.methods import base
 
 
-def _generate(apply_fn, variables, prompts, keys, *, max_new_tokens, temperature, greedy,
+def generate_sequences(apply_fn, variables, prompts, keys, *, max_new_tokens, temperature, greedy,
               top_k=0, top_p=1.0):
   """`prompts` [b, P] -> [b, P + N] tokens, row i sampled with `keys[i]`."""
   from kdjax.lm.generate import generate_fn  # pylint: disable=g-import-not-at-top
@@ -95,7 +95,8 @@ class GKD(base.Method):
     for field in ("top_k", "prompt_length", "max_new_tokens"):
       validation.require(config[field], validation.NON_NEGATIVE_INT, f"config.gkd.{field}")
 
-  def rewrite_batch(self, state, batch, models, rng, ops):
+  def rewrite_batch(self, state, batch, models, rng, ops, step):
+    del step
     c = self.config
     if c.lmbda == 0:
       return dict(batch, on_policy=jnp.zeros(batch["index"].shape, jnp.float32)), state
@@ -103,7 +104,7 @@ class GKD(base.Method):
     choice_rng, sample_rng = jax.random.split(rng)
 
     def on_policy(batch):
-      sequences = _generate(
+      sequences = generate_sequences(
           models.student_apply, models.student_variables, batch["tokens"][:, :prompt_length],
           _row_keys(sample_rng, batch["index"]), max_new_tokens=new_tokens,
           temperature=c.temperature, top_k=c.top_k, top_p=c.top_p, greedy=False)
@@ -174,13 +175,14 @@ class SeqKD(base.Method):
     return {}, {"generations": jnp.zeros((size, prompt_length + new_tokens), jnp.int32),
                 "generated": jnp.zeros((size,), bool)}
 
-  def rewrite_batch(self, state, batch, models, rng, ops):
+  def rewrite_batch(self, state, batch, models, rng, ops, step):
+    del step
     c = self.config
     prompt_length, new_tokens = split_lengths(c, batch["tokens"].shape[1], self.name)
     index = batch["index"]
 
     def generate(state):
-      sequences = _generate(
+      sequences = generate_sequences(
           models.teacher_apply, models.teacher_variables, batch["tokens"][:, :prompt_length],
           _row_keys(rng, index), max_new_tokens=new_tokens, temperature=c.sample_temperature,
           greedy=c.greedy).astype(jnp.int32)

@@ -298,7 +298,8 @@ def from_nnx(model_or_constructor) -> ModelFns:
     new_variables = _layout().variables(model)
     return output, {name: new_variables[name] for name in _layout().collections}
 
-  return ModelFns(init=init, apply=apply)
+  # Jitted (inlined when called inside the step's jit): an eager NNX call compiles op by op.
+  return ModelFns(init=init, apply=jax.jit(apply, static_argnames=("train",)))
 
 
 # -- plain functions --------------------------------------------------------------------------

@@ -143,9 +143,28 @@ def _is_nnx_constructor(factory) -> bool:
     return False
 
 
+# (name, num_classes, kwargs) -> ModelFns of registered models: the runs of a suite share
+# their jitted init / apply and so compile them once. Emptied on every (un)registration.
+_REGISTERED_FNS: Dict[tuple, ModelFns] = {}
+ON_CHANGE.append(_REGISTERED_FNS.clear)
+
+
 def get_model_fns(name: str, *, num_classes: int, **kwargs) -> ModelFns:
   """The model `name` as `ModelFns(init, apply)`: the one way runs, teachers and
   `kdjax.load_run` build models, built-in or registered."""
+  if name in BUILT_IN:
+    return _model_fns(name, num_classes=num_classes, **kwargs)
+  try:
+    key = (name, num_classes, tuple(sorted(kwargs.items())))
+    hash(key)
+  except TypeError:  # Unhashable keyword values: built each time.
+    return _model_fns(name, num_classes=num_classes, **kwargs)
+  if key not in _REGISTERED_FNS:
+    _REGISTERED_FNS[key] = _model_fns(name, num_classes=num_classes, **kwargs)
+  return _REGISTERED_FNS[key]
+
+
+def _model_fns(name: str, *, num_classes: int, **kwargs) -> ModelFns:
   factory = _entry(name).factory
   if isinstance(factory, ModelFns) or isinstance(factory, nn.Module) or \
       adapters.is_nnx_module(factory):

@@ -234,7 +234,10 @@ class _Run:
                 f"[{self.name}] received {stop.received or 'a stop signal on another host'}: "
                 f"checkpoint written at step {done}; rerun the same command to continue.")
         if done % c.eval_every_steps == 0 and done != c.num_steps:
-          self.writer.write(done, self.selection_split, self.evaluate(self.selection_split))
+          evaluation = self.evaluate(self.selection_split)
+          self.writer.write(done, self.selection_split, evaluation)
+          if self.parts.method.reacts_to_evaluation:  # DistiLLM's adaptive schedule.
+            self.update_method_state(evaluation)
           throughput.exclude_since_mark()  # Evaluation is not training throughput.
         if is_checkpoint and not stopping:
           self.save(done)
@@ -284,6 +287,15 @@ class _Run:
       summary.update(self.language_model_metrics(final_eval))
     summary["provenance"] = provenance.run_provenance(self.parts.pipeline, c)
     return summary
+
+  def update_method_state(self, evaluation: dict):
+    """`Method.after_evaluation` on the host copy of the method state, then back on device."""
+    parallel = self.parts.parallel
+    host = parallel.to_host(self.state)
+    method_state = self.parts.method.after_evaluation(host.method_state, evaluation)
+    self.state = parallel.put_replicated(host.replace(method_state=jax.tree.map(
+        lambda new, old: np.asarray(new, np.asarray(old).dtype), method_state,
+        host.method_state)))
 
   def language_model_metrics(self, final_eval: dict) -> dict:
     """Perplexities (exp of the per-token cross-entropy) and the decoding metrics of

@@ -96,7 +96,7 @@ def build_run(config: ml_collections.ConfigDict,
   method = methods_lib.build_method(config, num_train_examples=pipeline.num_train_examples)
   sample = sample_inputs(config)
   reference_field = getattr(method, "reference_field", None)
-  if reference_field:  # A frozen model of the student's architecture (AdaSPEC's reference).
+  if reference_field:  # A frozen model of the student's architecture (AdaSPEC, MiniPLM).
     _, (method.reference_variables,) = teachers_lib.load_models(
         [config.student.model], [paths.resolve(config[method.name][reference_field])],
         num_classes=config.num_classes, sample_inputs=sample,
@@ -120,6 +120,10 @@ def build_run(config: ml_collections.ConfigDict,
         config, method, teacher_checkpoints, sample,
         model_kwargs=lambda name: model_kwargs(name, parallel))
     teacher_sample, _ = teacher_apply(teacher_variables, sample, train=False)
+  if getattr(method, "selects_examples", False):  # MiniPLM's difference sampling, offline.
+    pipeline.restrict_training(method.select_examples(
+        pipeline, teacher_apply=teacher_apply, teacher_variables=teacher_variables,
+        reference_apply=student_apply))
 
   student_sample, _ = student_apply(student_variables, sample, train=False)
   label_shape = student_sample.logits.shape[:-1]  # [2] for classifiers, [2, T] for LMs.

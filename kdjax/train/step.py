@@ -108,7 +108,7 @@ def make_train_step(*, student_apply: ApplyFn, teacher_apply: Optional[ApplyFn],
               student_variables=jax.lax.stop_gradient(student_variables(state)),
               teacher_apply=teacher_apply if method.needs_teacher else None,
               teacher_variables=teacher_variables),
-          jax.random.fold_in(method_rng, 1), ops)
+          jax.random.fold_in(method_rng, 1), ops, state.step)
       state = state.replace(method_state=method_state)
     inputs, labels = batch_inputs(batch), batch_labels(batch)
     where = batch.get("mask", jnp.ones(labels.shape, bool))

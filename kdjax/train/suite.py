@@ -233,7 +233,7 @@ def plan_suite(config: ml_collections.ConfigDict, workdir: str, *,
           raise ConfigError(f"config.suite={config.suite!r} runs {name!r} before its teacher "
                             f"run {spec.run!r}; list {spec.run!r} first.")
         continue
-      if not os.path.isdir(directory):
+      if not os.path.exists(directory):  # A checkpoints/ directory or an exported file.
         raise ConfigError(
             f"Run {name!r} needs the teacher {spec.model!r}, but there is no checkpoint at "
             f"{directory!r}; add {spec.run!r} to config.suite before it, or give the "
