@@ -15,7 +15,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.validation_examples = 0  # Held out of the training split for model selection.
   config.augment = True  # The dataset's training augmentation (see kdjax/data/catalog.py).
 
-  config.parallel = "jit"  # jit (mesh + NamedSharding) | pmap
+  config.parallel = "jit"  # jit (mesh + NamedSharding) | pmap | jit_2d | jit_2d_fsdp
+  # jit_2d*: the ('data', 'model') mesh, e.g. 'data=2,model=4'; the teacher (jit_2d_fsdp: and
+  # the student) is split on 'model' by kdjax/train/sharding_rules.py. Empty for jit / pmap.
+  config.mesh = ""
   config.global_batch_size = 128  # Whole batch over all devices and hosts.
   config.eval_batch_size = 1000
   config.num_steps = 1000

@@ -87,5 +87,6 @@ def get_config(arg=None):
     config.lm.eval_new_tokens, config.lm.speculative_gamma = 8, 2
     config.global_batch_size = 8
     config.num_steps = 6
+    config.teacher.num_steps = 12  # Not the students' 6 steps from the same initialisation.
     config.log_every_steps = config.eval_every_steps = config.checkpoint_every_steps = 3
   return config

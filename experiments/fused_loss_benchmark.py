@@ -108,7 +108,7 @@ def _torch_step(arrays, mode):
     b = ws.clone().requires_grad_()
     loss = trl_generalized_jsd_loss(a @ b, ht @ wt, beta=BETA)
     loss.backward()
-    return float(loss)
+    return float(loss.detach())  # float() of a grad-requiring tensor warns.
   return step
 
 
@@ -141,11 +141,23 @@ def _peak_rss_child(args) -> None:
     step = _torch_step(arrays, mode)
   else:
     step, _ = _jax_step(arrays, name, mode, args)
-  before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  before = _peak_rss_bytes()
   step()
   step()
-  after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  print(json.dumps({"peak_rss_growth_mb": (after - before) * 1024 / MB}))
+  print(json.dumps({"peak_rss_growth_mb": (_peak_rss_bytes() - before) / MB}))
+
+
+def _peak_rss_bytes() -> int:
+  """This process's peak RSS. Linux's `ru_maxrss` is inherited across exec (a child of a
+  5 GB parent starts at 5 GB and shows no growth); `VmHWM` belongs to the new address space."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _peak_rss(name, mode, args) -> float:

@@ -52,7 +52,8 @@ BAD_CONFIGS = [
     ({"dkd__temperature": -1.0}, r"config.dkd.temperature must be a positive number"),
     ({"kd__ce_weight": -0.5}, r"config.kd.ce_weight must be a number >= 0, got -0.5"),
     ({"dkd__warmup_steps": -3}, r"config.dkd.warmup_steps must be a number >= 0"),
-    ({"parallel": "pjit"}, r"config.parallel='pjit' is not valid.*; valid values: jit, pmap"),
+    ({"parallel": "pjit"}, r"config.parallel='pjit' is not valid.*; valid values: jit, jit_2d, "
+                           r"jit_2d_fsdp, pmap"),
     ({"num_steps": 0}, r"config.num_steps must be a positive integer, got 0"),
     ({"log_every_steps": -1}, r"config.log_every_steps must be a positive integer"),
     ({"optimizer__name": "lion"}, r"config.optimizer.name='lion' is not valid.*; valid values: "

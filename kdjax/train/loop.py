@@ -122,8 +122,8 @@ class _Run:
                               json.loads(config.to_json()))
 
     parallel = parts.parallel
-    self.state = parallel.put_replicated(host_state)
-    self.teacher_variables = (parallel.put_replicated(parts.teacher_variables)
+    self.state = parallel.put_state(host_state)
+    self.teacher_variables = (parallel.put_teacher(parts.teacher_variables)
                               if parts.teacher_variables is not None else None)
     self.train_step = parallel.compile_train_step(step_lib.make_train_step(
         student_apply=parts.student_apply, teacher_apply=parts.teacher_apply,
@@ -132,7 +132,7 @@ class _Run:
         skip_nonfinite=config.on_nonfinite == "skip"))
     self.eval_step = parallel.compile_eval_step(step_lib.make_eval_step(
         student_apply=parts.student_apply,
-        teacher_apply=parts.teacher_apply if parts.method.needs_teacher else None,
+        teacher_apply=parts.teacher_apply,  # Loaded only when used (or an LM's, for eval).
         metrics=tuple(eval_metrics.CLASSIFICATION_METRICS) + tuple(parts.method.eval_metrics()),
         self_teacher=(parts.method.teacher_variables_from_state
                       if parts.method.self_teacher else None),
@@ -293,7 +293,7 @@ class _Run:
     parallel = self.parts.parallel
     host = parallel.to_host(self.state)
     method_state = self.parts.method.after_evaluation(host.method_state, evaluation)
-    self.state = parallel.put_replicated(host.replace(method_state=jax.tree.map(
+    self.state = parallel.put_state(host.replace(method_state=jax.tree.map(
         lambda new, old: np.asarray(new, np.asarray(old).dtype), method_state,
         host.method_state)))
 
@@ -308,8 +308,8 @@ class _Run:
     from kdjax.lm import evaluation  # pylint: disable=g-import-not-at-top
     method = self.parts.method
     # The speculative target is the run's one live teacher (not a self-teacher or an ensemble).
-    has_teacher = (method.needs_teacher and not method.self_teacher and
-                   not method.multiple_teachers and self.parts.teacher_apply is not None)
+    has_teacher = (not method.self_teacher and not method.multiple_teachers and
+                   self.parts.teacher_apply is not None)
     metrics.update(evaluation.generation_metrics(
         student_apply=self.parts.student_apply,
         student_variables=self.parts.parallel.to_host(student_variables(self.state)),

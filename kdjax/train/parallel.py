@@ -4,6 +4,13 @@
 is sharded on 'data', the state and teacher variables are replicated, the state is donated.
 XLA inserts the collectives, and batch-relational losses see the global batch as is.
 
+`jit_2d` / `jit_2d_fsdp`: a 2-D mesh ('data', 'model') of the shape `config.mesh` gives
+('data=2,model=4'); the batch is sharded on 'data' and the teacher's parameters on 'model' by
+the name rules of `sharding_rules.py` (Megatron-style column/row splits); `jit_2d_fsdp` splits
+the student's parameters and optimizer state by the same rules (the rest of the state stays
+replicated): FSDP-like in memory, though the split is tensor-parallel on 'model', not ZeRO's
+over 'data'. Per device a teacher then holds about 1/model of its parameter bytes.
+
 `pmap`: one replica per local device; means over the batch and gradients are averaged with
 collectives over the axis 'batch', and relational losses `all_gather` the batch.
 
@@ -12,16 +19,19 @@ Both give the same numbers as a single device (up to float summation order). Mul
 """
 
 import functools
-from typing import Callable
+from typing import Callable, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from kdjax.methods.base import BatchOps, single_device_ops
+from kdjax.train import sharding_rules
 
-PARALLEL_KINDS = ("jit", "pmap")
+PARALLEL_KINDS = ("jit", "pmap", "jit_2d", "jit_2d_fsdp")
+MESH_KINDS = ("jit_2d", "jit_2d_fsdp")  # The kinds that read `config.mesh`.
+MESH_AXES = ("data", "model")
 PMAP_AXIS = "batch"
 
 
@@ -67,6 +77,130 @@ class JitParallel:
   @staticmethod
   def reduce_gradients(grads):
     return grads
+
+  # Teachers and the state are replicated here; the 2-D strategy shards them.
+  def put_teacher(self, variables):
+    return self.put_replicated(variables)
+
+  def put_state(self, state):
+    return self.put_replicated(state)
+
+
+def mesh_shape(kind: str, mesh: str, num_devices: int) -> Tuple[int, int]:
+  """`config.mesh` ('data=2,model=4', or 'model=4' with data = the remaining devices) as
+  (data, model) sizes for a `MESH_KINDS` strategy; (num_devices, 1) for the others.
+
+  Raises:
+    ValueError: one line naming config.mesh and what is allowed.
+  """
+  mesh = (mesh or "").strip()
+  example_model = 2 if num_devices % 2 == 0 else 1
+  example = f"e.g. 'data={num_devices // example_model},model={example_model}'"
+  if kind not in MESH_KINDS:
+    if mesh:
+      raise ValueError(f"config.mesh={mesh!r} applies only to config.parallel in {MESH_KINDS}, "
+                       f"not {kind!r}; leave it empty.")
+    return num_devices, 1
+  if not mesh:
+    raise ValueError(f"config.parallel={kind!r} needs config.mesh, the sizes of the axes "
+                     f"{MESH_AXES} over {num_devices} devices, {example}.")
+  sizes = {}
+  for part in mesh.split(","):
+    axis, equals, size = part.strip().partition("=")
+    axis = axis.strip()
+    if not equals or axis not in MESH_AXES or axis in sizes or not size.strip().isdigit() or (
+        int(size) < 1):
+      raise ValueError(f"config.mesh={mesh!r} must read 'data=<n>,model=<m>' (positive sizes, "
+                       f"each axis once, {MESH_AXES} only), {example}.")
+    sizes[axis] = int(size)
+  if "model" not in sizes:
+    raise ValueError(f"config.mesh={mesh!r} must give the 'model' axis size, {example}.")
+  model = sizes["model"]
+  data = sizes.get("data", num_devices // model)
+  if data * model != num_devices:
+    raise ValueError(f"config.mesh={mesh!r} has {data} x {model} = {data * model} devices but "
+                     f"there are {num_devices}; the sizes must multiply to {num_devices}.")
+  return data, model
+
+
+class Jit2DParallel(JitParallel):
+  """`jax.jit` over a ('data', 'model') mesh: batch on 'data', teacher (and, with
+  `shard_student`, the student's parameters and optimizer state) split on 'model' by
+  `sharding_rules.TRANSFORMER_RULES`; whatever no rule splits is replicated.
+
+  The step functions are compiled on their first call, when the state's and the teacher's
+  trees are known (their shardings follow from the trees' paths and shapes).
+  """
+  batch_norm_axis_name = None
+
+  def __init__(self, data: int, model: int, *, shard_student: bool = False):
+    devices = np.array(jax.devices())
+    if data * model != devices.size:
+      raise ValueError(f"mesh data={data} x model={model} needs {data * model} devices, "
+                       f"there are {devices.size}.")
+    self.kind = "jit_2d_fsdp" if shard_student else "jit_2d"
+    self.shard_student = shard_student
+    # Devices in process order, 'model' fastest: a model group stays on one host when `model`
+    # divides the local device count, so its collectives do not cross hosts.
+    self.mesh = Mesh(devices.reshape(data, model), MESH_AXES,
+                     axis_types=(AxisType.Auto,) * 2)
+    self.replicated = NamedSharding(self.mesh, PartitionSpec())
+    self.batch_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
+    self.num_devices = self.mesh.size
+    self.model_size = model
+
+  def shardings(self, tree):
+    """NamedShardings for `tree` by the rules on the 'model' axis."""
+    return jax.tree.map(lambda spec: NamedSharding(self.mesh, spec),
+                        sharding_rules.partition_specs(tree, self.model_size),
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+  def state_shardings(self, state):
+    if self.shard_student:
+      return self.shardings(state)
+    return jax.tree.map(lambda _: self.replicated, state)
+
+  def put_teacher(self, variables):
+    return jax.device_put(variables, self.shardings(variables))
+
+  def put_state(self, state):
+    return jax.device_put(state, self.state_shardings(state))
+
+  def to_host(self, tree):
+    """A (possibly model-sharded) tree back to host numpy arrays; on several hosts the
+    shards are first gathered onto every device (device_get needs addressable data)."""
+    if jax.process_count() > 1:
+      tree = jax.jit(lambda t: t, out_shardings=self.replicated)(tree)
+    return jax.device_get(tree)
+
+  def _compile_on_first_call(self, build: Callable) -> Callable:
+    """`build(state, teacher_variables) -> jitted function`, once per pair of tree structures."""
+    compiled = {}
+
+    def call(state, teacher_variables, batch):
+      key = jax.tree.structure((state, teacher_variables))
+      if key not in compiled:
+        compiled[key] = build(state, teacher_variables)
+      return compiled[key](state, teacher_variables, batch)
+    return call
+
+  def compile_train_step(self, train_step: Callable) -> Callable:
+    step = functools.partial(train_step, ops=single_device_ops())
+
+    def build(state, teacher_variables):
+      state_shardings = self.state_shardings(state)
+      return jax.jit(step, in_shardings=(state_shardings, self.shardings(teacher_variables),
+                                         self.batch_sharding),
+                     out_shardings=(state_shardings, self.replicated), donate_argnums=(0,))
+    return self._compile_on_first_call(build)
+
+  def compile_eval_step(self, eval_step: Callable) -> Callable:
+    def build(state, teacher_variables):
+      return jax.jit(eval_step, in_shardings=(self.state_shardings(state),
+                                              self.shardings(teacher_variables),
+                                              self.batch_sharding),
+                     out_shardings=self.replicated)
+    return self._compile_on_first_call(build)
 
 
 def _pmap_ops() -> BatchOps:
@@ -134,6 +268,12 @@ class PmapParallel:
   def reduce_gradients(grads):
     return jax.lax.pmean(grads, PMAP_AXIS)
 
+  def put_teacher(self, variables):
+    return self.put_replicated(variables)
+
+  def put_state(self, state):
+    return self.put_replicated(state)
+
 
 def first_local_replica(x) -> np.ndarray:
   """Replica 0 of a pmapped array, read from this process's devices only (`x[0]` would
@@ -142,12 +282,16 @@ def first_local_replica(x) -> np.ndarray:
   return shard[0] if shard.ndim == x.ndim else shard
 
 
-def get_parallel(kind: str):
+def get_parallel(kind: str, mesh: str = ""):
+  """The strategy `config.parallel` names; `mesh` is `config.mesh` (only for MESH_KINDS)."""
+  if kind not in PARALLEL_KINDS:
+    raise ValueError(f"config.parallel={kind!r} is not valid; choose one of {PARALLEL_KINDS}.")
+  data, model = mesh_shape(kind, mesh, jax.device_count())
   if kind == "jit":
     return JitParallel()
   if kind == "pmap":
     return PmapParallel()
-  raise ValueError(f"config.parallel={kind!r} is not valid; choose one of {PARALLEL_KINDS}.")
+  return Jit2DParallel(data, model, shard_student=kind == "jit_2d_fsdp")
 
 
 def metrics_to_host(parallel, metrics) -> dict:

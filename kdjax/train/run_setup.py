@@ -87,7 +87,7 @@ def build_pipeline(config: ml_collections.ConfigDict, *, teacher_cache=None):
 def build_run(config: ml_collections.ConfigDict,
               teacher_checkpoints: Sequence[str]) -> RunParts:
   """Builds the parts of one run; the teacher is loaded when the method needs one."""
-  parallel = parallel_lib.get_parallel(config.parallel)
+  parallel = parallel_lib.get_parallel(config.parallel, config.get("mesh", ""))
   method_class = methods_lib.get_method_class(config.method)
   # Cached teacher outputs (`config.teacher.cache`) join the batches; the teacher is not built.
   teacher_cache = (teacher_cache_lib.open_checked(config, sampler=method_class.sampler)
@@ -115,7 +115,9 @@ def build_run(config: ml_collections.ConfigDict,
   teacher_apply, teacher_variables, teacher_sample = None, None, None
   if teacher_cache is not None:  # Zeros of the cached shapes, for the method's init.
     teacher_sample = Output(*teacher_cache.sample_outputs(2))
-  elif method.needs_teacher:
+  elif method.needs_teacher or (is_language_model_run(config) and teacher_checkpoints):
+    # A language model's teacher is also loaded for evaluation alone (scratch's agreement and
+    # speculative acceptance); the train step runs it only for methods that need it.
     teacher_apply, teacher_variables = teachers_lib.load_teachers(
         config, method, teacher_checkpoints, sample,
         model_kwargs=lambda name: model_kwargs(name, parallel))

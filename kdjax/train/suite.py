@@ -167,6 +167,7 @@ def expand_suite(config: ml_collections.ConfigDict, workdir: str):
   teacher_dirs = tuple(teachers_lib.checkpoint_dirs(config, workdir))
   seeds = suite_seeds(config) or (None,)
   sweep = parse_sweep(config)
+  language_model = data_lib.get_dataset_spec(config.dataset).input_kind == "tokens"
   runs, ensembles = [], []
   for name in suite_runs(config) or [config.method]:
     if name in teacher_names:
@@ -174,7 +175,13 @@ def expand_suite(config: ml_collections.ConfigDict, workdir: str):
       continue
     base = run_config(config, name)
     cls = get_method_class(name)
-    teachers = teacher_dirs if cls.needs_teacher else ()
+    # A language model's rows all see the teacher at evaluation (agreement and speculative
+    # decoding with the student as draft), scratch included; it trains only those that use it.
+    rows = suite_runs(config)
+    teacher_ready = specs[0].checkpoint or (
+        specs[0].run in rows and name in rows and rows.index(specs[0].run) < rows.index(name))
+    teachers = teacher_dirs if cls.needs_teacher else (
+        teacher_dirs[:1] if language_model and teacher_ready else ())
 
     if cls.generations_field:  # A chain: generation k teaches generation k + 1 (born-again).
       generations = int(config[name][cls.generations_field])

@@ -18,7 +18,7 @@ from kdjax.methods.base import check_teacher_cache
 from kdjax.methods.registry import METHODS
 from kdjax.models.registry import MODELS, model_input_kind
 from kdjax.train import optimizer as optimizer_lib
-from kdjax.train.parallel import PARALLEL_KINDS, check_batch_divisible
+from kdjax.train.parallel import PARALLEL_KINDS, check_batch_divisible, mesh_shape
 from kdjax.train.teachers import teacher_specs
 
 ON_NONFINITE = ("stop", "skip")
@@ -140,6 +140,10 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
   _one_of("student.model", config.student.model, MODELS)
   _one_of("teacher.model", config.teacher.model, MODELS)
   _one_of("parallel", config.parallel, PARALLEL_KINDS)
+  try:
+    mesh_shape(config.parallel, config.get("mesh", ""), num_devices)
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
   _one_of("on_nonfinite", config.on_nonfinite, ON_NONFINITE)
   _one_of("optimizer.name", config.optimizer.name, optimizer_lib.OPTIMIZERS)
   _one_of("optimizer.schedule", config.optimizer.schedule, optimizer_lib.SCHEDULES)
