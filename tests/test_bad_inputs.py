@@ -47,7 +47,7 @@ BAD_CONFIGS = [
      r"config.student.model='resnet1000' is not valid.*; valid values: .*cnn1d.*mlp"),
     ({"teacher__model": "vit"}, r"config.teacher.model='vit' is not valid"),
     ({"dataset": "mnist"}, r"config.dataset='mnist' is not valid.*; valid values: cifar10, "
-                           r"cifar100, imagenet2012, mnist1d"),
+                           r"cifar100, imagenet2012, lm1b, mnist1d, pydoc, tiny_shakespeare"),
     ({"kd__temperature": 0.0}, r"config.kd.temperature must be a positive number, got 0.0"),
     ({"dkd__temperature": -1.0}, r"config.dkd.temperature must be a positive number"),
     ({"kd__ce_weight": -0.5}, r"config.kd.ce_weight must be a number >= 0, got -0.5"),

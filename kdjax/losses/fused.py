@@ -441,6 +441,16 @@ def fused_forward_kl(student_hidden: ArrayLike, student_unembedding: ArrayLike,
   Returns:
     `[...]` per-token loss, equal to `forward_kl` on the materialised logits.
 
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from kdjax import losses
+    >>> k = jax.random.split(jax.random.key(0), 4)
+    >>> hs, ws = jax.random.normal(k[0], (2, 3, 4)), jax.random.normal(k[1], (4, 10))
+    >>> ht, wt = jax.random.normal(k[2], (2, 3, 5)), jax.random.normal(k[3], (5, 10))
+    >>> got = losses.fused_forward_kl(hs, ws, ht, wt, vocab_chunk_size=4)
+    >>> bool(jnp.allclose(got, losses.forward_kl(hs @ ws, ht @ wt), rtol=1e-5, atol=1e-6))
+    True
+
   Reference:
     Agarwal et al., "On-Policy Distillation of Language Models" (GKD), ICLR
     2024.
@@ -465,6 +475,16 @@ def fused_reverse_kl(student_hidden: ArrayLike, student_unembedding: ArrayLike,
   {args}
   Returns:
     `[...]` per-token loss, equal to `reverse_kl` on the materialised logits.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from kdjax import losses
+    >>> k = jax.random.split(jax.random.key(0), 4)
+    >>> hs, ws = jax.random.normal(k[0], (2, 3, 4)), jax.random.normal(k[1], (4, 10))
+    >>> ht, wt = jax.random.normal(k[2], (2, 3, 5)), jax.random.normal(k[3], (5, 10))
+    >>> got = losses.fused_reverse_kl(hs, ws, ht, wt, vocab_chunk_size=4)
+    >>> bool(jnp.allclose(got, losses.reverse_kl(hs @ ws, ht @ wt), rtol=1e-5, atol=1e-6))
+    True
 
   Reference:
     Gu et al., "MiniLLM: Knowledge Distillation of Large Language Models",
@@ -497,6 +517,16 @@ def fused_generalized_jsd(student_hidden: ArrayLike,
 
   Returns:
     `[...]` per-token loss, equal to `generalized_jsd` on the logits.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from kdjax import losses
+    >>> k = jax.random.split(jax.random.key(0), 4)
+    >>> hs, ws = jax.random.normal(k[0], (2, 3, 4)), jax.random.normal(k[1], (4, 10))
+    >>> ht, wt = jax.random.normal(k[2], (2, 3, 5)), jax.random.normal(k[3], (5, 10))
+    >>> got = losses.fused_generalized_jsd(hs, ws, ht, wt, vocab_chunk_size=4, beta=0.3)
+    >>> bool(jnp.allclose(got, losses.generalized_jsd(hs @ ws, ht @ wt, beta=0.3), rtol=1e-5, atol=1e-6))
+    True
 
   Reference:
     Agarwal et al., "On-Policy Distillation of Language Models: Learning from
@@ -533,6 +563,16 @@ def fused_skew_forward_kl(student_hidden: ArrayLike,
   Returns:
     `[...]` per-token loss, equal to `skew_forward_kl` on the logits.
 
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from kdjax import losses
+    >>> k = jax.random.split(jax.random.key(0), 4)
+    >>> hs, ws = jax.random.normal(k[0], (2, 3, 4)), jax.random.normal(k[1], (4, 10))
+    >>> ht, wt = jax.random.normal(k[2], (2, 3, 5)), jax.random.normal(k[3], (5, 10))
+    >>> got = losses.fused_skew_forward_kl(hs, ws, ht, wt, vocab_chunk_size=4)
+    >>> bool(jnp.allclose(got, losses.skew_forward_kl(hs @ ws, ht @ wt), rtol=1e-5, atol=1e-6))
+    True
+
   Reference:
     Ko et al., "DistiLLM: Towards Streamlined Distillation for Large Language
     Models", ICML 2024.
@@ -565,6 +605,16 @@ def fused_skew_reverse_kl(student_hidden: ArrayLike,
   Returns:
     `[...]` per-token loss, equal to `skew_reverse_kl` on the logits.
 
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from kdjax import losses
+    >>> k = jax.random.split(jax.random.key(0), 4)
+    >>> hs, ws = jax.random.normal(k[0], (2, 3, 4)), jax.random.normal(k[1], (4, 10))
+    >>> ht, wt = jax.random.normal(k[2], (2, 3, 5)), jax.random.normal(k[3], (5, 10))
+    >>> got = losses.fused_skew_reverse_kl(hs, ws, ht, wt, vocab_chunk_size=4)
+    >>> bool(jnp.allclose(got, losses.skew_reverse_kl(hs @ ws, ht @ wt), rtol=1e-5, atol=1e-6))
+    True
+
   Reference:
     Ko et al., "DistiLLM: Towards Streamlined Distillation for Large Language
     Models", ICML 2024.
@@ -594,6 +644,16 @@ def fused_total_variation(student_hidden: ArrayLike,
   {args}
   Returns:
     `[...]` per-token loss, equal to `total_variation` on the logits.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from kdjax import losses
+    >>> k = jax.random.split(jax.random.key(0), 4)
+    >>> hs, ws = jax.random.normal(k[0], (2, 3, 4)), jax.random.normal(k[1], (4, 10))
+    >>> ht, wt = jax.random.normal(k[2], (2, 3, 5)), jax.random.normal(k[3], (5, 10))
+    >>> got = losses.fused_total_variation(hs, ws, ht, wt, vocab_chunk_size=4)
+    >>> bool(jnp.allclose(got, losses.total_variation(hs @ ws, ht @ wt), rtol=1e-5, atol=1e-6))
+    True
 
   Reference:
     Wen et al., "f-Divergence Minimization for Sequence-Level Knowledge

@@ -20,6 +20,7 @@ MODULES = [
     "kdjax.losses.attention",
     "kdjax.losses.self_distillation",
     "kdjax.losses.dino",
+    "kdjax.losses.fused",
 ]
 
 
