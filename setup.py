@@ -9,6 +9,8 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["kdjax", "kdjax.*", "configs", "experiments"]),
+    # The LM quickstart's teacher (configs/lm_teacher.py, experiments/export_model.py).
+    package_data={"kdjax": ["assets/*.msgpack"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10.2",
@@ -21,6 +23,7 @@ setup(
         "ml-collections>=1.1.0",
         "grain>=0.2.18",  # Index shuffling / random-access pipelines, no TensorFlow.
         "mnist1d>=0.0.2",  # Generates MNIST-1D offline: the embedded default dataset.
+        "tokenizers>=0.20",  # Byte-level BPE for language models, trained offline.
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow.
         "matplotlib>=3.8",  # results.png
         "pillow",  # ImageNet crops and resizes (bilinear, as torchvision).
