@@ -29,6 +29,10 @@ def shortened(command: str) -> str:
   if "--help" in command or ":smoke" in command:
     return command
   module = command.split()[2]
+  if module == "experiments.main" and "configs/lm_quickstart.py" in command:
+    # Its smoke variant with two rows (every row runs in tests/test_lm_runs.py).
+    return re.sub(r"--config=configs/lm_quickstart\.py(?=\s)",
+                  "--config=configs/lm_quickstart.py:smoke", command) + " --config.suite=teacher,kd"
   if module == "experiments.main":
     return re.sub(r"--config=configs/quickstart\.py(?=\s)", "--config=configs/quickstart.py:smoke",
                   command)
