@@ -15,12 +15,9 @@ import os
 from typing import Any, Callable, List, NamedTuple, Optional
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 
-from kdjax import data as data_lib
 from kdjax import models as models_lib
 from kdjax import paths
 from kdjax.train import files
@@ -90,14 +87,12 @@ def _pick_run(workdir: str, run: Optional[str]) -> str:
 def _sample_inputs(config) -> Optional[jax.ShapeDtypeStruct]:
   """A sample batch's shape for the run's dataset, or None when it is not known here (a
   dataset registered by the training script and not in this process)."""
+  from kdjax.train.run_setup import sample_inputs  # pylint: disable=g-import-not-at-top
   try:
-    spec = data_lib.get_dataset_spec(config.dataset)
+    sample = sample_inputs(config)
   except ValueError:
     return None
-  if spec.input_kind == "tokens":  # Token windows: their length is a config field.
-    return jax.ShapeDtypeStruct((2, int(config.lm.sequence_length)), jnp.int32)
-  dtype = getattr(spec, "input_dtype", np.float32)
-  return jax.ShapeDtypeStruct((2,) + tuple(spec.input_shape), dtype)
+  return jax.ShapeDtypeStruct(sample.shape, sample.dtype)
 
 
 def _restore_unchecked(directory: str) -> dict:

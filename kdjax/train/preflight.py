@@ -17,6 +17,7 @@ from kdjax import models as models_lib
 from kdjax.data.catalog import get_dataset_spec
 from kdjax.methods.base import Batch, single_device_ops
 from kdjax.methods.registry import build_method
+from kdjax.train.run_setup import sample_inputs
 from kdjax.train.teachers import teacher_specs
 from kdjax.train.validate import ConfigError
 
@@ -64,10 +65,8 @@ def check_method_fits_models(config) -> None:
                       f"{config.global_batch_size} must be even.")
   if method.multiple_teachers:  # Logits only: stacked teachers are checked when loaded.
     return
-  if spec.input_kind == "tokens":  # Token windows: their length is a config field.
-    input_shape, input_dtype = (config.lm.sequence_length,), jnp.int32
-  else:
-    input_shape, input_dtype = tuple(spec.input_shape), jnp.float32
+  sample = sample_inputs(config)  # Token windows for text: their length is a config field.
+  input_shape, input_dtype = tuple(sample.shape[1:]), sample.dtype
   student_variables, student = abstract_model(config.student.model, config.num_classes,
                                               input_shape, input_dtype)
   if method.self_teacher:  # The student's own apply, on variables from the method state.
