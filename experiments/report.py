@@ -33,10 +33,27 @@ _COLUMNS = (("eval_accuracy", "eval acc (last)", "{:.4f}", True),
             ("steps", "steps", "{}", False),
             ("train_examples_per_sec", "train ex/s", "{:,.0f}", False))
 
+# Language-model rows (their summary has `eval_perplexity`) show what LLM people compare
+# instead of top-1 accuracy: perplexity, agreement with the teacher, the teacher-forced
+# acceptance probability sum_v min(p, q) on the eval text, and the acceptance rates of real
+# speculative decoding with the student as draft (`kdjax/lm/evaluation.py`).
+_LM_COLUMNS = (("eval_perplexity", "eval ppl", "{:.2f}", True),
+               ("teacher_agreement", "teacher agreement", "{:.3f}", True),
+               ("eval_teacher_overlap", "overlap sum min(p,q)", "{:.3f}", True),
+               ("spec_greedy_acceptance_rate", "acceptance greedy", "{:.3f}", True),
+               ("spec_sampled_acceptance_rate", "acceptance sampled", "{:.3f}", True),
+               ("final_train_loss", "final train loss", "{:.4f}", False),
+               ("steps", "steps", "{}", False),
+               ("train_examples_per_sec", "train sequences/s", "{:,.1f}", False))
+
 # The numbers of the CSV table, each followed by its `_std` column.
 CSV_KEYS = ("eval_accuracy", "best_eval_accuracy", "best_eval_step", "teacher_agreement",
             "eval_cross_entropy", "final_train_loss", "steps", "train_examples_per_sec",
             "student_params")
+LM_CSV_KEYS = ("eval_perplexity", "eval_teacher_overlap", "spec_greedy_acceptance_rate",
+               "spec_sampled_acceptance_rate", "spec_greedy_implied_speedup",
+               "spec_sampled_implied_speedup", "generation_tokens_per_sec",
+               "teacher_eval_perplexity")
 
 SUMMARY, RUN_SUMMARY = "summary.json", "run_summary.json"
 
@@ -94,14 +111,19 @@ def table_rows(summary: dict) -> list:
   return [(row.name, row.result) for row in summary_rows(summary)]
 
 
+def is_language_model_report(rows: Sequence[Row]) -> bool:
+  return any("eval_perplexity" in row.result for row in rows)
+
+
 def markdown_table(rows: Sequence[Row]) -> str:
-  """A markdown table with one line per row."""
-  header = "| run | method | model | " + " | ".join(c[1] for c in _COLUMNS) + " |"
-  rule = "|" + " --- |" * (3 + len(_COLUMNS))
+  """A markdown table with one line per row (language-model columns for LM suites)."""
+  columns = _LM_COLUMNS if is_language_model_report(rows) else _COLUMNS
+  header = "| run | method | model | " + " | ".join(c[1] for c in columns) + " |"
+  rule = "|" + " --- |" * (3 + len(columns))
   lines = []
   for row in rows:
     cells = [format_cell(row.result, key, fmt, is_accuracy)
-             for key, _, fmt, is_accuracy in _COLUMNS]
+             for key, _, fmt, is_accuracy in columns]
     lines.append(f"| {row.name} | {row.result.get('method', '')} | "
                  f"{row.result.get('student', '')} | " + " | ".join(cells) + " |")
   return "\n".join([header, rule] + lines) + "\n"
@@ -118,13 +140,14 @@ def csv_table(rows: Sequence[Row]) -> str:
   numbers a row does not have."""
   out = io.StringIO()
   writer = csv.writer(out, lineterminator="\n")
+  keys = CSV_KEYS + (LM_CSV_KEYS if is_language_model_report(rows) else ())
   writer.writerow(["run", "method", "model", "num_seeds"] +
-                  [name for key in CSV_KEYS for name in (key, f"{key}_std")])
+                  [name for key in keys for name in (key, f"{key}_std")])
   for row in rows:
     result, std = row.result, row.result.get("std", {})
     cells = [row.name, result.get("method", ""), result.get("student", ""),
              result.get("num_seeds", 1)]
-    for key in CSV_KEYS:
+    for key in keys:
       cells += ["" if _missing(result.get(key)) else repr(result[key]),
                 "" if _missing(std.get(key)) else repr(std[key])]
     writer.writerow(cells)

@@ -11,11 +11,36 @@
 
 A row has the same colour in every panel; teacher runs are dashed in the curves, and the
 step axis stops at the students' last step when the teachers train longer.
+
+Language-model suites (rows with `eval_perplexity`) plot eval perplexity instead of accuracy
+(panels 1 and 4; lower is better) and, in panel 2, the acceptance rate of sampled speculative
+decoding with the student as draft against its eval perplexity.
 """
 
-from typing import List, Sequence, Tuple
+import dataclasses
+import math
+from typing import Callable, List, Sequence, Tuple
 
 import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class _Quality:
+  """What the bars and the eval curves show: a summary key, and how an eval line of
+  metrics.jsonl gives it."""
+  key: str
+  label: str
+  from_eval_line: str  # The metrics.jsonl key it is computed from.
+  transform: Callable[[float], float] = float
+
+
+_ACCURACY = _Quality("eval_accuracy", "eval accuracy", "accuracy")
+_PERPLEXITY = _Quality("eval_perplexity", "eval perplexity (lower is better)", "cross_entropy",
+                       math.exp)
+
+
+def _quality(rows) -> _Quality:
+  return _PERPLEXITY if any("eval_perplexity" in r.result for r in rows) else _ACCURACY
 
 from kdjax.train.metrics import read_metrics
 
@@ -38,14 +63,16 @@ def mean_curve(line_sets: Sequence[Sequence[dict]], key: str) -> Tuple[list, lis
   return steps, means, stds
 
 
-def row_curves(row) -> dict:
+def row_curves(row, quality: _Quality = _ACCURACY) -> dict:
   """{'train': (steps, mean, std, key), 'eval': (steps, mean, std)} of a row over its seeds;
-  the train key is 'ce' when every run logs it, else 'loss'."""
+  the train key is 'ce' when every run logs it, else 'loss'; the eval curve is `quality`
+  (accuracy, or perplexity for language models)."""
   line_sets = [read_metrics(d) for d in row.directories]
   train = [[l for l in lines if l["split"] == "train"] for lines in line_sets]
-  evals = [[l for l in lines if l["split"] == "eval"] for lines in line_sets]
+  evals = [[dict(l, quality=quality.transform(l[quality.from_eval_line])) for l in lines
+            if l["split"] == "eval" and quality.from_eval_line in l] for lines in line_sets]
   key = "ce" if all(any("ce" in l for l in lines) for lines in train) else "loss"
-  return {"train": mean_curve(train, key) + (key,), "eval": mean_curve(evals, "accuracy")}
+  return {"train": mean_curve(train, key) + (key,), "eval": mean_curve(evals, "quality")}
 
 
 def _colors(count: int) -> List:
@@ -59,10 +86,10 @@ def _over_seeds(rows) -> str:
   return ", mean ± std over seeds" if any(r.result.get("num_seeds", 1) > 1 for r in rows) else ""
 
 
-def _bars(ax, rows, colors):
+def _bars(ax, rows, colors, quality: _Quality = _ACCURACY):
   names = [row.name for row in rows]
-  accuracies = [row.result.get("eval_accuracy") or 0.0 for row in rows]
-  errors = [row.result.get("std", {}).get("eval_accuracy", 0.0) for row in rows]
+  accuracies = [row.result.get(quality.key) or 0.0 for row in rows]
+  errors = [row.result.get("std", {}).get(quality.key, 0.0) for row in rows]
   positions = np.arange(len(rows))
   ax.bar(positions, accuracies, yerr=errors if any(errors) else None, capsize=3, color=colors,
          hatch=["//" if _is_teacher(r) else ".." if r.is_ensemble else "" for r in rows],
@@ -72,23 +99,34 @@ def _bars(ax, rows, colors):
     ax.axhline(scratch[0], color="gray", linestyle="--", linewidth=1, label="scratch")
   shown = [a for a in accuracies if a > 0]
   low = min(shown, default=0.0)
-  ax.set_ylim(max(0.0, low - 0.1), min(1.0, max(accuracies, default=1.0) + 0.06))
+  if quality is _ACCURACY:
+    ax.set_ylim(max(0.0, low - 0.1), min(1.0, max(accuracies, default=1.0) + 0.06))
+  else:  # Perplexity: from 0, a little room above the highest bar and its error bar.
+    ax.set_ylim(0.0, max((a + e for a, e in zip(accuracies, errors)), default=1.0) * 1.1)
   for x, value, error in zip(positions, accuracies, errors):
     ax.text(x, value + error, f"{value:.3f}", ha="center", va="bottom", fontsize=8)
   ax.set_xticks(positions, names, rotation=35, ha="right", fontsize=9)
-  ax.set(title=f"eval accuracy (last eval{_over_seeds(rows)})", ylabel="accuracy")
+  ax.set(title=f"{quality.label} (last eval{_over_seeds(rows)})", ylabel=quality.label)
 
 
-def _scatter(ax, rows, colors):
+def _scatter(ax, rows, colors, quality: _Quality = _ACCURACY):
+  if quality is _ACCURACY:
+    x_key, y_key = "teacher_agreement", "eval_accuracy"
+    title, x_label, y_label = ("teacher agreement vs eval accuracy", "top-1 agreement with the "
+                               "teacher", "eval accuracy")
+  else:
+    x_key, y_key = "eval_perplexity", "spec_sampled_acceptance_rate"
+    title, x_label, y_label = ("speculative acceptance vs perplexity", "eval perplexity",
+                               "acceptance rate as the teacher's draft (sampled)")
   points = [(row, color) for row, color in zip(rows, colors)
-            if row.result.get("teacher_agreement") is not None]
-  xy = np.array([(r.result["teacher_agreement"], r.result["eval_accuracy"]) for r, _ in points])
+            if row.result.get(x_key) is not None and row.result.get(y_key) is not None]
+  xy = np.array([(r.result[x_key], r.result[y_key]) for r, _ in points])
   scale = np.ptp(xy, axis=0) + 1e-9 if len(points) else 1.0
   placed = []
   for (row, color), (x, y) in zip(points, xy):
     std = row.result.get("std", {})
-    ax.errorbar(x, y, xerr=std.get("teacher_agreement", 0.0) or None,
-                yerr=std.get("eval_accuracy", 0.0) or None, fmt="o", color=color, capsize=3)
+    ax.errorbar(x, y, xerr=std.get(x_key, 0.0) or None,
+                yerr=std.get(y_key, 0.0) or None, fmt="o", color=color, capsize=3)
     # Near-equal rows (dkd and nkd here) would print their names on top of each other.
     crowded = any(np.all(np.abs((np.array((x, y)) - p) / scale) < 0.05) for p in placed)
     if len(points) <= 12:  # Beyond that the names cover the points; the legend has colours.
@@ -97,16 +135,15 @@ def _scatter(ax, rows, colors):
     placed.append(np.array((x, y)))
   if not points:
     ax.text(0.5, 0.5, "no distilled rows", ha="center", va="center", transform=ax.transAxes)
-  ax.set(title=f"teacher agreement vs eval accuracy{_over_seeds(rows)}",
-         xlabel="top-1 agreement with the teacher", ylabel="eval accuracy")
+  ax.set(title=f"{title}{_over_seeds(rows)}", xlabel=x_label, ylabel=y_label)
 
 
-def _curves(train_ax, eval_ax, rows, colors):
+def _curves(train_ax, eval_ax, rows, colors, quality: _Quality = _ACCURACY):
   student_steps, train_keys = [], set()
   for row, color in zip(rows, colors):
     if row.is_ensemble:
       continue
-    curves = row_curves(row)
+    curves = row_curves(row, quality)
     style = "--" if _is_teacher(row) else "-"
     steps, mean, std, key = curves["train"]
     train_keys.add(key)
@@ -130,7 +167,7 @@ def _curves(train_ax, eval_ax, rows, colors):
   train_ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
   train_ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%.3g"))
   train_ax.yaxis.set_minor_formatter(ticker.NullFormatter())
-  eval_ax.set(title=f"eval accuracy{_over_seeds(rows)}", xlabel="step", ylabel="accuracy")
+  eval_ax.set(title=f"{quality.label}{_over_seeds(rows)}", xlabel="step", ylabel=quality.label)
 
 
 def plot_report(rows, path: str):
@@ -139,11 +176,11 @@ def plot_report(rows, path: str):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  colors = _colors(len(rows))
+  colors, quality = _colors(len(rows)), _quality(rows)
   figure, axes = plt.subplots(2, 2, figsize=(15, 10))
-  _bars(axes[0, 0], rows, colors)
-  _scatter(axes[0, 1], rows, colors)
-  _curves(axes[1, 0], axes[1, 1], rows, colors)
+  _bars(axes[0, 0], rows, colors, quality)
+  _scatter(axes[0, 1], rows, colors, quality)
+  _curves(axes[1, 0], axes[1, 1], rows, colors, quality)
   handles, labels = axes[1, 1].get_legend_handles_labels()
   figure.legend(handles, labels, loc="center right", fontsize=9, title="run")
   figure.tight_layout(rect=(0, 0, 0.89, 1))

@@ -165,7 +165,7 @@ def test_eval_step_sums_every_metric_given_and_the_teachers():
   mask = np.arange(8) < 6
   sums = eval_step(train_state, teacher_variables, dict(batch, mask=mask))
   assert set(sums) == {"count", "accuracy", "cross_entropy", "margin", "teacher_accuracy",
-                       "teacher_agreement", "teacher_cross_entropy"}
+                       "teacher_agreement", "teacher_cross_entropy", "teacher_overlap"}
   s = np.asarray(student_apply(state_lib.student_variables(train_state), batch["inputs"],
                                train=False)[0].logits)[:6]
   t = np.asarray(teacher_apply(teacher_variables, batch["inputs"], train=False)[0].logits)[:6]
@@ -180,6 +180,13 @@ def test_eval_step_sums_every_metric_given_and_the_teachers():
                                   keepdims=True)) - t.max(-1, keepdims=True)
   np.testing.assert_allclose(sums["teacher_cross_entropy"],
                              -np.sum(t_log_probs[np.arange(6), labels]), rtol=1e-5)
+  # sum_v min(p_t, p_s) = 1 - total variation, in float64.
+  softmax = lambda x: np.exp(x - x.max(-1, keepdims=True)) / np.sum(
+      np.exp(x - x.max(-1, keepdims=True)), -1, keepdims=True)
+  overlap = np.minimum(softmax(t.astype(np.float64)), softmax(s.astype(np.float64))).sum(-1)
+  np.testing.assert_allclose(sums["teacher_overlap"], np.sum(overlap), rtol=1e-5)
+  np.testing.assert_allclose(overlap, 1 - 0.5 * np.abs(softmax(t.astype(np.float64)) -
+                                                       softmax(s.astype(np.float64))).sum(-1))
 
 
 def test_best_eval_is_the_highest_accuracy_and_the_earliest_on_ties():
