@@ -129,3 +129,29 @@ def test_command_line(tmp_path):
     failed = run_python(["-m", "experiments.report"] + args, check=False)
     assert failed.returncode == 2, failed.stderr
     assert failed.stderr.strip().startswith(message) and "\n" not in failed.stderr.strip()
+
+
+def test_language_model_suites_report_perplexity_and_acceptance(tmp_path):
+  """Rows with `eval_perplexity` get the LM columns (perplexity, overlap, acceptance) in the
+  table and CSV, and the figure's curves are exp(eval cross-entropy)."""
+  lm = lambda ppl, accept: {"eval_perplexity": ppl, "eval_accuracy": 0.5, "steps": 20,
+                            "teacher_agreement": 0.6, "eval_teacher_overlap": 0.7,
+                            "spec_greedy_acceptance_rate": accept,
+                            "spec_sampled_acceptance_rate": accept - 0.1,
+                            "method": "kd", "student": "lm_student"}
+  for name, ce in (("scratch", 2.0), ("kd", 1.5)):
+    _write_run(os.path.join(tmp_path, name),
+               [_train(10, loss=3.0, ce=3.0), {"step": 20, "split": "eval", "accuracy": 0.5,
+                                               "cross_entropy": ce}])
+  with open(os.path.join(tmp_path, "summary.json"), "w") as f:
+    json.dump({"runs": {"scratch": lm(7.389, 0.4), "kd": lm(4.4817, 0.5)}}, f)
+  rows = report.workdir_rows([str(tmp_path)])
+  table = report.markdown_table(rows)
+  assert "eval ppl" in table and "acceptance sampled" in table and "eval acc" not in table
+  assert "| kd | kd | lm_student | 4.48 | 0.600 | 0.700 | 0.500 | 0.400 |" in table
+  header = next(csv.reader(io.StringIO(report.csv_table(rows))))
+  assert "eval_perplexity" in header and "spec_sampled_acceptance_rate_std" in header
+  steps, mean, _ = report_plots.row_curves(rows[1], report_plots._quality(rows))["eval"]
+  assert steps == [20] and mean == pytest.approx([np.exp(1.5)])
+  report_plots.plot_report(rows, str(tmp_path / "results.png"))
+  assert os.path.getsize(tmp_path / "results.png") > 10_000
