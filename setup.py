@@ -27,6 +27,7 @@ setup(
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow.
         "matplotlib>=3.8",  # results.png
         "pillow",  # ImageNet crops and resizes (bilinear, as torchvision).
+        "filelock",  # JAX's size-bounded persistent compilation cache (experiments.main).
         "absl-py",
         "numpy",
     ],

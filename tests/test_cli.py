@@ -144,6 +144,9 @@ def test_relative_teacher_checkpoint_and_tilde_workdir(tmp_path, data_dir):
   assert "| jsd | jsd | mlp |" in result.stdout
   assert os.path.exists(os.path.join(home, "runs", "one", "summary.json"))
   assert not os.path.exists(os.path.join(home, "~"))  # No literal '~' directory.
+  # The persistent compilation cache defaults to ~/.cache/kdjax/jax (programs compiled > 1 s).
+  cached = os.listdir(os.path.join(home, ".cache", "kdjax", "jax"))
+  assert any(name.endswith("-cache") for name in cached), cached
 
 
 def test_second_run_on_a_live_workdir_is_refused_and_a_killed_run_does_not_block(
