@@ -30,6 +30,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.progress = True
   config.prefetch = 2  # Training batches prepared and put on the devices ahead; 0 = off.
   config.allow_config_change = False  # Rerun into a workdir whose runs used another config.
+  # The student's compute dtype, train and eval: float32 | bfloat16 (parameters, optimizer
+  # and loss math stay float32; kdjax/models/precision.py).
+  config.dtype = "float32"
 
   config.student = ml_collections.ConfigDict(dict(model="mlp"))
   config.teacher = ml_collections.ConfigDict(dict(
@@ -40,7 +43,12 @@ def base_config() -> ml_collections.ConfigDict:
       # A teacher-output cache (experiments/cache_teacher.py) read instead of running the
       # teacher; '' = off. cache_topk: the top-k logits read from it (0: all it holds).
       cache="",
-      cache_topk=0))
+      cache_topk=0,
+      # The frozen teacher's compute dtype (float32 | bfloat16; bfloat16 also stores its
+      # variables in bfloat16), and its BatchNorms folded into its convolutions once after
+      # loading (linen models with BatchNorm only; kdjax/models/fold.py).
+      dtype="float32",
+      fold_batch_norm=False))
 
   config.optimizer = ml_collections.ConfigDict(dict(
       name="adam", learning_rate=1e-2, schedule="cosine", warmup_steps=0, weight_decay=0.0,

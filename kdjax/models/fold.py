@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from kdjax.models.output import Output
 
-__all__ = ["fold_batch_norm"]
+__all__ = ["fold_batch_norm", "fold_model"]
 
 FOLDED = "folded_batch_norm"  # the variable collection holding biases/affines
 
@@ -191,3 +191,33 @@ def fold_batch_norm(module: nn.Module, variables: Dict[str, Any],
     return out, {}
 
   return apply, folded_variables
+
+
+def fold_model(name: str, variables: Dict[str, Any], sample_inputs: Any, *,
+               num_classes: int, **model_kwargs):
+  """`fold_batch_norm` for the model registered as `name` (`config.teacher.fold_batch_norm`).
+
+  Args:
+    name: a linen model of `kdjax.models` (built-in or registered) that has BatchNorms.
+    variables: its trained variables, with `params` and `batch_stats`.
+    sample_inputs: a batch (or its shapes) like the ones the teacher will see.
+    num_classes: as the model was built.
+    **model_kwargs: more arguments of its factory (e.g. `dtype=jnp.bfloat16`).
+
+  Returns:
+    `(apply, folded_variables)` as `fold_batch_norm`.
+
+  Raises:
+    ValueError: in one line, when `name` is not a linen model or has no `batch_stats`.
+  """
+  from kdjax.models import registry  # pylint: disable=g-import-not-at-top
+  if "batch_stats" not in variables:
+    raise ValueError(f"fold_batch_norm: model {name!r} has no BatchNorm statistics "
+                     f"(variables: {sorted(variables)}); folding needs a linen model with "
+                     "BatchNorm, e.g. resnet32x4, wrn_40_2 or vgg13.")
+  try:
+    module = registry.get_model(name, num_classes=num_classes, **model_kwargs)
+  except TypeError:
+    raise ValueError(f"fold_batch_norm: model {name!r} is not a linen module (NNX or plain "
+                     "functions); only linen models with BatchNorm can be folded.") from None
+  return fold_batch_norm(module, variables, sample_inputs)

@@ -17,6 +17,7 @@ from kdjax import methods as methods_lib
 from kdjax import models as models_lib
 from kdjax.data import teacher_cache as teacher_cache_lib
 from kdjax.methods.base import Batch, Method
+from kdjax.models import precision as precision_lib
 from kdjax.models.apply import ApplyFn
 from kdjax.models.output import Output
 from kdjax.train import optimizer as optimizer_lib
@@ -105,8 +106,10 @@ def build_run(config: ml_collections.ConfigDict,
   if method.needs_train_labels:
     method.train_labels = pipeline.train_labels()
 
-  student_model = models_lib.get_model_fns(config.student.model, num_classes=config.num_classes,
-                                           **model_kwargs(config.student.model, parallel))
+  # `config.dtype`: the student computes in it (train and eval); parameters stay float32.
+  student_model = precision_lib.model_fns(
+      config.student.model, num_classes=config.num_classes, dtype=config.get("dtype", "float32"),
+      **model_kwargs(config.student.model, parallel))
   student_apply = student_model.apply
   init_rng, method_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
   student_variables = jax.device_get(

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from kdjax import models as models_lib
 from kdjax import paths
+from kdjax.models import fold as fold_lib, precision as precision_lib
 from kdjax.models.output import Output
 from kdjax.train.checkpoint import CheckpointError, load_model_variables
 
@@ -58,9 +59,35 @@ def load_teachers(config, method, checkpoint_dirs: Sequence[str], sample_inputs,
   applies, variables = load_models([spec.model for spec in specs], checkpoint_dirs[:len(specs)],
                                    num_classes=config.num_classes, sample_inputs=sample_inputs,
                                    model_kwargs=model_kwargs)
+  applies, variables = map(list, zip(*[
+      frozen_teacher(spec.model, apply, teacher_variables, config=config,
+                     sample_inputs=sample_inputs, model_kwargs=model_kwargs(spec.model))
+      for spec, apply, teacher_variables in zip(specs, applies, variables)]))
   if method.multiple_teachers:
     return ensemble_apply_fn(applies), variables
   return applies[0], variables[0]
+
+
+def frozen_teacher(model: str, apply, variables, *, config, sample_inputs,
+                   model_kwargs: dict):
+  """A loaded teacher as it runs: BatchNorm folded into its convolutions
+  (`config.teacher.fold_batch_norm`, `kdjax.models.fold`), then computing in
+  `config.teacher.dtype` with its variables stored in that dtype (bfloat16 halves their
+  memory; outputs stay float32, `kdjax.models.precision`). Unchanged for the defaults."""
+  dtype = config.teacher.get("dtype", "float32")
+  fold = config.teacher.get("fold_batch_norm", False)
+  if not fold and dtype == "float32":
+    return apply, variables
+  kwargs = dict(model_kwargs, **precision_lib.dtype_kwargs(
+      model, dtype, num_classes=config.num_classes))
+  if fold:  # In float32, exact to rounding; cast afterwards.
+    apply, variables = fold_lib.fold_model(model, variables, sample_inputs,
+                                           num_classes=config.num_classes, **kwargs)
+  elif kwargs != model_kwargs:  # The built-in model's own layers compute in `dtype`.
+    apply = models_lib.get_model_fns(model, num_classes=config.num_classes, **kwargs).apply
+  compute = precision_lib.compute_dtype(dtype, field="config.teacher.dtype")
+  variables = jax.device_get(precision_lib.cast_floating(variables, compute))
+  return precision_lib.mixed_precision(apply, compute), variables
 
 
 def load_models(models: Sequence[str], checkpoint_dirs: Sequence[str], *, num_classes: int,

@@ -16,7 +16,8 @@ from kdjax.data.text_catalog import TEXT_DATASETS
 from kdjax.data import teacher_cache as teacher_cache_lib
 from kdjax.methods.base import check_teacher_cache
 from kdjax.methods.registry import METHODS
-from kdjax.models.registry import MODELS, model_input_kind
+from kdjax.models.precision import DTYPES
+from kdjax.models.registry import BUILT_IN, MODELS, USES_BATCH_NORM, model_input_kind
 from kdjax.train import optimizer as optimizer_lib
 from kdjax.train.parallel import PARALLEL_KINDS, check_batch_divisible, mesh_shape
 from kdjax.train.teachers import teacher_specs
@@ -209,6 +210,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
   validate_suite_fields(config)
 
   validation.require(config.get("prefetch", 0), validation.NON_NEGATIVE_INT, "config.prefetch")
+  validate_precision(config)
   validate_teacher_cache(config)
 
   teacher_checkpoint = config.teacher.checkpoint
@@ -219,6 +221,24 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
                       "kdjax run's checkpoints/ directory, an exported model file (.msgpack, "
                       "experiments/export_model.py) or leave it empty to use the suite's "
                       "teacher run.")
+
+
+def validate_precision(config) -> None:
+  """`config.dtype`, `config.teacher.dtype` and `config.teacher.fold_batch_norm` (every
+  built-in teacher must then be a model with BatchNorm; a registered one is checked when it
+  is loaded, `kdjax.models.fold.fold_model`)."""
+  _one_of("dtype", config.get("dtype", "float32"), DTYPES)
+  _one_of("teacher.dtype", config.teacher.get("dtype", "float32"), DTYPES)
+  fold = config.teacher.get("fold_batch_norm", False)
+  if not isinstance(fold, bool):
+    raise ConfigError(f"config.teacher.fold_batch_norm must be true or false, got {fold!r}.")
+  for i, spec in enumerate(teacher_specs(config) if fold else ()):
+    if spec.model in BUILT_IN and spec.model not in USES_BATCH_NORM:
+      field = "teacher.model" if i == 0 else "teacher.extra"
+      raise ConfigError(
+          f"config.teacher.fold_batch_norm=True needs teachers with BatchNorm, but "
+          f"config.{field}={spec.model!r} has none; models with BatchNorm: "
+          f"{', '.join(sorted(USES_BATCH_NORM & BUILT_IN))}.")
 
 
 def validate_teacher_cache(config) -> None:
