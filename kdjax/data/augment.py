@@ -59,10 +59,11 @@ def random_shift_and_scale(signals: np.ndarray, rng: np.random.Generator, *,
     [B, L] augmented signals.
   """
   batch, length = signals.shape
-  padded = np.pad(signals, ((0, 0), (max_shift, max_shift)), mode="edge")
   starts = _draw(rng, lambda n: rng.integers(0, 2 * max_shift + 1, size=n), rows, batch)
-  positions = starts[:, None] + np.arange(length)[None, :]
-  shifted = np.take_along_axis(padded, positions, axis=1)
+  # Edge padding by `max_shift` then a window from `start` is a clipped gather (no padded copy).
+  positions = np.clip(starts[:, None] + np.arange(-max_shift, length - max_shift), 0,
+                      length - 1)
+  shifted = signals[np.arange(batch)[:, None], positions]
   scales = _draw(rng, lambda n: rng.uniform(*scale_range, size=(n, 1)), rows, batch)
   noise = _draw(rng, lambda n: rng.normal(0.0, noise_std, size=(n, length)), rows, batch)
   return (shifted * scales + noise).astype(np.float32)
