@@ -136,6 +136,10 @@ def build_run(config: ml_collections.ConfigDict,
       student=student_sample, teacher=teacher_sample, labels=np.zeros(label_shape, np.int32),
       where=np.ones(label_shape, bool), step=jnp.zeros((), jnp.int32),
       teacher_variables=teacher_variables, student_variables=student_variables))
+  if getattr(method, "pregenerates", False):  # Sequence-level KD's teacher continuations.
+    method_state = method.pregenerate(jax.device_get(method_state), pipeline,
+                                      teacher_apply=teacher_apply,
+                                      teacher_variables=teacher_variables, seed=config.seed)
   optimizer = optimizer_lib.build_optimizer(config.optimizer, config.num_steps)
   initial_state = jax.device_get(state_lib.create(
       student_variables=student_variables, method_params=method_params,

@@ -127,6 +127,35 @@ def test_seq_kd_generates_each_window_once_then_reads_it_back(lm):
   del optimizer
 
 
+def test_seq_kd_pregenerates_every_window_as_the_step_would(lm):
+  """`pregenerate` (before the first step, in batches that do not divide the windows) gives
+  each window the continuation the in-step path gives it (greedy)."""
+  apply, student, teacher, batch = lm
+
+  class Windows:  # The pipeline's offline access: 6 windows, the first 4 are `batch`'s.
+    sequence_length = LENGTH
+    tokens = np.concatenate([batch["tokens"], batch["tokens"][:2, ::-1]])
+
+    def training_windows(self, indices):
+      return {"tokens": self.tokens[indices]}
+
+  seq_kd = build("seq_kd", prompt_length=PROMPT, max_new_tokens=NEW, pregenerate_batch_size=4)
+  _, state = _state(seq_kd, apply, student, teacher, num_train_examples=6)
+  filled = seq_kd.pregenerate(jax.device_get(state.method_state), Windows(),
+                              teacher_apply=apply, teacher_variables=teacher, seed=0)
+  assert np.asarray(filled["generated"]).all()
+  greedy = generate_fn(apply, teacher, jnp.asarray(Windows.tokens[:, :PROMPT]),
+                       max_new_tokens=NEW, greedy=True).tokens
+  np.testing.assert_array_equal(filled["generations"], greedy)
+  rewritten, _ = seq_kd.rewrite_batch(filled, batch, base.StepModels(apply, student, apply,
+                                                                     student),
+                                      jax.random.PRNGKey(0), single_device_ops(), 0)
+  np.testing.assert_array_equal(rewritten["tokens"][:, :PROMPT + NEW - 1], greedy[:4, :-1])
+  off = build("seq_kd", pregenerate=False)
+  assert off.pregenerate(filled, None, teacher_apply=None, teacher_variables=None,
+                         seed=0) is filled
+
+
 def test_masked_quantile_is_torch_quantile_on_the_selected_values():
   rng = np.random.default_rng(0)
   for count in (1, 2, 7, 30):
