@@ -23,6 +23,8 @@ from typing import Callable, List, Sequence, Tuple
 
 import numpy as np
 
+from experiments import report
+
 
 @dataclasses.dataclass(frozen=True)
 class _Quality:
@@ -40,7 +42,7 @@ _PERPLEXITY = _Quality("eval_perplexity", "eval perplexity (lower is better)", "
 
 
 def _quality(rows) -> _Quality:
-  return _PERPLEXITY if any("eval_perplexity" in r.result for r in rows) else _ACCURACY
+  return _PERPLEXITY if report.is_language_model_report(rows) else _ACCURACY
 
 from kdjax.train.metrics import read_metrics
 
