@@ -4,19 +4,30 @@ r"""GPU figures in one short run (at most ~5 minutes on one H100): one JSON line
     python -m experiments.gpu_benchmark --smoke    # tiny shapes, any machine (a test runs it)
 
 Figures, each printed as soon as it is measured:
-1. `kd_step`: the KD train step resnet32x4 -> resnet8x4 (CIFAR-100 shapes) at batch 64 and 256,
+1. `kd_step`: the KD train step resnet32x4 -> resnet8x4 (CIFAR-100 shapes) at batch 256 and 64,
    kdjax (jit) against the PyTorch reference step of `experiments/torch_reference.py` (same
    models, loss 0.1 CE + 0.9 T^2 KL at T 4, SGD 0.05 / momentum 0.9 / wd 5e-4) eager and under
-   `torch.compile`, on the same GPU, interleaved rounds, best of each.
+   `torch.compile`, on the same GPU, interleaved rounds, best of each. Beside them, in the same
+   rounds: kdjax and torch eager with bfloat16 compute (float32 parameters; `config.dtype`, and
+   `torch.autocast` around the forward passes), and kdjax with the teacher's logits computed
+   before the loop (`kdjax_teacher_precomputed`: the step a `config.teacher.cache` run takes,
+   student forward/backward only, an upper bound on reading top-k logits from the cache).
 2. `kd_step` ViT-S -> ViT-Ti (`vit_small` -> `vit_tiny`, 32x32 inputs, patch 4), kdjax only.
 3. `lm_kd_step`: a decoder LM KD step (teacher forward, student forward/backward, token-level
    KD + CE, AdamW) in bfloat16: tokens/s and MFU (model FLOPs per token 6 N_student +
    2 N_teacher + attention, over the chip's dense bf16 peak). Needs `kdjax.models.transformer`.
-4. `fused_loss_memory`: XLA's temporary memory for the gradient of token-level KD computed
-   from full logits (`losses.kd`) and vocabulary-chunked from hidden states
-   (`losses.fused_kd`). Needs `kdjax.losses.fused`.
+4. `fused_loss`: the generalized JSD (beta 0.5) and its gradient at `[4, 2048, 128256]`, hidden
+   2048, bfloat16: vocabulary-chunked from hidden states (`losses.fused_generalized_jsd`), from
+   full logits (`losses.generalized_jsd` on `hidden @ unembedding`) and TRL's
+   `generalized_jsd_loss` (re-stated in PyTorch in `experiments/fused_loss_benchmark.py`) on the
+   same GPU: milliseconds, XLA's compiled temporary memory and the measured peak device memory.
+5. `teacher_forward`: the frozen resnet32x4 teacher's eval forward at batch 256: float32,
+   bfloat16, BatchNorm folded (`kdjax.models.fold`) and folded + bfloat16; speed-ups over
+   float32, the largest logit difference and top-1 agreement with float32.
 A figure whose module is absent, or that the time budget leaves no room for, prints a line
-`{"figure": ..., "skipped": "<why>"}` instead.
+`{"figure": ..., "skipped": "<why>"}` instead; one that fails prints `{"figure": ..., "error":
+"<exception>"}` and the script goes on to the next (the GPU image's jax is newer than this
+machine's, and a device call is too short to lose to one figure).
 
 The GPU image has no ml-collections, grain, TFDS, array_record, tensorboardX or mnist1d:
 this script imports only jax, flax, optax, numpy, torch and `kdjax.models` / `kdjax.losses`,
@@ -26,10 +37,16 @@ step, whose package imports the config and data stacks).
 
 import argparse
 import functools
+import importlib
 import importlib.util
 import json
 import sys
+import os
 import time
+import traceback
+
+# torch and jax share the GPU here: jax must not take 75% of its memory at start-up.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 # Dense bf16 peak FLOP/s by device kind (NVIDIA datasheets, SXM parts).
 _PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -59,21 +76,32 @@ def _best_of(runs: dict, steps: int, rounds: int) -> dict:
 
 
 def build_jax_kd_step(student_name: str, teacher_name: str, *, num_classes: int,
-                      batch_size: int, input_shape, model_kwargs=None, seed: int = 0):
-  """`run(n) -> seconds` for n KD steps on one random batch (blocking at the end)."""
+                      batch_size: int, input_shape, model_kwargs=None, seed: int = 0,
+                      dtype: str = "float32", teacher_precomputed: bool = False):
+  """`run(n) -> seconds` for n KD steps on one random batch (blocking at the end).
+
+  `dtype`: the compute dtype of student and teacher (`config.dtype`; parameters stay float32).
+  `teacher_precomputed`: the teacher's logits are computed once before the loop and passed to
+  the step, which runs the student only (the cost of a `config.teacher.cache` step).
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   from kdjax import losses, models  # pylint: disable=g-import-not-at-top
+  from kdjax.models import precision  # pylint: disable=g-import-not-at-top
 
   kwargs = model_kwargs or {}
-  student = models.get_model(student_name, num_classes=num_classes, **kwargs.get("student", {}))
-  teacher = models.get_model(teacher_name, num_classes=num_classes, **kwargs.get("teacher", {}))
+  cast = {} if dtype == "float32" else {"dtype": precision.compute_dtype(dtype)}
+  student = models.get_model(student_name, num_classes=num_classes,
+                             **kwargs.get("student", {}), **cast)
+  teacher = models.get_model(teacher_name, num_classes=num_classes,
+                             **kwargs.get("teacher", {}), **cast)
   sample = jnp.zeros((2,) + tuple(input_shape), jnp.float32)
   student_variables = models.init_variables(student, jax.random.key(seed), sample)
   teacher_variables = models.init_variables(teacher, jax.random.key(seed + 1), sample)
-  student_apply, teacher_apply = models.apply_fn(student), models.apply_fn(teacher)
+  student_apply = precision.mixed_precision(models.apply_fn(student), dtype)
+  teacher_apply = precision.mixed_precision(models.apply_fn(teacher), dtype)
   optimizer = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.05, momentum=0.9))
   params = student_variables["params"]
   model_state = {k: v for k, v in student_variables.items() if k != "params"}
@@ -81,11 +109,12 @@ def build_jax_kd_step(student_name: str, teacher_name: str, *, num_classes: int,
   inputs = jnp.asarray(rng.normal(size=(batch_size,) + tuple(input_shape)), jnp.float32)
   labels = jnp.asarray(rng.integers(0, num_classes, size=batch_size), jnp.int32)
 
-  @functools.partial(jax.jit, donate_argnums=(0,))
-  def step(carry, teacher_variables, inputs, labels):
+  def teacher_logits_of(teacher_variables, inputs):
+    output, _ = teacher_apply(teacher_variables, inputs, train=False, rng=None)
+    return jax.lax.stop_gradient(output.logits)
+
+  def student_update(carry, teacher_logits, inputs, labels):
     params, model_state, opt_state = carry
-    teacher_output, _ = teacher_apply(teacher_variables, inputs, train=False, rng=None)
-    teacher_logits = jax.lax.stop_gradient(teacher_output.logits)
 
     def loss_fn(params):
       output, new_state = student_apply({"params": params, **model_state}, inputs, train=True,
@@ -98,13 +127,23 @@ def build_jax_kd_step(student_name: str, teacher_name: str, *, num_classes: int,
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), {**model_state, **new_state}, opt_state), loss
 
+  if teacher_precomputed:
+    teacher_input = jax.block_until_ready(jax.jit(teacher_logits_of)(teacher_variables, inputs))
+    step = jax.jit(student_update, donate_argnums=(0,))
+  else:
+    teacher_input = teacher_variables
+
+    @functools.partial(jax.jit, donate_argnums=(0,))
+    def step(carry, teacher_variables, inputs, labels):
+      return student_update(carry, teacher_logits_of(teacher_variables, inputs), inputs, labels)
+
   holder = {"carry": (params, model_state, optimizer.init(params))}
 
   def run(num_steps: int) -> float:
     start = time.perf_counter()
     loss = None
     for _ in range(num_steps):
-      holder["carry"], loss = step(holder["carry"], teacher_variables, inputs, labels)
+      holder["carry"], loss = step(holder["carry"], teacher_input, inputs, labels)
     jax.block_until_ready((holder["carry"], loss))
     return time.perf_counter() - start
 
@@ -112,8 +151,12 @@ def build_jax_kd_step(student_name: str, teacher_name: str, *, num_classes: int,
 
 
 def build_torch_kd_step(student: str, teacher: str, *, num_classes: int, batch_size: int,
-                        compile_models: bool, seed: int = 0):
-  """The reference step of experiments/torch_reference.py, eager or with torch.compile."""
+                        compile_models: bool, seed: int = 0, bfloat16: bool = False):
+  """The reference step of experiments/torch_reference.py, eager or with torch.compile.
+
+  `bfloat16`: the forward passes run under `torch.autocast(dtype=torch.bfloat16)` (PyTorch's
+  mixed precision: float32 parameters and optimizer, bfloat16 convolutions and matmuls).
+  """
   import torch  # pylint: disable=g-import-not-at-top
   from experiments import torch_reference  # pylint: disable=g-import-not-at-top
   torch.manual_seed(seed)
@@ -128,12 +171,29 @@ def build_torch_kd_step(student: str, teacher: str, *, num_classes: int, batch_s
   images = torch.randn(batch_size, 3, 32, 32, device=device)
   labels = torch.randint(0, num_classes, (batch_size,), device=device)
 
+  def amp_step():
+    # kd_train_step with autocast around the forward passes only (PyTorch's AMP recipe:
+    # backward outside autocast runs each op in the dtype its forward chose).
+    student_model.train()
+    teacher_model.eval()
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+      with torch.no_grad():
+        teacher_logits = teacher_model(images)
+      loss = torch_reference.kd_loss(student_model(images), teacher_logits, labels)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss
+
   def run(num_steps: int) -> float:
     start = time.perf_counter()
     loss = None
     for _ in range(num_steps):
-      loss = torch_reference.kd_train_step(student_model, teacher_model, optimizer, images,
-                                           labels)
+      if bfloat16:
+        loss = amp_step()
+      else:
+        loss = torch_reference.kd_train_step(student_model, teacher_model, optimizer, images,
+                                             labels)
     if loss is not None:
       loss.item()  # Synchronises.
     return time.perf_counter() - start
@@ -146,31 +206,51 @@ def _device() -> dict:
   return {"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind}
 
 
-def resnet_figures(args, budget: Budget):
+def _precision_settings() -> dict:
+  """What float32 convolutions and matmuls may use (TF32) in each framework."""
+  import jax  # pylint: disable=g-import-not-at-top
+  settings = {"jax_default_matmul_precision": jax.config.jax_default_matmul_precision}
+  if importlib.util.find_spec("torch") is not None:
+    import torch  # pylint: disable=g-import-not-at-top
+    settings.update(torch_cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+                    torch_matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32)
+  return settings
+
+
+def resnet_figures(args, budget: Budget, *, batch_sizes=None):
   torch_found = importlib.util.find_spec("torch") is not None
   student, teacher = ("resnet8", "resnet14") if args.smoke else ("resnet8x4", "resnet32x4")
-  for batch_size in args.batch_sizes:
+  for batch_size in batch_sizes or args.batch_sizes:
     if budget.left() < 60 and not args.smoke:
       emit({"figure": "kd_step", "batch_size": batch_size, "skipped": "time budget spent"})
       continue
-    runs = {"kdjax": build_jax_kd_step(student, teacher, num_classes=100,
-                                       batch_size=batch_size, input_shape=(32, 32, 3))}
+    shapes = dict(num_classes=100, batch_size=batch_size)
+    runs = {"kdjax": build_jax_kd_step(student, teacher, input_shape=(32, 32, 3), **shapes),
+            "kdjax_bf16": build_jax_kd_step(student, teacher, input_shape=(32, 32, 3),
+                                            dtype="bfloat16", **shapes),
+            "kdjax_teacher_precomputed": build_jax_kd_step(
+                student, teacher, input_shape=(32, 32, 3), teacher_precomputed=True, **shapes)}
     skipped = {}
     if not torch_found:
-      skipped["torch_eager"] = skipped["torch_compile"] = "torch is not installed"
+      for name in ("torch_eager", "torch_eager_bf16", "torch_compile"):
+        skipped[name] = "torch is not installed"
     else:
-      runs["torch_eager"] = build_torch_kd_step(student, teacher, num_classes=100,
-                                                batch_size=batch_size, compile_models=False)
-      if args.smoke:
-        skipped["torch_compile"] = "smoke mode (torch.compile compiles for minutes on CPU)"
+      runs["torch_eager"] = build_torch_kd_step(student, teacher, compile_models=False, **shapes)
+      runs["torch_eager_bf16"] = build_torch_kd_step(student, teacher, compile_models=False,
+                                                     bfloat16=True, **shapes)
+      if args.smoke or args.no_torch_compile or budget.left() < 150:
+        skipped["torch_compile"] = (
+            "smoke mode (torch.compile compiles for minutes on CPU)" if args.smoke else
+            "--no_torch_compile" if args.no_torch_compile else
+            "time budget: torch.compile needs about a minute")
       else:
-        runs["torch_compile"] = build_torch_kd_step(student, teacher, num_classes=100,
-                                                    batch_size=batch_size, compile_models=True)
+        runs["torch_compile"] = build_torch_kd_step(student, teacher, compile_models=True,
+                                                    **shapes)
     for run in runs.values():
       run(args.warmup)  # Compilation, cudnn autotuning.
     seconds = _best_of(runs, args.steps, args.rounds)
     record = {"figure": "kd_step", "student": student, "teacher": teacher,
-              "batch_size": batch_size, **_device()}
+              "batch_size": batch_size, **_device(), **_precision_settings()}
     for name, per_step in seconds.items():
       record[f"{name}_step_ms"] = 1000 * per_step
       record[f"{name}_examples_per_sec"] = batch_size / per_step
@@ -179,6 +259,13 @@ def resnet_figures(args, budget: Budget):
         record[f"speedup_vs_{name}"] = seconds[name] / seconds["kdjax"]
       else:
         record[f"{name}_skipped"] = skipped[name]
+    if "torch_eager_bf16" in seconds:
+      record["bf16_speedup_vs_torch_eager_bf16"] = (seconds["torch_eager_bf16"]
+                                                    / seconds["kdjax_bf16"])
+    else:
+      record["torch_eager_bf16_skipped"] = skipped["torch_eager_bf16"]
+    record["teacher_precomputed_vs_live"] = (seconds["kdjax"]
+                                             / seconds["kdjax_teacher_precomputed"])
     emit(record)
 
 
@@ -282,37 +369,153 @@ def lm_figure(args, budget: Budget):
         "peak_flops": peak, **device})
 
 
-def fused_memory_figure(args, budget: Budget):
+def fused_loss_figure(args, budget: Budget):
   if importlib.util.find_spec("kdjax.losses.fused") is None:
-    emit({"figure": "fused_loss_memory", "skipped": "kdjax.losses.fused is not in this kdjax"})
+    emit({"figure": "fused_loss", "skipped": "kdjax.losses.fused is not in this kdjax"})
     return
-  if budget.left() < 20 and not args.smoke:
-    emit({"figure": "fused_loss_memory", "skipped": "time budget spent"})
+  if budget.left() < 40 and not args.smoke:
+    emit({"figure": "fused_loss", "skipped": "time budget spent"})
     return
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
   from kdjax import losses  # pylint: disable=g-import-not-at-top
 
-  tokens, width, vocab = (64, 16, 256) if args.smoke else (8192, 1024, 128_256)
-  shapes = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in
-            ((tokens, width), (width, vocab), (tokens, width), (width, vocab))]
-
-  def full(hs, ws, ht, wt):
-    return jnp.mean(losses.kd(hs @ ws, ht @ wt, temperature=1.0))
+  batch, seq, width, vocab = (2, 16, 16, 256) if args.smoke else (4, 2048, 2048, 128_256)
+  rng = np.random.default_rng(0)
+  scale = 3 / np.sqrt(width)
+  host = [rng.normal(size=(batch, seq, width)), scale * rng.normal(size=(width, vocab)),
+          rng.normal(size=(batch, seq, width)), scale * rng.normal(size=(width, vocab))]
+  arrays = [jnp.asarray(a, jnp.bfloat16) for a in host]
 
   def fused(hs, ws, ht, wt):
-    return jnp.mean(losses.fused_kd(hs, ws, ht, wt, temperature=1.0))
+    return jnp.mean(losses.fused_generalized_jsd(hs, ws, ht, wt, beta=0.5))
 
-  record = {"figure": "fused_loss_memory", "tokens": tokens, "hidden": width, "vocab": vocab,
-            "dtype": "bfloat16", **_device()}
-  for name, fn in (("full_logits", full), ("fused", fused)):
-    compiled = jax.jit(jax.grad(fn, argnums=(0, 1))).lower(*shapes).compile()
+  def full_logits(hs, ws, ht, wt):
+    logits = lambda h, w: jnp.dot(h, w, preferred_element_type=jnp.float32)
+    return jnp.mean(losses.generalized_jsd(logits(hs, ws), logits(ht, wt), beta=0.5))
+
+  record = {"figure": "fused_loss", "loss": "generalized_jsd beta 0.5, value and gradient",
+            "shape": [batch, seq, vocab], "hidden": width, "dtype": "bfloat16", **_device()}
+  runs = {}
+  for name, fn in (("fused", fused), ("full_logits", full_logits)):
+    compiled = jax.jit(jax.value_and_grad(fn, argnums=(0, 1))).lower(*arrays).compile()
     analysis = compiled.memory_analysis()
-    record[f"{name}_temp_bytes"] = (int(analysis.temp_size_in_bytes)
-                                    if analysis is not None else None)
-  if record["full_logits_temp_bytes"] and record["fused_temp_bytes"]:
+    if analysis is not None:
+      record[f"{name}_temp_bytes"] = int(analysis.temp_size_in_bytes)
+
+    def run(n, compiled=compiled):
+      start = time.perf_counter()
+      for _ in range(n):
+        out = compiled(*arrays)
+      jax.block_until_ready(out)
+      return time.perf_counter() - start
+    runs[name] = run
+  if importlib.util.find_spec("torch") is not None:
+    import torch  # pylint: disable=g-import-not-at-top
+    from experiments.fused_loss_benchmark import trl_generalized_jsd_loss  # pylint: disable=g-import-not-at-top
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hs, ws, ht, wt = [torch.tensor(a, dtype=torch.bfloat16, device=device) for a in host]
+
+    def run_trl(n):
+      start = time.perf_counter()
+      for _ in range(n):
+        a, b = hs.detach().requires_grad_(), ws.detach().requires_grad_()
+        loss = trl_generalized_jsd_loss(a @ b, ht @ wt, beta=0.5)
+        loss.backward()
+      loss.item()  # Synchronises.
+      return time.perf_counter() - start
+    runs["trl_torch"] = run_trl
+    if device == "cuda":
+      torch.cuda.reset_peak_memory_stats()
+      base = torch.cuda.memory_allocated()
+      run_trl(1)
+      record["trl_torch_peak_bytes_over_inputs"] = int(torch.cuda.max_memory_allocated() - base)
+  else:
+    record["trl_torch_skipped"] = "torch is not installed"
+  for run in runs.values():
+    run(1)
+  seconds = _best_of(runs, 1 if args.smoke else 5, args.rounds)
+  for name, per_step in seconds.items():
+    record[f"{name}_ms"] = 1000 * per_step
+  record["fused_speed_vs_full_logits"] = seconds["full_logits"] / seconds["fused"]
+  if "trl_torch" in seconds:
+    record["fused_speed_vs_trl_torch"] = seconds["trl_torch"] / seconds["fused"]
+  if record.get("full_logits_temp_bytes") and record.get("fused_temp_bytes"):
     record["memory_ratio"] = record["full_logits_temp_bytes"] / record["fused_temp_bytes"]
   emit(record)
+
+
+def teacher_forward_figure(args, budget: Budget):
+  if budget.left() < 30 and not args.smoke:
+    emit({"figure": "teacher_forward", "skipped": "time budget spent"})
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from kdjax import models  # pylint: disable=g-import-not-at-top
+  from kdjax.models import fold, precision  # pylint: disable=g-import-not-at-top
+
+  name, batch_size = ("resnet14", 4) if args.smoke else ("resnet32x4", 256)
+  teacher = models.get_model(name, num_classes=100)
+  rng = np.random.default_rng(0)
+  inputs = jnp.asarray(rng.normal(size=(batch_size, 32, 32, 3)), jnp.float32)
+  variables = models.init_variables(teacher, jax.random.key(0), inputs[:2])
+  # Non-trivial statistics, as a trained teacher has (init's are mean 0, variance 1).
+  stats = jax.tree_util.tree_flatten_with_path(variables["batch_stats"])[0]
+  perturbed = {}
+  for path, leaf in stats:
+    key = jax.random.fold_in(jax.random.key(1), len(perturbed))
+    is_var = "var" in str(path[-1])
+    perturbed[path] = (0.5 + jax.random.uniform(key, leaf.shape) if is_var
+                       else 0.1 * jax.random.normal(key, leaf.shape))
+  variables["batch_stats"] = jax.tree_util.tree_map_with_path(
+      lambda path, leaf: perturbed[path], variables["batch_stats"])
+  plain = models.apply_fn(teacher)
+  bf16 = precision.mixed_precision(
+      models.apply_fn(models.get_model(name, num_classes=100, dtype=jnp.bfloat16)), "bfloat16")
+  folded_apply, folded_variables = fold.fold_batch_norm(teacher, variables, inputs)
+  folded_bf16_apply, folded_bf16_variables = fold.fold_batch_norm(teacher, variables, inputs,
+                                                                  dtype=jnp.bfloat16)
+  variants = {"float32": (plain, variables), "bfloat16": (bf16, variables),
+              "folded": (folded_apply, folded_variables),
+              "folded_bfloat16": (folded_bf16_apply, folded_bf16_variables)}
+  forwards, logits = {}, {}
+  for key, (apply, v) in variants.items():
+    forward = jax.jit(lambda v, x, apply=apply: apply(v, x, train=False, rng=None)[0].logits)
+    logits[key] = np.asarray(jax.block_until_ready(forward(v, inputs)), np.float32)
+
+    def run(n, forward=forward, v=v):
+      start = time.perf_counter()
+      for _ in range(n):
+        out = forward(v, inputs)
+      jax.block_until_ready(out)
+      return time.perf_counter() - start
+    forwards[key] = run
+  seconds = _best_of(forwards, 1 if args.smoke else args.steps, args.rounds)
+  reference = logits["float32"]
+  record = {"figure": "teacher_forward", "teacher": name, "batch_size": batch_size, **_device()}
+  for key, per_step in seconds.items():
+    record[f"{key}_ms"] = 1000 * per_step
+    record[f"{key}_speedup"] = seconds["float32"] / per_step
+    if key != "float32":
+      record[f"{key}_max_abs_logit_diff"] = float(np.max(np.abs(logits[key] - reference)))
+      record[f"{key}_top1_agreement"] = float(np.mean(
+          logits[key].argmax(-1) == reference.argmax(-1)))
+  emit(record)
+
+
+# In the order they run by default: the headline first, the rest as the budget allows.
+FIGURES = {
+    "kd_step": lambda args, budget: resnet_figures(args, budget, batch_sizes=args.batch_sizes[:1]),
+    "fused_loss": fused_loss_figure,
+    "lm_kd_step": lm_figure,
+    "teacher_forward": teacher_forward_figure,
+    "vit_kd_step": vit_figure,
+    "kd_step_small_batch": lambda args, budget: (
+        resnet_figures(args, budget, batch_sizes=args.batch_sizes[1:]) if not args.smoke else
+        emit({"figure": "kd_step", "skipped": "smoke mode: one batch size"})),
+}
 
 
 def parse_args(argv):
@@ -321,29 +524,50 @@ def parse_args(argv):
   parser.add_argument("--steps", type=int, default=None, help="Timed steps per round.")
   parser.add_argument("--rounds", type=int, default=None, help="Interleaved rounds (best kept).")
   parser.add_argument("--warmup", type=int, default=3, help="Untimed steps (compilation).")
-  parser.add_argument("--budget_s", type=float, default=270.0,
+  parser.add_argument("--budget_s", type=float, default=300.0,
                       help="Wall-clock seconds after which the remaining figures are skipped.")
+  parser.add_argument("--figures", default=",".join(FIGURES),
+                      help=f"Comma-separated, run in this order; valid: {', '.join(FIGURES)}.")
+  parser.add_argument("--no_torch_compile", action="store_true",
+                      help="Skip the torch.compile reference (it compiles for about a minute).")
   args = parser.parse_args(argv)
   args.steps = args.steps or (1 if args.smoke else 20)
   args.rounds = args.rounds or (1 if args.smoke else 3)
   args.warmup = 1 if args.smoke else args.warmup
-  args.batch_sizes = (2,) if args.smoke else (64, 256)
+  args.batch_sizes = (2,) if args.smoke else (256, 64)
   for name in ("steps", "rounds", "warmup"):
     if getattr(args, name) <= 0:
       print(f"Error: --{name} must be a positive integer, got {getattr(args, name)}.",
             file=sys.stderr)
       sys.exit(2)
+  args.figures = [f.strip() for f in args.figures.split(",") if f.strip()]
+  unknown = [f for f in args.figures if f not in FIGURES]
+  if unknown:
+    print(f"Error: --figures: unknown {', '.join(unknown)}; valid: {', '.join(FIGURES)}.",
+          file=sys.stderr)
+    sys.exit(2)
   return args
+
+
+def _versions() -> dict:
+  versions = {}
+  for name in ("jax", "jaxlib", "flax", "optax", "torch"):
+    if importlib.util.find_spec(name) is not None:
+      versions[f"{name}_version"] = getattr(importlib.import_module(name), "__version__", None)
+  return versions
 
 
 def main(argv=None):
   args = parse_args(argv)
   budget = Budget(args.budget_s)
-  emit({"figure": "start", "smoke": args.smoke, **_device()})
-  resnet_figures(args, budget)
-  vit_figure(args, budget)
-  lm_figure(args, budget)
-  fused_memory_figure(args, budget)
+  emit({"figure": "start", "smoke": args.smoke, **_device(), **_versions()})
+  for name in args.figures:
+    try:
+      FIGURES[name](args, budget)
+    except Exception as error:  # pylint: disable=broad-except
+      # One broken figure must not cost the others (a GPU lease is minutes long).
+      emit({"figure": name, "error": f"{type(error).__name__}: {error}"[:2000]})
+      traceback.print_exc()
 
 
 if __name__ == "__main__":

@@ -30,6 +30,12 @@ from experiments import cli
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Interleaved timing rounds; the best is reported.")
 _QUICK = flags.DEFINE_bool("quick", False, "Few steps and images (a smoke test).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where MNIST-1D is (generated if missing).")
+_LOOPS = flags.DEFINE_list("loops", ["quickstart", "resnet8x4"],
+                           "Which loop-vs-step runs: quickstart (needs MNIST-1D), resnet8x4.")
+_RESNET_BATCH_SIZES = flags.DEFINE_list("resnet_batch_sizes", ["32"],
+                                        "Global batch sizes of the resnet8x4 loop-vs-step run.")
+_WORKERS = flags.DEFINE_integer("workers", 1, "Prefetch worker threads of the loop runs.")
+_VALID_LOOPS = ("quickstart", "resnet8x4")
 
 
 class _MemorySource:
@@ -155,6 +161,14 @@ def main(argv):
   if rounds <= 0:
     cli.fail(f"--rounds must be a positive integer, got {rounds}.")
   quick = _QUICK.value
+  unknown = [name for name in _LOOPS.value if name not in _VALID_LOOPS]
+  if unknown:
+    cli.fail(f"--loops: unknown {', '.join(unknown)}; valid: {', '.join(_VALID_LOOPS)}.")
+  if not all(b.isdigit() and int(b) > 0 for b in _RESNET_BATCH_SIZES.value):
+    cli.fail(f"--resnet_batch_sizes must be positive integers, got "
+             f"{','.join(_RESNET_BATCH_SIZES.value)}.")
+  if _WORKERS.value <= 0:
+    cli.fail(f"--workers must be a positive integer, got {_WORKERS.value}.")
   import jax  # pylint: disable=g-import-not-at-top
   from kdjax import data  # pylint: disable=g-import-not-at-top
   _emit({"figure": "machine", "backend": jax.default_backend(),
@@ -165,17 +179,20 @@ def main(argv):
   imagenet = _pipeline("imagenet2012", _jpeg_source(16 if quick else 64), batch_size=32)
   _pipeline_alone("imagenet_jpeg_inception_crop", imagenet, 1 if quick else 4, rounds)
 
-  try:
-    mnist1d = data.InputPipeline("mnist1d", global_batch_size=128, seed=0,
-                                 data_dir=_DATA_DIR.value)
-  except data.DatasetNotPreparedError as error:
-    cli.fail(str(error))
-  _loop_vs_step("quickstart mlp <- cnn1d", "mlp", "cnn1d", mnist1d,
-                steps=5 if quick else 200, rounds=rounds)
-  cifar32 = _pipeline("cifar100", _cifar_source(512 if quick else 4096), batch_size=32)
-  _loop_vs_step("resnet8x4 <- resnet32x4", "resnet8x4", "resnet32x4", cifar32,
-                steps=2 if quick else 15, rounds=rounds)
-
+  if "quickstart" in _LOOPS.value:
+    try:
+      mnist1d = data.InputPipeline("mnist1d", global_batch_size=128, seed=0,
+                                   data_dir=_DATA_DIR.value)
+    except data.DatasetNotPreparedError as error:
+      cli.fail(str(error))
+    _loop_vs_step("quickstart mlp <- cnn1d", "mlp", "cnn1d", mnist1d,
+                  steps=5 if quick else 200, rounds=rounds, workers=_WORKERS.value)
+  if "resnet8x4" in _LOOPS.value:
+    for batch_size in map(int, _RESNET_BATCH_SIZES.value):
+      source = _cifar_source(512 if quick else max(4096, 16 * batch_size))
+      cifar32 = _pipeline("cifar100", source, batch_size=batch_size)
+      _loop_vs_step("resnet8x4 <- resnet32x4", "resnet8x4", "resnet32x4", cifar32,
+                    steps=2 if quick else 15, rounds=rounds, workers=_WORKERS.value)
 
 if __name__ == "__main__":
   cli.run(main, config_name=None)
