@@ -14,7 +14,9 @@ r"""Does the input pipeline keep up with the train step? One invocation, one JSO
    (mlp <- cnn1d on MNIST-1D, batch 128, the real dataset) and resnet8x4 <- resnet32x4 (batch
    32, CIFAR-style records). The goal is a ratio >= 0.95 with prefetching. Also reported: the
    step on distinct pre-made device batches (`step_distinct_batches_examples_per_sec`), the
-   most any pipeline could reach, and the prefetching loop's ratio to it.
+   most any pipeline could reach, and the prefetching loop's ratio to it; and the loop with
+   `config.device_batches` (`kdjax.data.device_batches`: the step makes its batch from the
+   dataset held on the device; the host passes the step number), `ratio_device_batches`.
 Runs are interleaved over `--rounds` and the best of each is kept (the machine is shared).
 """
 
@@ -119,10 +121,17 @@ def _pipeline_alone(name: str, pipeline, steps: int, rounds: int):
 def _loop_vs_step(name: str, student: str, teacher: str, pipeline, *, steps: int,
                   rounds: int, workers: int = 1):
   from experiments.synthetic_step import build_synthetic_step  # pylint: disable=g-import-not-at-top
+  from kdjax.data.device_batches import DeviceBatches  # pylint: disable=g-import-not-at-top
   from kdjax.data.prefetch import Prefetcher  # pylint: disable=g-import-not-at-top
-  step = build_synthetic_step(student, teacher, num_classes=pipeline.spec.num_classes,
-                              batch_size=pipeline.global_batch_size, method_name="kd")
+  from kdjax.train import parallel as parallel_lib  # pylint: disable=g-import-not-at-top
+  shapes = dict(num_classes=pipeline.spec.num_classes, batch_size=pipeline.global_batch_size,
+                method_name="kd")
+  step = build_synthetic_step(student, teacher, **shapes)
   step.run(2)  # Compile.
+  # The same step making its batch on the device (`config.device_batches`).
+  on_device = DeviceBatches(pipeline, put=parallel_lib.JitParallel().put_replicated,
+                            num_steps=1000 + (rounds + 2) * steps)
+  device_step = build_synthetic_step(student, teacher, make_batch=on_device.make_batch, **shapes)
   first = [1000]  # Fresh steps each round: the loop never reuses a batch.
 
   def loop(depth: int) -> float:
@@ -132,23 +141,33 @@ def _loop_vs_step(name: str, student: str, teacher: str, pipeline, *, steps: int
                     stop=start_step + steps, depth=depth, workers=workers) as batches:
       return step.run(steps, lambda i: batches.get(start_step + i))
 
+  def device_loop() -> float:
+    start_step = first[0]
+    first[0] += steps
+    return device_step.run(steps, lambda i: on_device.get(start_step + i))
+
   loop(2)  # The device-batch layout compiles once more (a fresh array each step).
+  device_loop()  # Compile.
   # The step on `steps` distinct batches already on the device: what a perfect pipeline could
   # give (a fresh input array each step costs the step itself a little, ~10% on a busy CPU).
   device_batches = [step.put_batch(pipeline.train_batch(s)) for s in range(steps)]
-  times = {"step_only": [], "step_distinct": [], "prefetch_0": [], "prefetch_2": []}
+  times = {"step_only": [], "step_distinct": [], "prefetch_0": [], "prefetch_2": [],
+           "device_batches": []}
   for _ in range(rounds):
     times["step_only"].append(step.run(steps))
     times["step_distinct"].append(step.run(steps, lambda i: device_batches[i]))
     times["prefetch_0"].append(loop(0))
     times["prefetch_2"].append(loop(2))
+    times["device_batches"].append(device_loop())
   per_sec = {k: pipeline.global_batch_size * steps / min(v) for k, v in times.items()}
   _emit({"figure": "loop_vs_step", "run": name, "batch_size": pipeline.global_batch_size,
          "steps": steps, "step_only_examples_per_sec": per_sec["step_only"],
          "loop_examples_per_sec_prefetch_0": per_sec["prefetch_0"],
          "loop_examples_per_sec_prefetch_2": per_sec["prefetch_2"],
+         "loop_examples_per_sec_device_batches": per_sec["device_batches"],
          "ratio_prefetch_0": per_sec["prefetch_0"] / per_sec["step_only"],
          "ratio_prefetch_2": per_sec["prefetch_2"] / per_sec["step_only"],
+         "ratio_device_batches": per_sec["device_batches"] / per_sec["step_only"],
          "step_distinct_batches_examples_per_sec": per_sec["step_distinct"],
          "ratio_prefetch_2_vs_distinct": per_sec["prefetch_2"] / per_sec["step_distinct"],
          "goal": 0.95, "prefetch_workers": workers})

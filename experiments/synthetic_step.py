@@ -36,11 +36,14 @@ def build_synthetic_step(student_name: str, teacher_name: str, *, num_classes: i
                          batch_size: int, method_name: str, parallel: str = "jit",
                          method_config: Optional[Any] = None, seed: int = 0,
                          learning_rate: float = 0.05,
-                         calibrate_teacher: bool = False) -> SyntheticStep:
+                         calibrate_teacher: bool = False,
+                         make_batch: Optional[Callable] = None) -> SyntheticStep:
   """`calibrate_teacher`: set the random teacher's BatchNorm running statistics to those of
   the random batch (as a trained teacher's match its data). Untouched, an untrained teacher's
   statistics (mean 0, variance 1) make eval-mode BatchNorm the identity, and deep ResNet
-  features grow by orders of magnitude, which feature losses then amplify."""
+  features grow by orders of magnitude, which feature losses then amplify.
+  `make_batch`: the step makes its batch on the device from references
+  (`kdjax.data.device_batches.DeviceBatches`); `run(n, refs(i))` then takes references."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
@@ -93,7 +96,8 @@ def build_synthetic_step(student_name: str, teacher_name: str, *, num_classes: i
   teacher_on_device = parallel.put_replicated(jax.device_get(teacher_variables))
   train_step = parallel.compile_train_step(step_lib.make_train_step(
       student_apply=student_apply, teacher_apply=teacher_apply, method=method,
-      optimizer=optimizer, reduce_gradients=parallel.reduce_gradients))
+      optimizer=optimizer, reduce_gradients=parallel.reduce_gradients),
+      **({"make_batch": make_batch} if make_batch is not None else {}))
   host_batch = {
       "inputs": inputs,
       "labels": rng.integers(0, num_classes, size=(batch_size,)).astype(np.int32),

@@ -70,6 +70,12 @@ BAD_CONFIGS = [
     ({"num_classes": 100}, r"config.num_classes=100 but dataset 'mnist1d' has 10 classes"),
     ({"teacher__checkpoint": "/nonexistent/ckpt"},
      r"config.teacher.checkpoint='/nonexistent/ckpt' does not exist"),
+    ({"device_batches": True, "parallel": "pmap"},
+     r"config.device_batches=True: parallel 'pmap' takes per-device host batches \(valid: jit, "
+     r"jit_2d, jit_2d_fsdp\); set config.device_batches=False\.$"),
+    ({"device_batches": True, "suite": "teacher,cs_kd"},
+     r"config.device_batches=True: sampler 'class_pairs' builds its batches on the host "
+     r"\(valid: 'uniform'\); set config.device_batches=False. \(run 'cs_kd'\)"),
 ]
 
 

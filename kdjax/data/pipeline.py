@@ -240,6 +240,12 @@ class InputPipeline:
                                            inputs=batch["inputs"]))
     return batch
 
+  def train_indices(self, start: int, count: int) -> np.ndarray:
+    """Positions start .. start + count - 1 of the shuffled stream of training examples (the
+    'uniform' sampler's global order: batch `step` is positions `step * B` .. `(step + 1) * B
+    - 1`), as indices into the training split; int64 [count]."""
+    return self._train_indices[self._order.take(start, count)]
+
   def _paired_indices(self, step: int) -> np.ndarray:
     """Global batch `step` of the 'class_pairs' sampler: `B/2` anchors from the epoch's
     shuffle, then their partners. Built whole on every process (the partners of one

@@ -11,6 +11,7 @@ are `bookkeeping.itstime`; its metrics and throughput are `bookkeeping.MetricsWi
 `bookkeeping.Throughput`. This file holds the order in which they happen.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -23,6 +24,7 @@ import numpy as np
 from kdjax import methods as methods_lib
 from kdjax import models as models_lib
 from kdjax import paths
+from kdjax.data.device_batches import DeviceBatches
 from kdjax.data.prefetch import Prefetcher
 from kdjax.methods import eval_metrics
 from kdjax.train import checkpoint as checkpoint_lib
@@ -125,11 +127,16 @@ class _Run:
     self.state = parallel.put_state(host_state)
     self.teacher_variables = (parallel.put_teacher(parts.teacher_variables)
                               if parts.teacher_variables is not None else None)
+    # config.device_batches: the step makes its batch from the dataset on the devices.
+    self.device_batches = (
+        DeviceBatches(parts.pipeline, put=parallel.put_replicated, num_steps=config.num_steps)
+        if config.get("device_batches", False) else None)
     self.train_step = parallel.compile_train_step(step_lib.make_train_step(
         student_apply=parts.student_apply, teacher_apply=parts.teacher_apply,
         method=parts.method, optimizer=parts.optimizer,
         reduce_gradients=parallel.reduce_gradients,
-        skip_nonfinite=config.on_nonfinite == "skip"))
+        skip_nonfinite=config.on_nonfinite == "skip"),
+        **({"make_batch": self.device_batches.make_batch} if self.device_batches else {}))
     self.eval_step = parallel.compile_eval_step(step_lib.make_eval_step(
         student_apply=parts.student_apply,
         teacher_apply=parts.teacher_apply,  # Loaded only when used (or an LM's, for eval).
@@ -201,10 +208,13 @@ class _Run:
     throughput = Throughput(c.global_batch_size, self.start_step)
     last_train_scalars = None
     multi_host = jax.process_count() > 1
-    # Batches step+1..step+prefetch are prepared and put on the devices while step runs.
-    with StopSignals() as stop, Prefetcher(
-        self.parts.pipeline.train_batch, put=parallel.put_batch, start=self.start_step,
-        stop=c.num_steps, depth=c.get("prefetch", 0)) as batches:
+    # Batches step+1..step+prefetch are prepared and put on the devices while step runs; or,
+    # with config.device_batches, the step makes batch `step` itself from `batches.get(step)`.
+    batch_source = (contextlib.nullcontext(self.device_batches) if self.device_batches else
+                    Prefetcher(self.parts.pipeline.train_batch, put=parallel.put_batch,
+                               start=self.start_step, stop=c.num_steps,
+                               depth=c.get("prefetch", 0)))
+    with StopSignals() as stop, batch_source as batches:
       for step in range(self.start_step, c.num_steps):
         batch = batches.get(step)
         self.state, step_metrics = self.train_step(self.state, self.teacher_variables, batch)

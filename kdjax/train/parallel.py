@@ -19,7 +19,7 @@ Both give the same numbers as a single device (up to float summation order). Mul
 """
 
 import functools
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +42,16 @@ def check_batch_divisible(global_batch_size: int, num_devices: int, field: str):
         f"({num_devices}); use a multiple of {num_devices}.")
 
 
+def _batch_made_inside(step: Callable, make_batch: Callable, batch_sharding) -> Callable:
+  """`step(state, teacher_variables, batch)` taking instead the references from which
+  `make_batch(refs)` computes the batch on the devices (`kdjax.data.device_batches`)."""
+
+  def step_on_refs(state, teacher_variables, refs):
+    batch = jax.lax.with_sharding_constraint(make_batch(refs), batch_sharding)
+    return step(state, teacher_variables, batch)
+  return step_on_refs
+
+
 class JitParallel:
   """`jax.jit` with NamedShardings over a 1-D 'data' mesh of every device."""
   kind = "jit"
@@ -57,6 +67,10 @@ class JitParallel:
     return jax.device_put(tree, self.replicated)
 
   def put_batch(self, local_batch: dict):
+    if jax.process_count() == 1:
+      # One transfer call for the whole batch: half the host time of an array at a time,
+      # which a 1 ms step notices (the quickstart's).
+      return jax.device_put(local_batch, self.batch_sharding)
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
             for k, v in local_batch.items()}
 
@@ -64,9 +78,15 @@ class JitParallel:
     """A replicated tree back to host numpy arrays."""
     return jax.device_get(tree)
 
-  def compile_train_step(self, train_step: Callable) -> Callable:
+  def compile_train_step(self, train_step: Callable,
+                         make_batch: Optional[Callable] = None) -> Callable:
+    """The jitted step; with `make_batch`, the step's third argument is the references the
+    batch is made from on the devices (`DeviceBatches.refs`), not a batch."""
     step = functools.partial(train_step, ops=single_device_ops())
-    return jax.jit(step, in_shardings=(self.replicated, self.replicated, self.batch_sharding),
+    batch_sharding = self.batch_sharding
+    if make_batch is not None:
+      step, batch_sharding = _batch_made_inside(step, make_batch, batch_sharding), self.replicated
+    return jax.jit(step, in_shardings=(self.replicated, self.replicated, batch_sharding),
                    out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
 
   def compile_eval_step(self, eval_step: Callable) -> Callable:
@@ -184,13 +204,17 @@ class Jit2DParallel(JitParallel):
       return compiled[key](state, teacher_variables, batch)
     return call
 
-  def compile_train_step(self, train_step: Callable) -> Callable:
+  def compile_train_step(self, train_step: Callable,
+                         make_batch: Optional[Callable] = None) -> Callable:
     step = functools.partial(train_step, ops=single_device_ops())
+    batch_sharding = self.batch_sharding
+    if make_batch is not None:  # As JitParallel's.
+      step, batch_sharding = _batch_made_inside(step, make_batch, batch_sharding), self.replicated
 
     def build(state, teacher_variables):
       state_shardings = self.state_shardings(state)
       return jax.jit(step, in_shardings=(state_shardings, self.shardings(teacher_variables),
-                                         self.batch_sharding),
+                                         batch_sharding),
                      out_shardings=(state_shardings, self.replicated), donate_argnums=(0,))
     return self._compile_on_first_call(build)
 
@@ -249,7 +273,11 @@ class PmapParallel:
   def to_host(self, tree):
     return jax.tree.map(first_local_replica, tree)
 
-  def compile_train_step(self, train_step: Callable) -> Callable:
+  def compile_train_step(self, train_step: Callable,
+                         make_batch: Optional[Callable] = None) -> Callable:
+    if make_batch is not None:  # config validation refuses this first.
+      raise ValueError("parallel 'pmap' takes per-device host batches; batches made on the "
+                       "devices (config.device_batches) need jit, jit_2d or jit_2d_fsdp.")
     step = functools.partial(train_step, ops=_pmap_ops())
 
     def replicated_step(state, teacher_variables, batch):

@@ -13,6 +13,7 @@ from kdjax.names import did_you_mean
 from kdjax.validation import ConfigError
 from kdjax.data.catalog import DATASETS, get_dataset_spec
 from kdjax.data.text_catalog import TEXT_DATASETS
+from kdjax.data import device_batches as device_batches_lib
 from kdjax.data import teacher_cache as teacher_cache_lib
 from kdjax.methods.base import check_teacher_cache
 from kdjax.methods.registry import METHODS
@@ -212,6 +213,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
   validation.require(config.get("prefetch", 0), validation.NON_NEGATIVE_INT, "config.prefetch")
   validate_precision(config)
   validate_teacher_cache(config)
+  validate_device_batches(config)
 
   teacher_checkpoint = config.teacher.checkpoint
   exported = str(teacher_checkpoint or "").endswith(".msgpack")
@@ -239,6 +241,25 @@ def validate_precision(config) -> None:
           f"config.teacher.fold_batch_norm=True needs teachers with BatchNorm, but "
           f"config.{field}={spec.model!r} has none; models with BatchNorm: "
           f"{', '.join(sorted(USES_BATCH_NORM & BUILT_IN))}.")
+
+
+def validate_device_batches(config) -> None:
+  """`config.device_batches`: a bool; when True, every run of the suite must be one whose
+  batches can be made on the devices (`kdjax.data.device_batches.check_supported`)."""
+  on = config.get("device_batches", False)
+  if not isinstance(on, bool):
+    raise ConfigError(f"config.device_batches must be true or false, got {on!r}.")
+  if not on:
+    return
+  for run in suite_runs(config) or [config.method]:
+    sampler = METHODS[run].sampler if run in METHODS else "uniform"  # Teacher runs: uniform.
+    try:
+      device_batches_lib.check_supported(dataset=config.dataset, sampler=sampler,
+                                         teacher_cache=config.teacher.get("cache", ""),
+                                         parallel=config.parallel)
+    except device_batches_lib.DeviceBatchesError as error:
+      raise ConfigError(f"{error} (run {run!r})" if sampler != "uniform" else str(error)
+                        ) from None
 
 
 def validate_teacher_cache(config) -> None:
