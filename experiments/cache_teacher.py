@@ -125,6 +125,11 @@ def write_cache(config, workdir: str, *, topk=None, epochs: int = 0, features=()
         sample_inputs=sample, model_kwargs=lambda name: {})
   except CheckpointError as error:
     raise cli.UsageError(str(error)) from None
+  teacher_digest = _teacher_digest(variables)  # Of the trained weights, before any folding.
+  # As a live run's teacher: BatchNorm folded and/or bfloat16 when the config says so.
+  apply, variables = teachers_lib.frozen_teacher(config.teacher.model, apply, variables,
+                                                 config=config, sample_inputs=sample,
+                                                 model_kwargs={})
   sample_output = jax.eval_shape(lambda: apply(variables, sample, train=False)[0])
   taps = list(features)
   unknown = [tap for tap in taps if tap not in sample_output.features]
@@ -146,7 +151,9 @@ def write_cache(config, workdir: str, *, topk=None, epochs: int = 0, features=()
 
   meta = dict(cache_lib.cache_identity(config, sampler=sampler), topk=topk, feature_taps=taps,
               feature_shapes={tap: list(sample_output.features[tap].shape[1:]) for tap in taps},
-              teacher_checkpoint=checkpoint_dir, teacher_digest=_teacher_digest(variables),
+              teacher_checkpoint=checkpoint_dir, teacher_digest=teacher_digest,
+              teacher_dtype=config.teacher.get("dtype", "float32"),
+              teacher_fold_batch_norm=config.teacher.get("fold_batch_norm", False),
               epochs=epochs or None)
   variables = jax.device_put(variables)
   if os.path.exists(directory):

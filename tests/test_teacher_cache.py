@@ -171,3 +171,15 @@ def test_cached_run_equals_live_run_and_never_builds_the_teacher(tmp_path, data_
   assert cached_kd["eval_accuracy"] == pytest.approx(live_kd["eval_accuracy"], abs=2e-3)
   with open(os.path.join(summary["directory"], cache_lib.META_FILE)) as f:
     assert json.load(f)["feature_shapes"] == {"embedding": [100]}
+
+  # The cache holds the teacher as the config runs it: in bfloat16 with teacher.dtype set
+  # (the stored logits then differ from float32's by bfloat16 rounding, not more).
+  float32_logits = cache_lib.TeacherCache(summary["directory"])._record(5)["logits"]  # pylint: disable=protected-access
+  config.teacher.cache, config.teacher.dtype = "", "bfloat16"
+  bf16 = cache_teacher.write_cache(config, workdir, topk=0, overwrite=True)
+  with open(os.path.join(bf16["directory"], cache_lib.META_FILE)) as f:
+    assert json.load(f)["teacher_dtype"] == "bfloat16"
+  bf16_logits = cache_lib.TeacherCache(bf16["directory"])._record(5)["logits"]  # pylint: disable=protected-access
+  assert not np.array_equal(bf16_logits, float32_logits)
+  scale = np.abs(float32_logits).max()
+  np.testing.assert_allclose(bf16_logits, float32_logits, atol=0.05 * scale)
