@@ -1,5 +1,6 @@
 """`config.device_batches` in real runs: the host pipeline's training without augmentation,
-and a resume after SIGKILL that is bit-identical."""
+and a resume after SIGKILL that is bit-identical. Several devices and two processes:
+tests/test_multihost.py (`jit,device_batches`)."""
 
 import json
 import os
@@ -49,18 +50,3 @@ def test_device_batches_resume_after_sigkill_bit_identical(tmp_path, data_dir, m
   run_python(test_resume._args(interrupted, data_dir))  # pylint: disable=protected-access
   test_resume._assert_identical_runs(str(interrupted), str(reference))  # pylint: disable=protected-access
 
-
-@pytest.mark.slow
-def test_eight_devices_make_the_single_device_batches(tmp_path, data_dir):
-  # The augmentation is drawn for the global batch from (seed, step), so the batch and the
-  # training do not depend on how many devices share it.
-  common = ["--config.suite=teacher,kd", "--config.device_batches=True"]
-  single = _run(tmp_path / "one", data_dir, *common)
-  run_python(SMOKE + [f"--workdir={tmp_path / 'eight'}", f"--config.data_dir={data_dir}",
-                      *common], env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
-  with open(tmp_path / "eight" / "summary.json") as f:
-    eight = json.load(f)["runs"]
-  for name in ("teacher", "kd"):
-    np.testing.assert_allclose(eight[name]["final_train_loss"], single[name]["final_train_loss"],
-                               rtol=1e-3)
-    assert abs(eight[name]["eval_accuracy"] - single[name]["eval_accuracy"]) <= 0.01

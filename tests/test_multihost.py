@@ -15,9 +15,13 @@ ARGS = ["-m", "experiments.main", "--config=configs/quickstart.py:smoke",
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["jit", "pmap"])
+@pytest.mark.parametrize("parallel", ["jit", "pmap", "jit,device_batches"])
 def test_two_processes_match_one_process(tmp_path, data_dir, parallel):
-  common = ARGS + [f"--config.data_dir={data_dir}", f"--config.parallel={parallel}"]
+  # jit,device_batches: each process holds the training split on its devices and the step
+  # makes the global batch (kdjax/data/device_batches.py).
+  parallel, *device_batches = parallel.split(",")
+  common = ARGS + [f"--config.data_dir={data_dir}", f"--config.parallel={parallel}",
+                   *(["--config.device_batches=True"] if device_batches else [])]
   four_devices = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
   run_python(common + [f"--workdir={tmp_path / 'single'}"], env_extra=four_devices)
 
