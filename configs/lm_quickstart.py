@@ -69,6 +69,10 @@ def get_config(arg=None):
   # Teacher continuations of all 3254 training windows are generated before the first step
   # (~40 s here for 32 tokens; 96 took ~2 min).
   config.seq_kd.max_new_tokens = 32
+  # The teacher's logits on every window the rows read, computed once per process and shared
+  # by the rows (kd, fkl, jsd, adaspec train from them; every row's evaluations read them):
+  # a cached KD step costs about a scratch step (`kdjax/lm/teacher_logits.py`; '' = live).
+  config.lm.teacher_logits = "float32"
   config.distillm.num_train_steps = config.get_ref("num_steps")
   config.distillm.prompt_length, config.distillm.max_new_tokens = 32, 32
 

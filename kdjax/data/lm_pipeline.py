@@ -94,7 +94,8 @@ class LMInputPipeline:
   Batches are dicts of numpy arrays, `b` being this process's share of the global batch:
   `tokens` [b, T] int32, `targets` [b, T] int32 (tokens shifted by one), `mask` [b, T] bool
   (False on padding targets, and on whole padding rows of a last eval batch), and for
-  training `index` [b] int32 (the window's position in the training split).
+  training `index` [b] int32 (the window's position in the training split); with
+  `attach_teacher_logits`, `teacher_logits` [b, T, V] float32 as well.
 
   Same interface as `InputPipeline`, so the train loop takes either; `spec` is the text
   spec with `num_classes` = the tokenizer's vocabulary size and `input_shape` = (T,).
@@ -172,6 +173,7 @@ class LMInputPipeline:
     self._validation_indices = np.sort(carve[total - validation_examples:])
     self._order = (grain.MapDataset.range(len(self._train_indices))
                    .shuffle(seed=seed).repeat(None))
+    self._teacher_logits = None  # `attach_teacher_logits`.
 
   @property
   def num_train_examples(self) -> int:
@@ -213,14 +215,45 @@ class LMInputPipeline:
     """Language-model windows have no class label."""
     return None
 
+  def _step_indices(self, step: int) -> np.ndarray:
+    """[b] the training windows of this process's rows of global batch `step`."""
+    start = step * self.global_batch_size + self.process_index * self.local_batch_size
+    return self._train_indices[
+        np.array([self._order[start + i] for i in range(self.local_batch_size)])]
+
+  def train_window_indices(self, start_step: int, stop_step: int) -> np.ndarray:
+    """[(stop - start) * b] the training windows this process reads in steps [start, stop),
+    in order (a window read twice appears twice)."""
+    if stop_step <= start_step:
+      return np.zeros([0], np.int64)
+    return np.concatenate([self._step_indices(step) for step in range(start_step, stop_step)])
+
+  def validation_window_indices(self) -> np.ndarray:
+    """The held-out validation windows (positions in the training split)."""
+    return self._validation_indices
+
+  def split_window_inputs(self) -> dict:
+    """{'train': [N_train, T], 'eval': [N_eval, T]}: the model inputs of every window."""
+    return {"train": self._train.windows[:, :-1], "eval": self._eval.windows[:, :-1]}
+
+  def attach_teacher_logits(self, lookup, *, train: bool, evaluate: bool) -> None:
+    """Batches carry `teacher_logits` [b, T, V] = lookup(split, window indices), split
+    'train' (training and validation windows) or 'eval': training batches when `train`,
+    eval and validation batches when `evaluate` (`kdjax.lm.teacher_logits`)."""
+    self._teacher_logits = lookup
+    self._teacher_logits_in = {"train": train, "evaluate": evaluate}
+
+  def _with_teacher_logits(self, batch: dict, use: str, split: str, indices) -> dict:
+    if self._teacher_logits is not None and self._teacher_logits_in[use]:
+      batch["teacher_logits"] = self._teacher_logits(split, indices)
+    return batch
+
   def train_batch(self, step: int) -> dict:
     """This process's rows of global training batch `step`."""
-    start = step * self.global_batch_size + self.process_index * self.local_batch_size
-    indices = self._train_indices[
-        np.array([self._order[start + i] for i in range(self.local_batch_size)])]
+    indices = self._step_indices(step)
     batch = self._train.gather(indices)
     batch["index"] = indices.astype(np.int32)
-    return batch
+    return self._with_teacher_logits(batch, "train", "train", indices)
 
   def train_batches(self, start_step: int = 0) -> Iterator[dict]:
     step = start_step
@@ -251,9 +284,11 @@ class LMInputPipeline:
     for begin in range(0, total, global_batch_size):
       positions = begin + self.process_index * local + np.arange(local)
       present = positions < total
-      batch = windows.gather(rows[np.where(present, positions, 0)])
+      indices = rows[np.where(present, positions, 0)]
+      batch = windows.gather(indices)
       batch["mask"] = batch["mask"] & present[:, None]
-      yield batch
+      yield self._with_teacher_logits(batch, "evaluate",
+                                      "eval" if split == "eval" else "train", indices)
 
   def prompts(self, split: str, num: int, prompt_length: int, seed: int) -> np.ndarray:
     """[num, prompt_length] int32: the first tokens of `num` distinct windows of `split`

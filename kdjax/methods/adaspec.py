@@ -48,6 +48,9 @@ class AdaSPEC(base.Method):
   """Selective forward KL on the top `keep_fraction` tokens by `delta` (module docstring)."""
   name = "adaspec"
   rewrites_batch = True
+  # The rewrite only adds the reference's logits: the teacher sees the batch's own tokens, so
+  # its logits may come from a cache (`kdjax.lm.teacher_logits`).
+  rewrite_keeps_tokens = True
   # The config field naming the reference model (resolved by the suite and the run setup).
   reference_field = "reference"
   positive_fields = ("temperature",)

@@ -16,6 +16,7 @@ from kdjax import paths
 from kdjax import methods as methods_lib
 from kdjax import models as models_lib
 from kdjax.data import teacher_cache as teacher_cache_lib
+from kdjax.lm import teacher_logits as teacher_logits_lib
 from kdjax.methods.base import Batch, Method
 from kdjax.models import precision as precision_lib
 from kdjax.models.apply import ApplyFn
@@ -129,6 +130,9 @@ def build_run(config: ml_collections.ConfigDict,
     pipeline.restrict_training(method.select_examples(
         pipeline, teacher_apply=teacher_apply, teacher_variables=teacher_variables,
         reference_apply=student_apply))
+
+  if is_language_model_run(config):  # `config.lm.teacher_logits`: computed once, gathered.
+    teacher_logits_lib.attach(config, method, pipeline, teacher_apply, teacher_variables)
 
   student_sample, _ = student_apply(student_variables, sample, train=False)
   label_shape = student_sample.logits.shape[:-1]  # [2] for classifiers, [2, T] for LMs.
