@@ -9,6 +9,9 @@ step like a classifier's; this module adds the decoding metrics, which need whol
   target forward and the speed-up that eq. 1 of Leviathan et al. implies with the measured
   draft/target cost ratio, greedy and sampled (temperature 1);
 - the student's own generation speed (tokens/s, KV-cache greedy decoding, compiled first).
+
+The programs are compiled, and the draft/target cost ratio measured, once per process for the
+same architectures and shapes (`kdjax.lm.compiled`): a suite's rows reuse them.
 """
 
 import time
@@ -17,8 +20,8 @@ from typing import Dict
 import jax
 import numpy as np
 
+from kdjax.lm import compiled, speculative
 from kdjax.lm.generate import generate_fn
-from kdjax.lm import speculative
 
 
 def generation_metrics(*, student_apply, student_variables, teacher_apply, teacher_variables,
@@ -39,10 +42,14 @@ def generation_metrics(*, student_apply, student_variables, teacher_apply, teach
   metrics = {}
 
   # Compiled ahead of time, so that each decoding runs once and its timing holds no compilation
-  # (running it twice instead doubled the evaluation's cost).
-  generate = jax.jit(lambda variables, prompts: generate_fn(
-      student_apply, variables, prompts, max_new_tokens=new_tokens, greedy=True).tokens
-                     ).lower(student_variables, prompts).compile()
+  # (running it twice instead doubled the evaluation's cost); once per process for the same
+  # architecture and shapes (`kdjax.lm.compiled`: a suite's rows share it).
+  student_key = compiled.function_key(student_apply)
+  generate = compiled.executable(
+      ("generate", student_key, compiled.abstract_key((student_variables, prompts)), new_tokens),
+      lambda: jax.jit(lambda variables, prompts: generate_fn(
+          student_apply, variables, prompts, max_new_tokens=new_tokens, greedy=True).tokens
+                      ).lower(student_variables, prompts))
   start = time.perf_counter()
   jax.block_until_ready(generate(student_variables, prompts))
   metrics["generation_tokens_per_sec"] = prompts.size // prompts.shape[1] * new_tokens / (
@@ -50,9 +57,14 @@ def generation_metrics(*, student_apply, student_variables, teacher_apply, teach
   if teacher_apply is None:
     return metrics
 
-  cost_ratio = speculative.measure_cost_ratio(
-      teacher_apply, teacher_variables, student_apply, student_variables,
-      np.zeros((prompts.shape[0], prompts.shape[1] + new_tokens + gamma), np.int32), repeats=3)
+  # A timing of the two architectures (not of their weights): measured once per process for
+  # the same apply functions and shapes, so a suite's rows share the first row's measurement.
+  buffer = np.zeros((prompts.shape[0], prompts.shape[1] + new_tokens + gamma), np.int32)
+  cost_ratio = compiled.value(
+      ("cost_ratio", compiled.function_key(teacher_apply), student_key,
+       compiled.abstract_key((teacher_variables, student_variables, buffer))),
+      lambda: speculative.measure_cost_ratio(teacher_apply, teacher_variables, student_apply,
+                                             student_variables, buffer, repeats=3))
   metrics["spec_cost_ratio"] = cost_ratio
   for mode, sampling in (("greedy", dict(greedy=True)), ("sampled", dict(temperature=1.0))):
     statistics = speculative.speculative_decode(

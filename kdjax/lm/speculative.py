@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from kdjax import validation
+from kdjax.lm import compiled as compiled_lib
 from kdjax.lm.generate import check_prompts
 from kdjax.lm.sampling import check_sampling, sampling_log_probs
 
@@ -245,11 +246,18 @@ def speculative_decode(target_apply, target_variables, draft_apply, draft_variab
   `sampling` takes temperature, top_k, top_p, greedy; `cost_ratio` (for the implied speed-up)
   may come from `measure_cost_ratio`. With `precompile` the call is compiled ahead of time and
   the timing covers only the decoding; otherwise a first call's timing includes compilation.
+  A precompiled executable is kept for the process (`kdjax.lm.compiled`): a later call with
+  equal apply functions (code and closures), argument shapes and settings reuses it.
   """
   arguments = (target_apply, target_variables, draft_apply, draft_variables, prompts)
   settings = dict(max_new_tokens=max_new_tokens, gamma=gamma, **sampling)
-  if precompile:
-    compiled = speculative_generate.lower(*arguments, rng=rng, **settings).compile()
+  if precompile:  # Once per process for equal apply functions, shapes and settings.
+    key = ("speculative_generate", compiled_lib.function_key(target_apply),
+           compiled_lib.function_key(draft_apply),
+           compiled_lib.abstract_key((target_variables, draft_variables, prompts, rng)),
+           tuple(sorted(settings.items())))
+    compiled = compiled_lib.executable(key, lambda: speculative_generate.lower(
+        *arguments, rng=rng, **settings))
     run = lambda: compiled(target_variables, draft_variables, prompts, rng=rng)
   else:
     run = lambda: speculative_generate(*arguments, rng=rng, **settings)
