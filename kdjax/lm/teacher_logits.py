@@ -16,9 +16,10 @@ Equal to the live teacher up to rounding: the logits come from the same apply fu
 variables, at another batch size (float32: differences of a few ulps from the matmuls'
 blocking; 16-bit storage: the storage dtype's rounding, then used as float32).
 
-Rows whose teacher sees other tokens than the batch's (on-policy samples: gkd, distillm; the
-teacher's own continuations: seq_kd), self-teachers, ensembles and feature-based methods keep
-the live teacher in their train step; their evaluations still read the cached eval logits.
+Rows whose teacher sees other tokens than the batch's (DistiLLM's student samples, SeqKD's
+teacher continuations), self-teachers, ensembles and feature-based methods keep the live
+teacher in their train step; their evaluations still read the cached eval logits. GKD reads the
+cache on its off-policy steps and runs the teacher on its on-policy samples only.
 """
 
 import hashlib
@@ -54,11 +55,14 @@ def storage_dtype(config) -> str:
 def trains_from_cache(method) -> bool:
   """True when `method`'s train step may read the teacher's logits from the cache: it needs
   one live teacher's logits only (no taps, no ensemble, no self-teacher, no extra views), on
-  the batch's own tokens (a batch rewrite that replaces tokens, GKD's or SeqKD's, does not
-  qualify; AdaSPEC's, which adds its reference's logits, does: `rewrite_keeps_tokens`)."""
+  the batch's own tokens, unless its batch rewrite keeps the cached logits right
+  (`teacher_logits_survive_rewrite`: AdaSPEC only adds its reference's logits; GKD's on-policy
+  branch puts the teacher's logits on its samples in their place). SeqKD and DistiLLM, whose
+  rewrites replace the tokens, keep the live teacher."""
   return (method.needs_teacher and not method.self_teacher and not method.multiple_teachers
           and not method.teacher_views and method.teacher_cache_needs != "features"
-          and (not method.rewrites_batch or getattr(method, "rewrite_keeps_tokens", False)))
+          and (not method.rewrites_batch or
+               getattr(method, "teacher_logits_survive_rewrite", False)))
 
 
 def evaluates_from_cache(method) -> bool:

@@ -50,7 +50,7 @@ class AdaSPEC(base.Method):
   rewrites_batch = True
   # The rewrite only adds the reference's logits: the teacher sees the batch's own tokens, so
   # its logits may come from a cache (`kdjax.lm.teacher_logits`).
-  rewrite_keeps_tokens = True
+  teacher_logits_survive_rewrite = True
   # The config field naming the reference model (resolved by the suite and the run setup).
   reference_field = "reference"
   positive_fields = ("temperature",)

@@ -22,6 +22,11 @@ from kdjax import losses, validation
 from kdjax.methods import base
 
 
+# Cached teacher logits in a batch (`kdjax.train.step.TEACHER_LOGITS_KEY`, which the train step
+# uses instead of running the teacher; methods do not import `train`).
+TEACHER_LOGITS_KEY = "teacher_logits"
+
+
 def generate_sequences(apply_fn, variables, prompts, keys, *, max_new_tokens, temperature, greedy,
               top_k=0, top_p=1.0):
   """`prompts` [b, P] -> [b, P + N] tokens, row i sampled with `keys[i]`."""
@@ -79,6 +84,10 @@ class GKD(base.Method):
   """
   name = "gkd"
   rewrites_batch = True
+  # Cached teacher logits (`kdjax.lm.teacher_logits`) stay right through the rewrite: the
+  # off-policy batch keeps its windows, and the on-policy one gets the teacher's logits on the
+  # student's samples (`rewrite_batch`), so the step never runs the teacher itself.
+  teacher_logits_survive_rewrite = True
   non_negative_fields = ("ce_weight", "kd_weight")
   positive_fields = ("temperature",)
 
@@ -110,6 +119,11 @@ class GKD(base.Method):
           _row_keys(sample_rng, batch["index"]), max_new_tokens=new_tokens,
           temperature=c.temperature, top_k=c.top_k, top_p=c.top_p, greedy=False)
       rewritten = sequences_to_batch(batch, sequences, prompt_length)
+      if TEACHER_LOGITS_KEY in batch:  # The cached logits are the dataset windows'.
+        logits = models.teacher_apply(models.teacher_variables, rewritten["tokens"],
+                                      train=False, rng=None)[0].logits
+        rewritten[TEACHER_LOGITS_KEY] = jax.lax.stop_gradient(
+            logits.astype(batch[TEACHER_LOGITS_KEY].dtype))
       return dict(rewritten, on_policy=jnp.ones(batch["index"].shape, jnp.float32))
 
     def off_policy(batch):

@@ -67,12 +67,13 @@ def fresh_pipeline(pipeline):
 
 
 def test_methods_that_train_from_the_cache():
-  """The teacher must see the batch's own tokens: not GKD's or DistiLLM's student samples, not
-  SeqKD's teacher continuations; AdaSPEC only adds its reference's logits."""
+  """The teacher must see the batch's own tokens: not DistiLLM's student samples, not SeqKD's
+  teacher continuations; AdaSPEC only adds its reference's logits, GKD replaces the cached
+  logits on its on-policy steps."""
   trains = {name: teacher_logits.trains_from_cache(_method(name))
             for name in ("kd", "fkl", "jsd", "adaspec", "scratch", "gkd", "seq_kd", "distillm")}
   assert trains == {"kd": True, "fkl": True, "jsd": True, "adaspec": True, "scratch": False,
-                    "gkd": False, "seq_kd": False, "distillm": False}
+                    "gkd": True, "seq_kd": False, "distillm": False}
   assert all(teacher_logits.evaluates_from_cache(_method(name)) for name in trains)
 
 
@@ -112,8 +113,8 @@ def test_the_rows_of_a_process_share_one_cache(fresh_pipeline, teacher):
   assert teacher_logits.attach(_config(), _method("kd"), fresh_pipeline, apply, other) is not first
 
 
-def test_scratch_and_gkd_evaluate_from_the_cache_but_train_live(fresh_pipeline, teacher):
-  for name in ("scratch", "gkd"):
+def test_scratch_and_seq_kd_evaluate_from_the_cache_but_train_live(fresh_pipeline, teacher):
+  for name in ("scratch", "seq_kd"):
     teacher_logits.attach(_config(method=name), _method(name), fresh_pipeline, *teacher)
     assert "teacher_logits" not in fresh_pipeline.train_batch(0)
     assert "teacher_logits" in next(fresh_pipeline.eval_batches(64))
@@ -133,12 +134,14 @@ def test_bad_dtype_and_oversized_caches_are_refused(fresh_pipeline, teacher, mon
     teacher_logits.attach(_config(), _method("kd"), fresh_pipeline, *teacher)
 
 
-@pytest.mark.parametrize("name", ["kd", pytest.param("adaspec", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["kd", pytest.param("adaspec", marks=pytest.mark.slow),
+                                  pytest.param("gkd", marks=pytest.mark.slow)])
 def test_a_cached_step_equals_the_live_step(fresh_pipeline, teacher, name):
-  """The KD (and AdaSPEC) train step and the eval step on a batch with cached logits give the
-  live teacher's loss, metrics and updated parameters."""
+  """The KD (AdaSPEC, on-policy GKD) train step and the eval step on a batch with cached
+  logits give the live teacher's loss, metrics and updated parameters."""
   config = _config(method=name)
-  method = _method(name)
+  config.gkd.lmbda = 1.0  # Every step on-policy: the teacher must see the student's samples.
+  method = methods_lib.build_method(config, num_train_examples=100)
   student = models_lib.get_model_fns("lm_tiny", num_classes=259)
   student_variables = jax.device_get(student.init(jax.random.PRNGKey(2),
                                                   np.zeros((2, T), np.int32)))
@@ -163,6 +166,8 @@ def test_a_cached_step_equals_the_live_step(fresh_pipeline, teacher, name):
   live = {k: v for k, v in cached.items() if k != "teacher_logits"}
   results = [train_step(state, variables, batch) for batch in (cached, live)]
   (cached_state, cached_metrics), (live_state, live_metrics) = results
+  if name == "gkd":
+    assert float(live_metrics["on_policy"]) == 1.0
   for key in live_metrics:
     np.testing.assert_allclose(cached_metrics[key], live_metrics[key], rtol=1e-5, err_msg=key)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
