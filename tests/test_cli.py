@@ -2,7 +2,7 @@
 no traceback, the offending name in the line, and the workdir untouched; --help exits 0;
 relative and `~` paths work; a live run's workdir is refused to a second run."""
 
-import concurrent.futures
+import json
 import os
 import signal
 import subprocess
@@ -70,19 +70,25 @@ MISTAKES = {
 
 @pytest.fixture(scope="module")
 def mistake_results(tmp_path_factory):
-  """Each mistake run once, two at a time (each process spends its 2-3 s importing jax)."""
-
-  def attempt(case):
-    parent = tmp_path_factory.mktemp(case)
-    workdir = parent / "work"
+  """Each mistake run once, as `python -m experiments.main` in a child forked from one process
+  that imported jax and kdjax once (tests/forked_main.py): 20+ fresh processes spent a minute
+  importing. Fresh processes still check the one-line errors below (missing workdir, broken
+  config file, unwritable workdir), and the forking process must print nothing itself."""
+  workdirs, befores, cases = {}, {}, {}
+  for case, (args, _) in MISTAKES.items():
+    workdir = tmp_path_factory.mktemp(case) / "work"
     workdir.mkdir()
     (workdir / "notes.txt").write_text("mine\n")
-    before = snapshot(workdir)
-    result = run_python(MAIN + [f"--workdir={workdir}"] + MISTAKES[case][0], check=False)
-    return result, before, workdir
-
-  with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-    return dict(zip(MISTAKES, pool.map(attempt, MISTAKES)))
+    workdirs[case], befores[case] = workdir, snapshot(workdir)
+    cases[case] = [f"--workdir={workdir}"] + args
+  files = tmp_path_factory.mktemp("forked")
+  (files / "cases.json").write_text(json.dumps(cases))
+  forked = run_python([os.path.join(REPO, "tests", "forked_main.py"), str(files / "cases.json"),
+                       str(files / "results.json")])
+  assert forked.stdout == forked.stderr == "", forked.stderr[-3000:]  # No import-time noise.
+  results = json.loads((files / "results.json").read_text())
+  return {case: (subprocess.CompletedProcess(cases[case], **results[case]), befores[case],
+                 workdirs[case]) for case in MISTAKES}
 
 
 @pytest.mark.parametrize("case", MISTAKES)
