@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 
@@ -17,6 +18,33 @@ def data_dir(tmp_path_factory):
   from kdjax.data import catalog, sources
   sources.ensure_prepared(catalog.get_dataset_spec("mnist1d"), directory)
   return directory
+
+
+# The smoke quickstart: every run of configs/quickstart.py:smoke (teacher 60 steps, students 40).
+SMOKE = ["-m", "experiments.main", "--config=configs/quickstart.py:smoke"]
+
+
+@pytest.fixture(scope="session")
+def smoke_suite(tmp_path_factory, data_dir):
+  """(workdir, stdout) of the smoke quickstart, uninterrupted, on 1 device, in a fresh process.
+
+  Trained once per session: tests that need finished runs (a teacher to distil from, a
+  finished `kd` to resume, damage or refuse) copy them with `copy_runs` instead of training
+  their own. A run's numbers and its config fingerprint depend on its own config only (not on
+  `suite` or `data_dir`), so a copied run is the one their `--config.suite=teacher,kd` command
+  would train. Copy before changing anything (test_quickstart.py reruns it in place, and
+  checks that this changes nothing)."""
+  workdir = str(tmp_path_factory.mktemp("smoke_1dev"))
+  result = run_python(SMOKE + [f"--workdir={workdir}", f"--config.data_dir={data_dir}"])
+  return workdir, result.stdout
+
+
+def copy_runs(smoke_workdir, workdir, runs):
+  """Copies the run directories `runs` (e.g. ("teacher", "kd")) of a finished suite into
+  `workdir` (created if needed); returns `workdir` as a str."""
+  for run in runs:
+    shutil.copytree(os.path.join(smoke_workdir, run), os.path.join(workdir, run))
+  return str(workdir)
 
 
 def run_python(args, *, env_extra=None, timeout=600, check=True, cwd=REPO):

@@ -9,13 +9,10 @@ import numpy as np
 import pytest
 
 from configs import quickstart
-from conftest import run_python, snapshot
+from conftest import copy_runs, snapshot
 from kdjax import data, losses
 from kdjax.train import (CheckpointError, ConfigChanged, ConfigError, NonFiniteLoss, run_suite,
                          train_and_evaluate)
-
-SMOKE = ["-m", "experiments.main", "--config=configs/quickstart.py:smoke",
-         "--config.suite=teacher,kd"]
 
 
 def _config(data_dir, **overrides):
@@ -33,11 +30,10 @@ def _config(data_dir, **overrides):
 
 
 @pytest.fixture(scope="module")
-def finished_workdir(tmp_path_factory, data_dir):
-  """A workdir holding a finished teacher + kd suite (the files that must survive)."""
-  workdir = str(tmp_path_factory.mktemp("finished"))
-  run_python(SMOKE + [f"--workdir={workdir}", f"--config.data_dir={data_dir}"])
-  return workdir
+def finished_workdir(tmp_path_factory, smoke_suite):
+  """A workdir holding a finished teacher + kd suite (the files that must survive): the runs
+  of `_config` (smoke quickstart, suite teacher,kd), copied from conftest.smoke_suite."""
+  return copy_runs(smoke_suite[0], tmp_path_factory.mktemp("finished"), ["teacher", "kd"])
 
 
 BAD_CONFIGS = [

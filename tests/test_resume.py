@@ -12,11 +12,11 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, run_python
+from conftest import REPO, SMOKE, copy_runs, run_python
 from kdjax.train.checkpoint import Checkpointer
 
-ARGS = ["-m", "experiments.main", "--config=configs/quickstart.py:smoke",
-        "--config.suite=teacher,kd", "--config.num_steps=60", "--config.teacher.num_steps=60"]
+# Teacher 60 steps, kd 40, a checkpoint every 20: the runs of conftest.smoke_suite.
+ARGS = SMOKE + ["--config.suite=teacher,kd"]
 
 
 def _args(workdir, data_dir):
@@ -47,10 +47,10 @@ def _assert_identical_runs(workdir, reference):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, data_dir):
-  workdir = tmp_path_factory.mktemp("uninterrupted")
-  run_python(_args(workdir, data_dir))
-  return str(workdir)
+def uninterrupted(tmp_path_factory, smoke_suite):
+  """`ARGS` run uninterrupted: its teacher and kd runs, copied from the session's smoke
+  quickstart (the same runs: neither the suite nor the data_dir changes a run)."""
+  return copy_runs(smoke_suite[0], tmp_path_factory.mktemp("uninterrupted"), ["teacher", "kd"])
 
 
 def _start(workdir, data_dir):
@@ -158,8 +158,8 @@ def test_all_checkpoints_damaged_refuses_to_restart_from_zero(uninterrupted, tmp
 @pytest.mark.slow  # Kill/rerun of methods with state (~1.5 min here).
 def test_method_parameters_and_state_resume_exactly(tmp_path, data_dir):
   """CTKD's learnable temperature (method params) and TAID's schedule (method state)."""
-  args = ARGS[:-3] + ["--config.suite=teacher,ctkd,taid", "--config.num_steps=60",
-                      "--config.teacher.num_steps=20", f"--config.data_dir={data_dir}"]
+  args = SMOKE + ["--config.suite=teacher,ctkd,taid", "--config.num_steps=60",
+                  "--config.teacher.num_steps=20", f"--config.data_dir={data_dir}"]
   run_python(args + [f"--workdir={tmp_path / 'reference'}"])
   workdir = tmp_path / "interrupted"
   env = dict(os.environ, PYTHONPATH=REPO)
