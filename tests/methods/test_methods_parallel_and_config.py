@@ -46,11 +46,14 @@ def test_simulated_pmap_matches_single_device(name):
   masked[[3, 9, 10, 15]] = True  # uneven padding across replicas
   batch = random_batch(5, (16, 10), masked=masked, garbage=True)
 
-  loss, metrics, new_state, params = run(method, batch, OPS)
-  grad = jax.grad(lambda z: method.loss(params, method.init(None, batch)[1],
-                                        with_student_logits(batch, z), OPS)[0])(
-                                            batch.student.logits)
-  replica_loss, replica_metrics, replica_grad = _replica_losses(method, batch, (4,))
+  # Each side jitted, as the train step runs it: op by op, DIST's loss and gradients under
+  # vmap dispatched (and compiled) hundreds of primitives one at a time, ~15 s here.
+  loss, metrics, new_state, params = jax.jit(lambda: run(method, batch, OPS))()
+  grad = jax.jit(jax.grad(lambda z: method.loss(params, method.init(None, batch)[1],
+                                                with_student_logits(batch, z), OPS)[0]))(
+                                                    batch.student.logits)
+  replica_loss, replica_metrics, replica_grad = jax.jit(
+      lambda: _replica_losses(method, batch, (4,)))()
 
   np.testing.assert_allclose(float(jnp.mean(replica_loss)), float(loss), rtol=1e-5)
   for key in metrics:  # the step pmeans metrics
@@ -70,7 +73,7 @@ def test_simulated_pmap_matches_single_device(name):
       return method.loss({}, state0, b, simulated_pmap_ops())[2]
 
     shard = lambda x: jnp.reshape(x, (NUM_REPLICAS, 4) + x.shape[1:])
-    states = jax.vmap(replica_state, axis_name=PMAP_AXIS)(
+    states = jax.jit(jax.vmap(replica_state, axis_name=PMAP_AXIS))(
         shard(batch.student.logits), shard(batch.teacher.logits), shard(batch.labels),
         shard(batch.where))
     for key, value in new_state.items():
@@ -82,11 +85,12 @@ def test_dist_sees_the_global_batch():
   """Without the gather, per-replica DIST would differ from the global one."""
   method = build("dist")
   batch = random_batch(6, (16, 10))
-  whole = float(run(method, batch, OPS)[1]["dist"])
+  dist = lambda b: jax.jit(lambda: run(method, b, OPS)[1]["dist"])()  # Jitted: see above.
+  whole = float(dist(batch))
   first_half = Batch(student=Output(batch.student.logits[:4], {}),
                      teacher=Output(batch.teacher.logits[:4], {}), labels=batch.labels[:4],
                      where=batch.where[:4], step=batch.step)
-  assert abs(float(run(method, first_half, OPS)[1]["dist"]) - whole) > 1e-3
+  assert abs(float(dist(first_half)) - whole) > 1e-3
 
 
 BAD_CONFIGS = [
