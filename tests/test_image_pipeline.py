@@ -61,8 +61,10 @@ def test_resnet_distillation_runs_on_generated_images(tiny_cifar, tmp_path):
   config.num_steps, config.log_every_steps = 3, 1
   config.eval_every_steps = config.checkpoint_every_steps = 3
   config.optimizer.name, config.optimizer.learning_rate = "sgd", 0.05
-  config.suite, config.progress = "teacher,kd,at", False  # AT needs conv maps: stages 1-3.
+  # AT distils conv maps (stages 1-3) and logits. A kd run here added ~12 s of compiling; the
+  # KD step on a ResNet-8 student is test_benchmark.py's, KD on real data test_quickstart's.
+  config.suite, config.progress = "teacher,at", False
   summary = run_suite(config, str(tmp_path / "work"), num_devices=1)
-  assert set(summary["runs"]) == {"teacher", "kd", "at"}
-  for run in ("kd", "at"):
+  assert set(summary["runs"]) == {"teacher", "at"}
+  for run in ("at",):
     assert np.isfinite(summary["runs"][run]["final_train_loss"])
