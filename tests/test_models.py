@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import random_variables
 from kdjax import models
 
 
@@ -33,7 +34,8 @@ def test_every_model_returns_output_with_embedding(name):
 def test_apply_fn_updates_batch_stats_only_in_training():
   module = models.get_model("resnet8", num_classes=10)
   inputs = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
-  variables = models.init_variables(module, jax.random.key(0), inputs)
+  # Drawn with numpy in init's shapes: flax's initializers, op by op, took ~12 s here.
+  variables = random_variables(lambda: models.init_variables(module, jax.random.key(0), inputs))
   apply = models.apply_fn(module)
   _, new_state = apply(variables, inputs, train=True)
   assert set(new_state) == {"batch_stats"}

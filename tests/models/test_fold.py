@@ -7,31 +7,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import random_variables
 from kdjax.models import get_model
 from kdjax.models.fold import fold_batch_norm
 
 
 def _teacher(name, batch=2):
-  """A model with non-trivial BatchNorm statistics and affine parameters.
-
-  Drawn with numpy in the shapes flax's init gives (`jax.eval_shape`: nothing runs): kernels
-  N(0, 1/fan_in) as lecun_normal, then every leaf moved by 0.2 |N(0, 1)| from its init value
-  (0 for biases and running means, 1 for scales and running variances, which stay positive).
-  Flax's initializers and jax.random, run op by op, took ~20 s of this test's 26 s here."""
+  """A model with non-trivial BatchNorm statistics and affine parameters: each variable moved
+  by 0.2 |N(0, 1)| from its init value, drawn with numpy (conftest.random_variables; flax's
+  initializers, op by op, took ~20 s of this test's 26 s here)."""
   module = get_model(name, num_classes=10)
-  rng = np.random.default_rng(0)
-  x = rng.normal(size=(batch, 32, 32, 3)).astype(np.float32)
-  shapes = jax.eval_shape(lambda: module.init(jax.random.key(1), x, train=False))
-
-  def draw(path, leaf):
-    field = path[-1].key
-    if field == "kernel":
-      value = rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
-    else:
-      value = np.full(leaf.shape, 1.0 if field in ("scale", "var") else 0.0)
-    return jnp.asarray(value + 0.2 * np.abs(rng.normal(size=leaf.shape)), leaf.dtype)
-
-  return module, jax.tree_util.tree_map_with_path(draw, shapes), jnp.asarray(x)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, 32, 32, 3)), jnp.float32)
+  variables = random_variables(lambda: module.init(jax.random.key(1), x, train=False), seed=2,
+                               jitter=0.2)
+  return module, variables, x
 
 
 @pytest.mark.parametrize("name", [
