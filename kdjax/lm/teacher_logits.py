@@ -93,7 +93,7 @@ class TeacherLogits:
                dtype: str, batch_size: int = DEFAULT_BATCH_SIZE):
     self.windows, self.dtype, self.batch_size = windows, jnp.dtype(dtype), batch_size
     self._rows: Dict[str, Dict[int, np.ndarray]] = {split: {} for split in windows}
-    self._variables = teacher_variables
+    self._variables = jax.device_put(teacher_variables)  # Once, not with every batch.
     dtype = self.dtype
     self._forward = jax.jit(
         lambda variables, tokens: teacher_apply(variables, tokens, train=False,
