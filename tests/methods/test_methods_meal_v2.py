@@ -50,9 +50,10 @@ def _reference(params, batch):
 def test_loss_is_kl_to_the_averaged_teachers_plus_the_discriminator_loss():
   method = build("meal_v2")
   batch = _batch(0)
-  params, state = method.init(jax.random.PRNGKey(0), batch)
+  # Jitted, as the train step runs them: op by op, init and loss took ~10 s to dispatch here.
+  params, state = jax.jit(lambda: method.init(jax.random.PRNGKey(0), batch))()
   assert params["discriminator"]["Dense_0"]["kernel"].shape == (10, 16)  # Floored widths.
-  loss, metrics, _ = method.loss(params, state, batch, OPS)
+  loss, metrics, _ = jax.jit(lambda: method.loss(params, state, batch, OPS))()
   kl, d = _reference(params, batch)
   np.testing.assert_allclose(metrics["kd"], kl, rtol=1e-5)
   np.testing.assert_allclose(metrics["discriminator"], d, rtol=1e-5)
@@ -65,28 +66,28 @@ def test_loss_is_kl_to_the_averaged_teachers_plus_the_discriminator_loss():
   kept = Batch(Output(batch.student.logits[where], {}),
                Output(batch.teacher.logits[:, where], {}), batch.labels[where],
                jnp.ones(4, bool), batch.step)
-  np.testing.assert_allclose(method.loss(params, state, garbage, OPS)[0],
-                             method.loss(params, state, kept, OPS)[0], rtol=1e-5)
+  loss_of = lambda b: jax.jit(lambda: method.loss(params, state, b, OPS)[0])()
+  np.testing.assert_allclose(loss_of(garbage), loss_of(kept), rtol=1e-5)
 
 
 @pytest.mark.parametrize("reverse", [True, False])
 def test_the_student_gets_the_discriminator_gradient_reversed_or_as_the_official_code(reverse):
   adversarial = build("meal_v2", kd_weight=0.0, reverse_gradient=reverse)
   batch = _batch(1)
-  params, state = adversarial.init(jax.random.PRNGKey(2), batch)
+  params, state = jax.jit(lambda: adversarial.init(jax.random.PRNGKey(2), batch))()  # As above.
 
   def loss_of(student_logits, method, p=params):
     b = Batch(Output(student_logits, {}), batch.teacher, batch.labels, batch.where, batch.step)
     return method.loss(p, state, b, OPS)[0]
 
   plain = build("meal_v2", kd_weight=0.0, reverse_gradient=False)
-  g_reversed = jax.grad(loss_of)(batch.student.logits, adversarial)
-  g_plain = jax.grad(loss_of)(batch.student.logits, plain)
+  g_reversed = jax.jit(jax.grad(lambda z: loss_of(z, adversarial)))(batch.student.logits)
+  g_plain = jax.jit(jax.grad(lambda z: loss_of(z, plain)))(batch.student.logits)
   assert float(jnp.abs(g_plain).max()) > 0
   np.testing.assert_allclose(g_reversed, -g_plain if reverse else g_plain, rtol=1e-6)
   # The discriminator itself always descends its loss.
-  g_disc = jax.grad(lambda p: loss_of(batch.student.logits, adversarial, p))(params)
-  g_disc_plain = jax.grad(lambda p: loss_of(batch.student.logits, plain, p))(params)
+  g_disc = jax.jit(jax.grad(lambda p: loss_of(batch.student.logits, adversarial, p)))(params)
+  g_disc_plain = jax.jit(jax.grad(lambda p: loss_of(batch.student.logits, plain, p)))(params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), g_disc, g_disc_plain)
 
 
