@@ -225,8 +225,8 @@ class InputPipeline:
     if self._partners is not None:
       indices = self._paired_indices(step)[local]
     else:
-      start = step * self.global_batch_size + local.start
-      indices = self._train_indices[self._order.take(start, self.local_batch_size)]
+      indices = self.train_indices(step * self.global_batch_size + local.start,
+                                   self.local_batch_size)
     # One generator per global batch: an example's augmentation is the same however the
     # batch is split over processes.
     rng = np.random.default_rng([self.seed, step]) if self.augment else None
@@ -251,7 +251,7 @@ class InputPipeline:
     shuffle, then their partners. Built whole on every process (the partners of one
     process's anchors may be another's rows), which costs `B/2` index look-ups."""
     half = self.global_batch_size // 2
-    anchors = self._train_indices[self._order.take(step * half, half)]
+    anchors = self.train_indices(step * half, half)
     partners = self._partners.draw(anchors, seed=self.seed, step=step)
     return np.concatenate([anchors, partners])
 
