@@ -388,17 +388,27 @@ def fused_loss_figure(args, budget: Budget):
           rng.normal(size=(batch, seq, width)), scale * rng.normal(size=(width, vocab))]
   arrays = [jnp.asarray(a, jnp.bfloat16) for a in host]
 
-  def fused(hs, ws, ht, wt):
-    return jnp.mean(losses.fused_generalized_jsd(hs, ws, ht, wt, beta=0.5))
+  def fused(vocab_chunk, token_chunk):
+    def loss(hs, ws, ht, wt):
+      return jnp.mean(losses.fused_generalized_jsd(
+          hs, ws, ht, wt, beta=0.5, vocab_chunk_size=min(vocab_chunk, vocab),
+          token_chunk_size=token_chunk))
+    return loss
 
   def full_logits(hs, ws, ht, wt):
     logits = lambda h, w: jnp.dot(h, w, preferred_element_type=jnp.float32)
     return jnp.mean(losses.generalized_jsd(logits(hs, ws), logits(ht, wt), beta=0.5))
 
   record = {"figure": "fused_loss", "loss": "generalized_jsd beta 0.5, value and gradient",
-            "shape": [batch, seq, vocab], "hidden": width, "dtype": "bfloat16", **_device()}
+            "shape": [batch, seq, vocab], "hidden": width, "dtype": "bfloat16",
+            "fused_chunks": [f"{min(v, vocab)}x{t}" for v, t in args.fused_chunks],
+            **_device()}
+  # "fused" is the first chunking (the library's defaults unless --fused_chunks says
+  # otherwise); every chunking is also recorded as fused_<vocab>x<tokens>.
+  variants = [(f"fused_{min(v, vocab)}x{t}", fused(v, t)) for v, t in args.fused_chunks]
+  variants = [("fused", variants[0][1])] + variants[1:] + [("full_logits", full_logits)]
   runs = {}
-  for name, fn in (("fused", fused), ("full_logits", full_logits)):
+  for name, fn in variants:
     compiled = jax.jit(jax.value_and_grad(fn, argnums=(0, 1))).lower(*arrays).compile()
     analysis = compiled.memory_analysis()
     if analysis is not None:
@@ -441,6 +451,8 @@ def fused_loss_figure(args, budget: Budget):
   record["fused_speed_vs_full_logits"] = seconds["full_logits"] / seconds["fused"]
   if "trl_torch" in seconds:
     record["fused_speed_vs_trl_torch"] = seconds["trl_torch"] / seconds["fused"]
+    for name, _ in variants[1:-1]:
+      record[f"{name}_speed_vs_trl_torch"] = seconds["trl_torch"] / seconds[name]
   if record.get("full_logits_temp_bytes") and record.get("fused_temp_bytes"):
     record["memory_ratio"] = record["full_logits_temp_bytes"] / record["fused_temp_bytes"]
   emit(record)
@@ -528,6 +540,10 @@ def parse_args(argv):
                       help="Wall-clock seconds after which the remaining figures are skipped.")
   parser.add_argument("--figures", default=",".join(FIGURES),
                       help=f"Comma-separated, run in this order; valid: {', '.join(FIGURES)}.")
+  parser.add_argument("--fused_chunks", default="8192x1024,131072x256",
+                      help="The fused loss's chunkings to time, VOCABxTOKENS comma-separated "
+                           "(the first one is 'fused'; a vocabulary chunk at least the "
+                           "vocabulary is one block: one pass forward).")
   parser.add_argument("--no_torch_compile", action="store_true",
                       help="Skip the torch.compile reference (it compiles for about a minute).")
   args = parser.parse_args(argv)
@@ -540,6 +556,14 @@ def parse_args(argv):
       print(f"Error: --{name} must be a positive integer, got {getattr(args, name)}.",
             file=sys.stderr)
       sys.exit(2)
+  try:
+    args.fused_chunks = [tuple(int(n) for n in c.split("x")) for c in args.fused_chunks.split(",")]
+    if not args.fused_chunks or any(len(c) != 2 or min(c) < 1 for c in args.fused_chunks):
+      raise ValueError
+  except ValueError:
+    print(f"Error: --fused_chunks must be VOCABxTOKENS pairs of positive integers, comma-"
+          f"separated (e.g. 8192x1024,131072x256), got {args.fused_chunks!r}.", file=sys.stderr)
+    sys.exit(2)
   args.figures = [f.strip() for f in args.figures.split(",") if f.strip()]
   unknown = [f for f in args.figures if f not in FIGURES]
   if unknown:

@@ -40,6 +40,10 @@ def test_bad_arguments_exit_2_with_one_line():
   result = run_python(["-m", "experiments.gpu_benchmark", "--figures=kd_step,nope"], check=False)
   assert result.returncode == 2
   assert result.stderr.strip().startswith("Error: --figures: unknown nope; valid: kd_step,")
+  result = run_python(["-m", "experiments.gpu_benchmark", "--fused_chunks=8192x0"], check=False)
+  assert result.returncode == 2
+  assert result.stderr.strip().startswith("Error: --fused_chunks must be VOCABxTOKENS pairs")
+  assert "\n" not in result.stderr.strip()
 
 
 @pytest.mark.slow
@@ -64,6 +68,8 @@ runpy.run_module("experiments.gpu_benchmark", run_name="__main__")
   assert lm["tokens_per_sec"] > 0
   assert fused["full_logits_temp_bytes"] > 0 and fused["fused_temp_bytes"] > 0
   assert min(fused["fused_ms"], fused["full_logits_ms"], fused["trl_torch_ms"]) > 0
+  assert fused["fused_chunks"] == ["256x1024", "256x256"]  # smoke vocabulary: 256
+  assert fused["fused_256x256_ms"] > 0 and fused["fused_256x256_temp_bytes"] > 0
   # Folding is exact up to float rounding; bfloat16 keeps the top-1 of these random inputs.
   assert teacher["folded_max_abs_logit_diff"] < 1e-3
   assert teacher["folded_top1_agreement"] == 1.0

@@ -35,6 +35,8 @@ CASES = {
 # V=11 with vocab chunks of 4 (a shifted, overlapping last block); N=10 tokens
 # in chunks of 3 (padded).
 CHUNKS = {"vocab_chunk_size": 4, "token_chunk_size": 3}
+# The whole vocabulary in one block (the one-pass forward).
+ONE_VOCAB_BLOCK = {"vocab_chunk_size": 64, "token_chunk_size": 3}
 TEMPERATURE = 1.5
 
 
@@ -73,7 +75,9 @@ def all_results():
       out[name] = (
           _value_and_grads(fused, hs, ws, ht, wt, weights, **kw, **CHUNKS),
           _value_and_grads(_materialised(unfused), hs, ws, ht, wt, weights,
-                           **kw))
+                           **kw),
+          _value_and_grads(fused, hs, ws, ht, wt, weights, **kw,
+                           **ONE_VOCAB_BLOCK))
     return out
 
   return run(hs, ws, ht, wt), (hs, ws, ht, wt, where)
@@ -82,14 +86,15 @@ def all_results():
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_unfused_values_and_gradients(all_results, name):
   results, (_, _, _, _, where) = all_results
-  (value, grads), (want_value, want_grads) = results[name]
-  np.testing.assert_allclose(value, want_value, rtol=1e-5)
-  for got, want in zip(grads, want_grads):
-    scale = np.max(np.abs(want))
-    assert scale > 0
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale)
-  # Masked tokens get exactly zero hidden-state gradient.
-  assert np.all(np.asarray(grads[0])[~np.asarray(where)] == 0)
+  (want_value, want_grads) = results[name][1]
+  for value, grads in (results[name][0], results[name][2]):
+    np.testing.assert_allclose(value, want_value, rtol=1e-5)
+    for got, want in zip(grads, want_grads):
+      scale = np.max(np.abs(want))
+      assert scale > 0
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale)
+    # Masked tokens get exactly zero hidden-state gradient.
+    assert np.all(np.asarray(grads[0])[~np.asarray(where)] == 0)
 
 
 def _numpy_reference(name, hs, ws, ht, wt, weights, temperature, hyper):
@@ -156,14 +161,14 @@ def _numpy_reference(name, hs, ws, ht, wt, weights, temperature, hyper):
 def test_float64_numpy_reference_closed_forms(all_results, name):
   """Values and the docstrings' closed-form gradients, in float64 numpy."""
   results, (hs, ws, ht, wt, where) = all_results
-  (value, grads), _ = results[name]
   weights = np.arange(1.0, 11.0).reshape(2, 5) * np.asarray(where)
   want_value, want_grads = _numpy_reference(
       name, hs, ws, ht, wt, weights, TEMPERATURE, CASES[name][2])
-  np.testing.assert_allclose(value, want_value, rtol=1e-5)
-  for got, want in zip(grads, want_grads):
-    np.testing.assert_allclose(got, want, rtol=1e-5,
-                               atol=1e-5 * np.abs(want).max())
+  for value, grads in (results[name][0], results[name][2]):
+    np.testing.assert_allclose(value, want_value, rtol=1e-5)
+    for got, want in zip(grads, want_grads):
+      np.testing.assert_allclose(got, want, rtol=1e-5,
+                                 atol=1e-5 * np.abs(want).max())
 
 
 def test_mask_equals_slicing_and_blocks_nan():
