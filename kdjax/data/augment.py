@@ -4,6 +4,13 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+# The standard augmentations' parameters, one definition for the host (numpy, here) and the
+# device (`kdjax.data.device_batches`) versions.
+CIFAR_CROP_PADDING = 4  # RandomCrop(32, padding=4) of RepDistiller / mdistiller.
+MNIST1D_MAX_SHIFT = 4
+MNIST1D_SCALE_RANGE = (0.8, 1.2)
+MNIST1D_NOISE_STD = 0.05
+
 
 def _draw(rng, draw, rows: Optional[Tuple[int, int]], batch: int):
   """Draws random numbers for the whole global batch and keeps this process's rows, so the
@@ -15,7 +22,8 @@ def _draw(rng, draw, rows: Optional[Tuple[int, int]], batch: int):
 
 
 def random_crop_and_flip(images: np.ndarray, rng: np.random.Generator, *,
-                         padding: int = 4, rows: Optional[Tuple[int, int]] = None
+                         padding: int = CIFAR_CROP_PADDING,
+                         rows: Optional[Tuple[int, int]] = None
                          ) -> np.ndarray:
   """Random `padding`-pixel translation (zero padded) and horizontal flip.
 
@@ -44,8 +52,9 @@ def random_crop_and_flip(images: np.ndarray, rng: np.random.Generator, *,
 
 
 def random_shift_and_scale(signals: np.ndarray, rng: np.random.Generator, *,
-                           max_shift: int = 4, scale_range=(0.8, 1.2),
-                           noise_std: float = 0.05,
+                           max_shift: int = MNIST1D_MAX_SHIFT,
+                           scale_range=MNIST1D_SCALE_RANGE,
+                           noise_std: float = MNIST1D_NOISE_STD,
                            rows: Optional[Tuple[int, int]] = None) -> np.ndarray:
   """1-D signal augmentation for MNIST-1D: shift by up to `max_shift` samples (edge padded),
   scale the amplitude and add white noise.

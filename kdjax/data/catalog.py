@@ -70,7 +70,7 @@ def _cifar_preprocess(mean, std):
   def preprocess(images, rng, rows=None):
     images = np.asarray(images, np.float32) / 255.0
     if rng is not None:
-      images = augment.random_crop_and_flip(images, rng, padding=4, rows=rows)
+      images = augment.random_crop_and_flip(images, rng, rows=rows)
     return (images - mean) / std
   return preprocess
 

@@ -26,14 +26,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kdjax.data import augment
 from kdjax.data import catalog
 
 # The host's index window a step reads: at most this many int32 indices (16 MB) at a time.
 _WINDOW_INDICES = 1 << 22
 
 
-def _mnist1d_device(signals, key: Optional[jax.Array], *, max_shift: int = 4,
-                    scale_range=(0.8, 1.2), noise_std: float = 0.05):
+def _mnist1d_device(signals, key: Optional[jax.Array], *,
+                    max_shift: int = augment.MNIST1D_MAX_SHIFT,
+                    scale_range=augment.MNIST1D_SCALE_RANGE,
+                    noise_std: float = augment.MNIST1D_NOISE_STD):
   """`augment.random_shift_and_scale` in jnp: [B, L] float32 signals."""
   signals = signals.astype(jnp.float32)
   if key is None:
@@ -50,9 +53,11 @@ def _mnist1d_device(signals, key: Optional[jax.Array], *, max_shift: int = 4,
   return shifted * scales + noise
 
 
-def _cifar_device(mean: np.ndarray, std: np.ndarray, padding: int = 4):
+def _cifar_device(mean: np.ndarray, std: np.ndarray,
+                  padding: int = augment.CIFAR_CROP_PADDING):
   """`catalog._cifar_preprocess` in jnp: uint8 [B, 32, 32, 3] -> normalised float32, with
-  RandomCrop(32, padding=4) + RandomHorizontalFlip when a key is given."""
+  `augment.random_crop_and_flip`'s RandomCrop(32, padding) + RandomHorizontalFlip when a key
+  is given."""
 
   def preprocess(images, key: Optional[jax.Array]):
     images = images.astype(jnp.float32) / 255.0
