@@ -32,7 +32,7 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"],
         "torch": ["torch==2.13.0"],  # Only for experiments/torch_reference.py.
         "notebook": ["jupyter"],
         "tensorboard": ["tensorboard"],  # The viewer for the runs' tensorboard/ event files.
