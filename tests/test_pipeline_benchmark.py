@@ -1,0 +1,42 @@
+"""experiments/pipeline_benchmark.py: its JSON figures, with the packages the GPU image lacks
+blocked except the wheels carried there (ml-collections, grain, array_record)."""
+
+import json
+
+from conftest import run_python
+
+# On the GPU machine these stay missing even with the carried wheels.
+MISSING_ON_GPU = ("tensorflow_datasets", "tensorboardX", "mnist1d")
+
+_BLOCKED_RUN = f"""
+import importlib.abc, runpy, sys
+class _Missing(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path=None, target=None):
+    if name.split(".")[0] in {MISSING_ON_GPU!r}:
+      raise ImportError(f"{{name}} is not installed on the GPU machine")
+sys.meta_path.insert(0, _Missing())
+sys.argv = ["pipeline_benchmark"] + sys.argv[1:]
+runpy.run_module("experiments.pipeline_benchmark", run_name="__main__")
+"""
+
+
+def test_quickstart_loop_on_synthetic_signals_without_tfds_or_mnist1d():
+  result = run_python(["-c", _BLOCKED_RUN, "--loops=quickstart", "--synthetic_mnist1d",
+                       "--quick", "--rounds=1"])
+  records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+  assert [r["figure"] for r in records] == ["machine", "pipeline_alone", "pipeline_alone",
+                                            "loop_vs_step"]
+  loop = records[-1]
+  assert loop["run"] == "quickstart mlp <- cnn1d (synthetic signals)"
+  for name in ("step_only", "loop", "step_distinct_batches", "device_step_fixed_refs"):
+    key = name + "_examples_per_sec" if name != "loop" else "loop_examples_per_sec_device_batches"
+    assert loop[key] > 0, key
+  assert loop["ratio_device_batches"] == (loop["loop_examples_per_sec_device_batches"]
+                                          / loop["step_only_examples_per_sec"])
+
+
+def test_bad_loop_name_is_one_line():
+  result = run_python(["-m", "experiments.pipeline_benchmark", "--loops=quickstart,nope"],
+                      check=False)
+  assert result.returncode != 0
+  assert result.stderr.strip() == "Error: --loops: unknown nope; valid: quickstart, resnet8x4."
