@@ -401,11 +401,14 @@ def fused_loss_figure(args, budget: Budget):
 
   record = {"figure": "fused_loss", "loss": "generalized_jsd beta 0.5, value and gradient",
             "shape": [batch, seq, vocab], "hidden": width, "dtype": "bfloat16",
-            "fused_chunks": [f"{min(v, vocab)}x{t}" for v, t in args.fused_chunks],
+            "fused_chunks": list(dict.fromkeys(f"{min(v, vocab)}x{t}"
+                                               for v, t in args.fused_chunks)),
             **_device()}
   # "fused" is the first chunking (the library's defaults unless --fused_chunks says
-  # otherwise); every chunking is also recorded as fused_<vocab>x<tokens>.
-  variants = [(f"fused_{min(v, vocab)}x{t}", fused(v, t)) for v, t in args.fused_chunks]
+  # otherwise), the others are fused_<vocab>x<tokens>; chunkings equal once the vocabulary
+  # chunk is capped at the vocabulary are timed once.
+  chunks = list(dict.fromkeys((min(v, vocab), t) for v, t in args.fused_chunks))
+  variants = [(f"fused_{v}x{t}", fused(v, t)) for v, t in chunks]
   variants = [("fused", variants[0][1])] + variants[1:] + [("full_logits", full_logits)]
   runs = {}
   for name, fn in variants:
@@ -557,13 +560,14 @@ def parse_args(argv):
             file=sys.stderr)
       sys.exit(2)
   try:
-    args.fused_chunks = [tuple(int(n) for n in c.split("x")) for c in args.fused_chunks.split(",")]
-    if not args.fused_chunks or any(len(c) != 2 or min(c) < 1 for c in args.fused_chunks):
+    chunks = [tuple(int(n) for n in c.split("x")) for c in args.fused_chunks.split(",")]
+    if not chunks or any(len(c) != 2 or min(c) < 1 for c in chunks):
       raise ValueError
   except ValueError:
     print(f"Error: --fused_chunks must be VOCABxTOKENS pairs of positive integers, comma-"
           f"separated (e.g. 8192x1024,131072x256), got {args.fused_chunks!r}.", file=sys.stderr)
     sys.exit(2)
+  args.fused_chunks = chunks
   args.figures = [f.strip() for f in args.figures.split(",") if f.strip()]
   unknown = [f for f in args.figures if f not in FIGURES]
   if unknown:

@@ -31,8 +31,7 @@ def test_quickstart_loop_on_synthetic_signals_without_tfds_or_mnist1d():
   for name in ("step_only", "loop", "step_distinct_batches", "device_step_fixed_refs"):
     key = name + "_examples_per_sec" if name != "loop" else "loop_examples_per_sec_device_batches"
     assert loop[key] > 0, key
-  assert loop["ratio_device_batches"] == (loop["loop_examples_per_sec_device_batches"]
-                                          / loop["step_only_examples_per_sec"])
+  assert loop["goal"] == 0.95 and loop["prefetch_workers"] == 1
 
 
 def test_bad_loop_name_is_one_line():

@@ -171,6 +171,24 @@ def test_float64_numpy_reference_closed_forms(all_results, name):
                                  atol=1e-5 * np.abs(want).max())
 
 
+def test_one_vocabulary_block_forward_only_matches_unfused():
+  """The one-pass forward outside differentiation (`with_grad=False`)."""
+  hs, ws, ht, wt = _inputs(seed=3)
+  where = jnp.asarray(np.random.default_rng(2).random((2, 5)) > 0.3)
+
+  @jax.jit
+  def run(hs, ws, ht, wt):
+    return {name: (fused(hs, ws, ht, wt, temperature=TEMPERATURE, where=where, **hyper,
+                         **ONE_VOCAB_BLOCK),
+                   _materialised(unfused)(hs, ws, ht, wt, temperature=TEMPERATURE,
+                                          where=where, **hyper))
+            for name, (fused, unfused, hyper) in CASES.items()}
+
+  for name, (got, want) in run(hs, ws, ht, wt).items():
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
+    assert np.all(np.asarray(got)[~np.asarray(where)] == 0), name
+
+
 def test_mask_equals_slicing_and_blocks_nan():
   hs, ws, ht, wt = _inputs(seed=4, shape=(7,))
   where = np.array([1, 0, 1, 1, 0, 0, 1], bool)
