@@ -70,6 +70,19 @@ def random_variables(init, *, seed=0, jitter=0.0):
   return jax.tree_util.tree_map_with_path(draw, jax.eval_shape(init))
 
 
+def import_blocker(names) -> str:
+  """Python source that makes importing any of the top-level packages `names` fail (as on a
+  machine that lacks them), for `run_python(["-c", import_blocker(...) + code])`."""
+  return f"""
+import importlib.abc, runpy, sys
+class _Missing(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path=None, target=None):
+    if name.split(".")[0] in {tuple(names)!r}:
+      raise ImportError(f"{{name}} is not installed on the GPU machine")
+sys.meta_path.insert(0, _Missing())
+"""
+
+
 def run_python(args, *, env_extra=None, timeout=600, check=True, cwd=REPO):
   """Runs `python args...` in a fresh process (fresh jax, so XLA_FLAGS apply)."""
   env = dict(os.environ)

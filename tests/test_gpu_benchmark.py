@@ -4,20 +4,13 @@ import json
 
 import pytest
 
-from conftest import run_python
+from conftest import import_blocker, run_python
 
 # The GPU machine's image lacks these (shared/ENVIRONMENT.md); importing one must fail there.
 MISSING_ON_GPU = ("ml_collections", "grain", "tensorflow_datasets", "tensorboardX", "mnist1d",
                   "array_record")
 
-_BLOCKER = f"""
-import importlib.abc, runpy, sys
-class _Missing(importlib.abc.MetaPathFinder):
-  def find_spec(self, name, path=None, target=None):
-    if name.split(".")[0] in {MISSING_ON_GPU!r}:
-      raise ImportError(f"{{name}} is not installed on the GPU machine")
-sys.meta_path.insert(0, _Missing())
-"""
+_BLOCKER = import_blocker(MISSING_ON_GPU)
 
 
 def test_imports_nothing_the_gpu_image_lacks():

@@ -3,18 +3,12 @@ blocked except the wheels carried there (ml-collections, grain, array_record).""
 
 import json
 
-from conftest import run_python
+from conftest import import_blocker, run_python
 
 # On the GPU machine these stay missing even with the carried wheels.
 MISSING_ON_GPU = ("tensorflow_datasets", "tensorboardX", "mnist1d")
 
-_BLOCKED_RUN = f"""
-import importlib.abc, runpy, sys
-class _Missing(importlib.abc.MetaPathFinder):
-  def find_spec(self, name, path=None, target=None):
-    if name.split(".")[0] in {MISSING_ON_GPU!r}:
-      raise ImportError(f"{{name}} is not installed on the GPU machine")
-sys.meta_path.insert(0, _Missing())
+_BLOCKED_RUN = import_blocker(MISSING_ON_GPU) + """
 sys.argv = ["pipeline_benchmark"] + sys.argv[1:]
 runpy.run_module("experiments.pipeline_benchmark", run_name="__main__")
 """
