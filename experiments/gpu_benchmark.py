@@ -399,15 +399,13 @@ def fused_loss_figure(args, budget: Budget):
     logits = lambda h, w: jnp.dot(h, w, preferred_element_type=jnp.float32)
     return jnp.mean(losses.generalized_jsd(logits(hs, ws), logits(ht, wt), beta=0.5))
 
-  record = {"figure": "fused_loss", "loss": "generalized_jsd beta 0.5, value and gradient",
-            "shape": [batch, seq, vocab], "hidden": width, "dtype": "bfloat16",
-            "fused_chunks": list(dict.fromkeys(f"{min(v, vocab)}x{t}"
-                                               for v, t in args.fused_chunks)),
-            **_device()}
   # "fused" is the first chunking (the library's defaults unless --fused_chunks says
   # otherwise), the others are fused_<vocab>x<tokens>; chunkings equal once the vocabulary
   # chunk is capped at the vocabulary are timed once.
   chunks = list(dict.fromkeys((min(v, vocab), t) for v, t in args.fused_chunks))
+  record = {"figure": "fused_loss", "loss": "generalized_jsd beta 0.5, value and gradient",
+            "shape": [batch, seq, vocab], "hidden": width, "dtype": "bfloat16",
+            "fused_chunks": [f"{v}x{t}" for v, t in chunks], **_device()}
   variants = [(f"fused_{v}x{t}", fused(v, t)) for v, t in chunks]
   variants = [("fused", variants[0][1])] + variants[1:] + [("full_logits", full_logits)]
   runs = {}
