@@ -32,6 +32,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Training batches made inside the jitted step from the training split held on the devices
   # (mnist1d, cifar10, cifar100; kdjax/data/device_batches.py): no host work per step.
   config.device_batches = False
+  # With device batches: steps run per jitted call (a lax.scan), for steps shorter than the
+  # host's per-call work (a small model on an accelerator). The log, eval and checkpoint
+  # intervals must be multiples of it; the numbers do not change.
+  config.steps_per_call = 1
   config.allow_config_change = False  # Rerun into a workdir whose runs used another config.
   # The student's compute dtype, train and eval: float32 | bfloat16 (parameters, optimizer
   # and loss math stay float32; kdjax/models/precision.py).

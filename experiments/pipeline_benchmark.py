@@ -16,7 +16,9 @@ r"""Does the input pipeline keep up with the train step? One invocation, one JSO
    step on distinct pre-made device batches (`step_distinct_batches_examples_per_sec`), the
    most any pipeline could reach, and the prefetching loop's ratio to it; and the loop with
    `config.device_batches` (`kdjax.data.device_batches`: the step makes its batch from the
-   dataset held on the device; the host passes the step number), `ratio_device_batches`.
+   dataset held on the device; the host passes the step number), `ratio_device_batches`, and
+   with `config.steps_per_call` = `--steps_per_call` as well (one call runs that many steps,
+   a `lax.scan`), `ratio_device_batches_per_call`.
 Runs are interleaved over `--rounds` and the best of each is kept (the machine is shared).
 """
 
@@ -37,6 +39,10 @@ _LOOPS = flags.DEFINE_list("loops", ["quickstart", "resnet8x4"],
 _RESNET_BATCH_SIZES = flags.DEFINE_list("resnet_batch_sizes", ["32"],
                                         "Global batch sizes of the resnet8x4 loop-vs-step run.")
 _WORKERS = flags.DEFINE_integer("workers", 1, "Prefetch worker threads of the loop runs.")
+_STEPS_PER_CALL = flags.DEFINE_integer(
+    "steps_per_call", 10, "Steps a call of the device-batch loop with config.steps_per_call; "
+    "divides the loop's steps (200 for the quickstart, 15 for resnet8x4, --quick: 5 and 2) "
+    "or is rounded down to a divisor.")
 _SYNTHETIC_MNIST1D = flags.DEFINE_bool(
     "synthetic_mnist1d", False,
     "The quickstart loop reads random signals of MNIST-1D's shapes (4000 x 40, 10 classes) "
@@ -133,8 +139,12 @@ def _pipeline_alone(name: str, pipeline, steps: int, rounds: int):
          "batch_size": pipeline.global_batch_size, "steps": steps})
 
 
+def _divisor_at_most(n: int, k: int) -> int:
+  return max(d for d in range(1, min(n, k) + 1) if n % d == 0)
+
+
 def _loop_vs_step(name: str, student: str, teacher: str, pipeline, *, steps: int,
-                  rounds: int, workers: int = 1):
+                  rounds: int, workers: int = 1, steps_per_call: int = 1):
   from experiments.synthetic_step import build_synthetic_step  # pylint: disable=g-import-not-at-top
   from kdjax.data.device_batches import DeviceBatches  # pylint: disable=g-import-not-at-top
   from kdjax.data.prefetch import Prefetcher  # pylint: disable=g-import-not-at-top
@@ -145,8 +155,12 @@ def _loop_vs_step(name: str, student: str, teacher: str, pipeline, *, steps: int
   step.run(2)  # Compile.
   # The same step making its batch on the device (`config.device_batches`).
   on_device = DeviceBatches(pipeline, put=parallel_lib.JitParallel().put_replicated,
-                            num_steps=1000 + (rounds + 2) * steps)
+                            num_steps=1000 + (rounds + 2) * steps, steps_per_call=steps_per_call)
   device_step = build_synthetic_step(student, teacher, make_batch=on_device.make_batch, **shapes)
+  # And running `per_call` steps a call (`config.steps_per_call`).
+  per_call = _divisor_at_most(steps, steps_per_call)
+  multi_step = build_synthetic_step(student, teacher, make_batch=on_device.make_batch,
+                                    steps_per_call=per_call, **shapes)
   first = [1000]  # Fresh steps each round: the loop never reuses a batch.
 
   def loop(depth: int) -> float:
@@ -161,16 +175,24 @@ def _loop_vs_step(name: str, student: str, teacher: str, pipeline, *, steps: int
     first[0] += steps
     return device_step.run(steps, lambda i: on_device.get(start_step + i))
 
+  def device_loop_per_call() -> float:
+    start_step = first[0]
+    first[0] += steps
+    return multi_step.run(steps, lambda i: on_device.get(start_step + i, per_call))
+
   loop(2)  # The device-batch layout compiles once more (a fresh array each step).
   device_loop()  # Compile.
+  device_loop_per_call()
   # The step on `steps` distinct batches already on the device: what a perfect pipeline could
   # give (a fresh input array each step costs the step itself a little, ~10% on a busy CPU).
   device_batches = [step.put_batch(pipeline.train_batch(s)) for s in range(steps)]
   # The device-batch step with its references made once: the cost of making the batch in the
   # step, without the loop's per-step host work (references, the step number's transfer).
   fixed_refs = on_device.get(first[0])
+  fixed_refs_per_call = on_device.get(first[0], per_call)
   times = {"step_only": [], "step_distinct": [], "prefetch_0": [], "prefetch_2": [],
-           "device_batches": [], "device_step_fixed_refs": []}
+           "device_batches": [], "device_step_fixed_refs": [], "device_batches_per_call": [],
+           "device_steps_per_call_fixed_refs": []}
   for _ in range(rounds):
     times["step_only"].append(step.run(steps))
     times["step_distinct"].append(step.run(steps, lambda i: device_batches[i]))
@@ -178,6 +200,9 @@ def _loop_vs_step(name: str, student: str, teacher: str, pipeline, *, steps: int
     times["prefetch_2"].append(loop(2))
     times["device_batches"].append(device_loop())
     times["device_step_fixed_refs"].append(device_step.run(steps, lambda i: fixed_refs))
+    times["device_batches_per_call"].append(device_loop_per_call())
+    times["device_steps_per_call_fixed_refs"].append(
+        multi_step.run(steps, lambda i: fixed_refs_per_call))
   per_sec = {k: pipeline.global_batch_size * steps / min(v) for k, v in times.items()}
   _emit({"figure": "loop_vs_step", "run": name, "batch_size": pipeline.global_batch_size,
          "steps": steps, "step_only_examples_per_sec": per_sec["step_only"],
@@ -190,6 +215,12 @@ def _loop_vs_step(name: str, student: str, teacher: str, pipeline, *, steps: int
          "step_distinct_batches_examples_per_sec": per_sec["step_distinct"],
          "ratio_prefetch_2_vs_distinct": per_sec["prefetch_2"] / per_sec["step_distinct"],
          "device_step_fixed_refs_examples_per_sec": per_sec["device_step_fixed_refs"],
+         "loop_examples_per_sec_device_batches_per_call": per_sec["device_batches_per_call"],
+         "ratio_device_batches_per_call": (per_sec["device_batches_per_call"] /
+                                           per_sec["step_only"]),
+         "device_steps_per_call_fixed_refs_examples_per_sec":
+             per_sec["device_steps_per_call_fixed_refs"],
+         "steps_per_call": per_call,
          "goal": 0.95, "prefetch_workers": workers})
 
 
@@ -208,6 +239,8 @@ def main(argv):
              f"{','.join(_RESNET_BATCH_SIZES.value)}.")
   if _WORKERS.value <= 0:
     cli.fail(f"--workers must be a positive integer, got {_WORKERS.value}.")
+  if _STEPS_PER_CALL.value <= 0:
+    cli.fail(f"--steps_per_call must be a positive integer, got {_STEPS_PER_CALL.value}.")
   import jax  # pylint: disable=g-import-not-at-top
   from kdjax import data  # pylint: disable=g-import-not-at-top
   _emit({"figure": "machine", "backend": jax.default_backend(),
@@ -229,13 +262,15 @@ def main(argv):
         cli.fail(str(error))
     name = "quickstart mlp <- cnn1d" + (" (synthetic signals)" if _SYNTHETIC_MNIST1D.value else "")
     _loop_vs_step(name, "mlp", "cnn1d", mnist1d,
-                  steps=5 if quick else 200, rounds=rounds, workers=_WORKERS.value)
+                  steps=5 if quick else 200, rounds=rounds, workers=_WORKERS.value,
+                  steps_per_call=_STEPS_PER_CALL.value)
   if "resnet8x4" in _LOOPS.value:
     for batch_size in map(int, _RESNET_BATCH_SIZES.value):
       source = _cifar_source(512 if quick else max(4096, 16 * batch_size))
       cifar32 = _pipeline("cifar100", source, batch_size=batch_size)
       _loop_vs_step("resnet8x4 <- resnet32x4", "resnet8x4", "resnet32x4", cifar32,
-                    steps=2 if quick else 15, rounds=rounds, workers=_WORKERS.value)
+                    steps=2 if quick else 15, rounds=rounds, workers=_WORKERS.value,
+                    steps_per_call=_STEPS_PER_CALL.value)
 
 if __name__ == "__main__":
   cli.run(main, config_name=None)

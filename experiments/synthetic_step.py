@@ -37,13 +37,16 @@ def build_synthetic_step(student_name: str, teacher_name: str, *, num_classes: i
                          method_config: Optional[Any] = None, seed: int = 0,
                          learning_rate: float = 0.05,
                          calibrate_teacher: bool = False,
-                         make_batch: Optional[Callable] = None) -> SyntheticStep:
+                         make_batch: Optional[Callable] = None,
+                         steps_per_call: int = 1) -> SyntheticStep:
   """`calibrate_teacher`: set the random teacher's BatchNorm running statistics to those of
   the random batch (as a trained teacher's match its data). Untouched, an untrained teacher's
   statistics (mean 0, variance 1) make eval-mode BatchNorm the identity, and deep ResNet
   features grow by orders of magnitude, which feature losses then amplify.
   `make_batch`: the step makes its batch on the device from references
-  (`kdjax.data.device_batches.DeviceBatches`); `run(n, refs(i))` then takes references."""
+  (`kdjax.data.device_batches.DeviceBatches`); `run(n, refs(i))` then takes references.
+  `steps_per_call` (with `make_batch`): one call runs that many steps (`config.steps_per_call`);
+  `run(n, refs)` then makes n / steps_per_call calls, the i-th on `refs(i * steps_per_call)`."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
@@ -97,7 +100,8 @@ def build_synthetic_step(student_name: str, teacher_name: str, *, num_classes: i
   train_step = parallel.compile_train_step(step_lib.make_train_step(
       student_apply=student_apply, teacher_apply=teacher_apply, method=method,
       optimizer=optimizer, reduce_gradients=parallel.reduce_gradients),
-      **({"make_batch": make_batch} if make_batch is not None else {}))
+      **({"make_batch": make_batch} if make_batch is not None else {}),
+      steps_per_call=steps_per_call)
   host_batch = {
       "inputs": inputs,
       "labels": rng.integers(0, num_classes, size=(batch_size,)).astype(np.int32),
@@ -108,16 +112,22 @@ def build_synthetic_step(student_name: str, teacher_name: str, *, num_classes: i
   holder = {"state": state, "metrics": None}
 
   def run(num_steps: int, batch=None) -> float:
+    if num_steps % steps_per_call:
+      raise ValueError(f"run({num_steps}) is not a whole number of calls of {steps_per_call} "
+                       "steps.")
     batch = fixed_batch if batch is None else batch
     start = time.perf_counter()
-    for i in range(num_steps):
+    for i in range(0, num_steps, steps_per_call):
       holder["state"], holder["metrics"] = train_step(
           holder["state"], teacher_on_device, batch(i) if callable(batch) else batch)
     jax.block_until_ready((holder["state"], holder["metrics"]))
     return time.perf_counter() - start
 
   def last_metrics() -> dict:
-    return parallel_lib.metrics_to_host(parallel, holder["metrics"])
+    metrics = holder["metrics"]
+    if steps_per_call > 1:  # Stacked over the call's steps: the last step's.
+      metrics = jax.tree.map(lambda x: x[-1], metrics)
+    return parallel_lib.metrics_to_host(parallel, metrics)
 
   return SyntheticStep(run=run, last_metrics=last_metrics,
                        student_params=models.count_params(student_variables["params"]),

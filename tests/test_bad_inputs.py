@@ -69,6 +69,13 @@ BAD_CONFIGS = [
     ({"device_batches": True, "parallel": "pmap"},
      r"config.device_batches=True: parallel 'pmap' takes per-device host batches \(valid: jit, "
      r"jit_2d, jit_2d_fsdp\); set config.device_batches=False\.$"),
+    ({"steps_per_call": 10},
+     r"config.steps_per_call=10 needs config.device_batches=True \(the batches of a call are "
+     r"made inside it\); or set config.steps_per_call=1\.$"),
+    ({"steps_per_call": 0}, r"config.steps_per_call must be a positive integer, got 0\.$"),
+    ({"device_batches": True, "steps_per_call": 20},
+     r"config.log_every_steps=10 is not a multiple of config.steps_per_call=20 \(the loop "
+     r"logs, evaluates and saves between calls\); use a multiple of it\.$"),
     ({"device_batches": True, "suite": "teacher,cs_kd"},
      r"config.device_batches=True: sampler 'class_pairs' builds its batches on the host "
      r"\(valid: 'uniform'\); set config.device_batches=False. \(run 'cs_kd'\)"),

@@ -1,5 +1,5 @@
 """`config.device_batches` in real runs: the host pipeline's training without augmentation,
-and a resume after SIGKILL that is bit-identical. Several devices and two processes:
+and a resume after SIGKILL that is bit-identical (one or ten steps a call). Several devices and two processes:
 tests/test_multihost.py (`jit,device_batches`)."""
 
 import json
@@ -37,8 +37,11 @@ def test_without_augmentation_device_batches_train_as_the_host_pipeline(tmp_path
 
 
 @pytest.mark.slow
-def test_device_batches_resume_after_sigkill_bit_identical(tmp_path, data_dir, monkeypatch):
-  monkeypatch.setattr(test_resume, "ARGS", test_resume.ARGS + ["--config.device_batches=True"])
+@pytest.mark.parametrize("steps_per_call", [1, 10])
+def test_device_batches_resume_after_sigkill_bit_identical(tmp_path, data_dir, monkeypatch,
+                                                           steps_per_call):
+  monkeypatch.setattr(test_resume, "ARGS", test_resume.ARGS + [
+      "--config.device_batches=True", f"--config.steps_per_call={steps_per_call}"])
   reference = tmp_path / "uninterrupted"
   run_python(test_resume._args(reference, data_dir))  # pylint: disable=protected-access
   interrupted = tmp_path / "interrupted"

@@ -15,13 +15,16 @@ ARGS = ["-m", "experiments.main", "--config=configs/quickstart.py:smoke",
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["jit", "pmap", "jit,device_batches"])
+@pytest.mark.parametrize("parallel", ["jit", "pmap", "jit,device_batches",
+                                      "jit,device_batches,steps_per_call=10"])
 def test_two_processes_match_one_process(tmp_path, data_dir, parallel):
   # jit,device_batches: each process holds the training split on its devices and the step
-  # makes the global batch (kdjax/data/device_batches.py).
-  parallel, *device_batches = parallel.split(",")
+  # makes the global batch (kdjax/data/device_batches.py); steps_per_call=10: ten such steps
+  # a call.
+  parallel, *extra = parallel.split(",")
   common = ARGS + [f"--config.data_dir={data_dir}", f"--config.parallel={parallel}",
-                   *(["--config.device_batches=True"] if device_batches else [])]
+                   *(["--config.device_batches=True"] if extra else []),
+                   *[f"--config.{field}" for field in extra[1:]]]
   four_devices = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
   run_python(common + [f"--workdir={tmp_path / 'single'}"], env_extra=four_devices)
 

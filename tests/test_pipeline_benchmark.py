@@ -22,9 +22,12 @@ def test_quickstart_loop_on_synthetic_signals_without_tfds_or_mnist1d():
                                             "loop_vs_step"]
   loop = records[-1]
   assert loop["run"] == "quickstart mlp <- cnn1d (synthetic signals)"
-  for name in ("step_only", "loop", "step_distinct_batches", "device_step_fixed_refs"):
-    key = name + "_examples_per_sec" if name != "loop" else "loop_examples_per_sec_device_batches"
+  for key in ("step_only_examples_per_sec", "loop_examples_per_sec_device_batches",
+              "step_distinct_batches_examples_per_sec", "device_step_fixed_refs_examples_per_sec",
+              "loop_examples_per_sec_device_batches_per_call",
+              "device_steps_per_call_fixed_refs_examples_per_sec"):
     assert loop[key] > 0, key
+  assert loop["steps_per_call"] == 5  # --quick's 5 loop steps: 10 rounded down to a divisor.
   assert loop["goal"] == 0.95 and loop["prefetch_workers"] == 1
 
 
@@ -33,3 +36,10 @@ def test_bad_loop_name_is_one_line():
                       check=False)
   assert result.returncode != 0
   assert result.stderr.strip() == "Error: --loops: unknown nope; valid: quickstart, resnet8x4."
+
+
+def test_bad_steps_per_call_is_one_line():
+  result = run_python(["-m", "experiments.pipeline_benchmark", "--steps_per_call=0"],
+                      check=False)
+  assert result.returncode != 0
+  assert result.stderr.strip() == "Error: --steps_per_call must be a positive integer, got 0."

@@ -115,11 +115,12 @@ class DeviceBatches:
   """
 
   def __init__(self, pipeline, *, put: Callable, num_steps: int,
-               window_steps: Optional[int] = None):
+               window_steps: Optional[int] = None, steps_per_call: int = 1):
     """`pipeline`: a `kdjax.data.InputPipeline`; `put`: puts a host tree on the devices,
     replicated (the parallel strategy's `put_replicated`); `num_steps`: the run's length
     (windows never need more); `window_steps`: steps per index window (default: as many as
-    4M indices hold). Every window has the same shape, so the step compiles once."""
+    4M indices hold, and at least `steps_per_call`, the most steps one call reads). Every
+    window has the same shape, so the step compiles once."""
     spec = pipeline.spec
     name = next((n for n, s in catalog.DATASETS.items() if s is spec), spec.tfds_name)
     check_supported(dataset=name, sampler=pipeline.sampler,
@@ -130,8 +131,8 @@ class DeviceBatches:
                                "by record, not held in memory; set config.device_batches=False.")
     self.pipeline, self.put = pipeline, put
     self.batch_size = pipeline.global_batch_size
-    self.window_steps = max(1, min(window_steps or _WINDOW_INDICES // self.batch_size,
-                                   num_steps))
+    self.window_steps = max(1, steps_per_call,
+                            min(window_steps or _WINDOW_INDICES // self.batch_size, num_steps))
     self._preprocess = DEVICE_PREPROCESS[name]
     self._data = put({"inputs": np.asarray(arrays[spec.input_key]),
                       "labels": np.asarray(arrays[spec.label_key], np.int32)})
@@ -142,9 +143,14 @@ class DeviceBatches:
     return self.pipeline.train_indices(first_step * self.batch_size,
                                        num_steps * self.batch_size).astype(np.int32)
 
-  def refs(self, step: int) -> dict:
+  def refs(self, step: int, num_steps: int = 1) -> dict:
+    """The references of batch `step`; with `num_steps`, of batches step .. step +
+    num_steps - 1 (one call of a step repeated `num_steps` times: its window holds them all)."""
+    if num_steps > self.window_steps:
+      raise ValueError(f"{num_steps} steps from one window of {self.window_steps} steps; "
+                       f"build DeviceBatches with window_steps >= {num_steps}.")
     if self._window is None or not (
-        self._window[0] <= step < self._window[0] + self.window_steps):
+        self._window[0] <= step and step + num_steps <= self._window[0] + self.window_steps):
       self._window = (step, self.put(self.indices(step, self.window_steps)))
     return {"data": self._data, "window": self._window[1],
             "window_start": np.int32(self._window[0]), "step": np.int32(step)}

@@ -4,6 +4,7 @@ metrics window, and the training throughput."""
 import time
 from typing import Callable, Dict, List, Optional
 
+import jax
 import numpy as np
 
 from kdjax.train import parallel as parallel_lib
@@ -12,6 +13,12 @@ from kdjax.train import parallel as parallel_lib
 def itstime(step: int, every: int, total: int) -> bool:
   """True every `every` steps and at the last step (big_vision's `u.itstime`)."""
   return step % every == 0 or step == total
+
+
+def call_length(step: int, total: int, steps_per_call: int) -> int:
+  """Steps in the train-step call that starts at `step`: calls end on multiples of
+  `steps_per_call` (so a run resumed between two boundaries realigns) or at `total`."""
+  return min(steps_per_call - step % steps_per_call, total - step)
 
 
 def mean_window(window: List[Dict[str, float]]) -> Dict[str, float]:
@@ -39,14 +46,25 @@ class MetricsWindow:
     self.skipped_steps = skipped_steps
     self.pending = []
 
-  def add(self, step: int, device_metrics):
-    self.pending.append((step, device_metrics))
+  def add(self, step: int, device_metrics, num_steps: int = 1):
+    """The metrics of the step that ends at `step`; with `num_steps` > 1, of the steps
+    step - num_steps + 1 .. step, stacked on a leading axis (`parallel.repeat_step`)."""
+    self.pending.append((step, device_metrics, num_steps))
+
+  def _host_steps(self):
+    """(step, host metrics) of every pending step, in order."""
+    for step, device_metrics, num_steps in self.pending:
+      if num_steps == 1:
+        yield step, parallel_lib.metrics_to_host(self.parallel, device_metrics)
+        continue
+      stacked = {k: np.asarray(v) for k, v in jax.device_get(device_metrics).items()}
+      for i in range(num_steps):
+        yield step - num_steps + 1 + i, {k: float(v[i]) for k, v in stacked.items()}
 
   def flush(self, on_nonfinite: Optional[Callable[[int, List[str], dict], None]]):
     """Copies pending metrics to the host; calls `on_nonfinite(step, bad_keys, metrics)` for
     a step with a non-finite loss or gradient norm (it raises to stop the run)."""
-    for step, device_metrics in self.pending:
-      host = parallel_lib.metrics_to_host(self.parallel, device_metrics)
+    for step, host in self._host_steps():
       bad = [k for k in ("loss", "grad_norm") if not np.isfinite(host[k])]
       if bad and on_nonfinite is not None:
         on_nonfinite(step, bad, host)

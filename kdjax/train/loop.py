@@ -31,7 +31,7 @@ from kdjax.train import checkpoint as checkpoint_lib
 from kdjax.train import files, metrics as metrics_lib
 from kdjax.train import parallel as parallel_lib, step as step_lib
 from kdjax.train import provenance
-from kdjax.train.bookkeeping import MetricsWindow, Throughput, itstime
+from kdjax.train.bookkeeping import MetricsWindow, Throughput, call_length, itstime
 from kdjax.train.config_paths import resolve_config_paths
 from kdjax.train.run_dir import check_run_dir, config_fingerprint
 from kdjax.train.run_setup import RunParts, build_run, is_language_model_run
@@ -128,15 +128,18 @@ class _Run:
     self.teacher_variables = (parallel.put_teacher(parts.teacher_variables)
                               if parts.teacher_variables is not None else None)
     # config.device_batches: the step makes its batch from the dataset on the devices.
+    # config.steps_per_call (with device batches): one call runs that many steps.
+    self.steps_per_call = config.get("steps_per_call", 1)
     self.device_batches = (
-        DeviceBatches(parts.pipeline, put=parallel.put_replicated, num_steps=config.num_steps)
+        DeviceBatches(parts.pipeline, put=parallel.put_replicated, num_steps=config.num_steps,
+                      steps_per_call=self.steps_per_call)
         if config.get("device_batches", False) else None)
-    self.train_step = parallel.compile_train_step(step_lib.make_train_step(
+    self._pure_train_step = step_lib.make_train_step(
         student_apply=parts.student_apply, teacher_apply=parts.teacher_apply,
         method=parts.method, optimizer=parts.optimizer,
         reduce_gradients=parallel.reduce_gradients,
-        skip_nonfinite=config.on_nonfinite == "skip"),
-        **({"make_batch": self.device_batches.make_batch} if self.device_batches else {}))
+        skip_nonfinite=config.on_nonfinite == "skip")
+    self._train_steps = {}  # Steps per call -> the compiled function.
     self.eval_step = parallel.compile_eval_step(step_lib.make_eval_step(
         student_apply=parts.student_apply,
         teacher_apply=parts.teacher_apply,  # Loaded only when used (or an LM's, for eval).
@@ -144,6 +147,16 @@ class _Run:
         self_teacher=(parts.method.teacher_variables_from_state
                       if parts.method.self_teacher else None),
         stacked_teachers=parts.method.multiple_teachers))
+
+  def train_steps(self, num_steps: int):
+    """The compiled function running `num_steps` steps a call (1: the plain step). Calls of
+    fewer than `config.steps_per_call` steps (the end of a run, or a resume between two
+    calls' boundaries) compile once more."""
+    if num_steps not in self._train_steps:
+      self._train_steps[num_steps] = self.parts.parallel.compile_train_step(
+          self._pure_train_step, steps_per_call=num_steps,
+          **({"make_batch": self.device_batches.make_batch} if self.device_batches else {}))
+    return self._train_steps[num_steps]
 
   def _restore(self):
     """The newest good checkpoint's state and metrics window, or the initial state."""
@@ -214,12 +227,18 @@ class _Run:
                     Prefetcher(self.parts.pipeline.train_batch, put=parallel.put_batch,
                                start=self.start_step, stop=c.num_steps,
                                depth=c.get("prefetch", 0)))
+    per_call = self.steps_per_call
     with StopSignals() as stop, batch_source as batches:
-      for step in range(self.start_step, c.num_steps):
-        batch = batches.get(step)
-        self.state, step_metrics = self.train_step(self.state, self.teacher_variables, batch)
-        done = step + 1
-        self.metrics.add(done, step_metrics)
+      step = self.start_step
+      while step < c.num_steps:
+        # The log, eval and checkpoint intervals are multiples of steps_per_call (`validate`),
+        # so their steps end calls.
+        num = call_length(step, c.num_steps, per_call)
+        batch = batches.get(step, num) if num > 1 else batches.get(step)
+        self.state, step_metrics = self.train_steps(num)(self.state, self.teacher_variables,
+                                                         batch)
+        done = step = step + num
+        self.metrics.add(done, step_metrics, num)
         is_log = itstime(done, c.log_every_steps, c.num_steps)
         is_checkpoint = itstime(done, c.checkpoint_every_steps, c.num_steps)
         # Every process must stop at the same step (its collectives and the checkpoint save

@@ -52,6 +52,37 @@ def _batch_made_inside(step: Callable, make_batch: Callable, batch_sharding) -> 
   return step_on_refs
 
 
+def repeat_step(step_on_refs: Callable, num_steps: int) -> Callable:
+  """`num_steps` consecutive steps in one program (`lax.scan`): steps refs['step'],
+  refs['step'] + 1, ... each making its own batch from the references. Returns the last
+  state and each step's metrics stacked on a leading axis [num_steps].
+
+  For a step shorter than the host's work per call (Python, dispatch, the step number's
+  transfer: the quickstart's 0.2 ms step on a GPU), one call per `num_steps` steps divides
+  that work by `num_steps`. The steps compute what as many separate calls would (the same
+  batches, the same rng folds of the state's step counter).
+  """
+
+  def steps(state, teacher_variables, refs):
+    def body(state, offset):
+      return step_on_refs(state, teacher_variables, dict(refs, step=refs["step"] + offset))
+    return jax.lax.scan(body, state, jnp.arange(num_steps, dtype=jnp.int32))
+  return steps
+
+
+def _step_for_compile(train_step: Callable, ops: BatchOps, make_batch: Optional[Callable],
+                      steps_per_call: int, batch_sharding, replicated):
+  """(the function to jit, the sharding of its third argument) for `compile_train_step`."""
+  step = functools.partial(train_step, ops=ops)
+  if make_batch is None:
+    if steps_per_call != 1:
+      raise ValueError(f"steps_per_call={steps_per_call} needs batches made on the devices "
+                       "(config.device_batches=True).")
+    return step, batch_sharding
+  step = _batch_made_inside(step, make_batch, batch_sharding)
+  return (repeat_step(step, steps_per_call) if steps_per_call != 1 else step), replicated
+
+
 class JitParallel:
   """`jax.jit` with NamedShardings over a 1-D 'data' mesh of every device."""
   kind = "jit"
@@ -78,14 +109,15 @@ class JitParallel:
     """A replicated tree back to host numpy arrays."""
     return jax.device_get(tree)
 
-  def compile_train_step(self, train_step: Callable,
-                         make_batch: Optional[Callable] = None) -> Callable:
+  def compile_train_step(self, train_step: Callable, make_batch: Optional[Callable] = None,
+                         steps_per_call: int = 1) -> Callable:
     """The jitted step; with `make_batch`, the step's third argument is the references the
-    batch is made from on the devices (`DeviceBatches.refs`), not a batch."""
-    step = functools.partial(train_step, ops=single_device_ops())
-    batch_sharding = self.batch_sharding
-    if make_batch is not None:
-      step, batch_sharding = _batch_made_inside(step, make_batch, batch_sharding), self.replicated
+    batch is made from on the devices (`DeviceBatches.refs`), not a batch, and with
+    `steps_per_call` > 1 one call runs that many steps (`repeat_step`: the metrics come
+    stacked, [steps_per_call])."""
+    step, batch_sharding = _step_for_compile(train_step, single_device_ops(), make_batch,
+                                             steps_per_call, self.batch_sharding,
+                                             self.replicated)
     return jax.jit(step, in_shardings=(self.replicated, self.replicated, batch_sharding),
                    out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
 
@@ -204,12 +236,11 @@ class Jit2DParallel(JitParallel):
       return compiled[key](state, teacher_variables, batch)
     return call
 
-  def compile_train_step(self, train_step: Callable,
-                         make_batch: Optional[Callable] = None) -> Callable:
-    step = functools.partial(train_step, ops=single_device_ops())
-    batch_sharding = self.batch_sharding
-    if make_batch is not None:  # As JitParallel's.
-      step, batch_sharding = _batch_made_inside(step, make_batch, batch_sharding), self.replicated
+  def compile_train_step(self, train_step: Callable, make_batch: Optional[Callable] = None,
+                         steps_per_call: int = 1) -> Callable:
+    step, batch_sharding = _step_for_compile(train_step, single_device_ops(), make_batch,
+                                             steps_per_call, self.batch_sharding,
+                                             self.replicated)  # As JitParallel's.
 
     def build(state, teacher_variables):
       state_shardings = self.state_shardings(state)
@@ -273,9 +304,9 @@ class PmapParallel:
   def to_host(self, tree):
     return jax.tree.map(first_local_replica, tree)
 
-  def compile_train_step(self, train_step: Callable,
-                         make_batch: Optional[Callable] = None) -> Callable:
-    if make_batch is not None:  # config validation refuses this first.
+  def compile_train_step(self, train_step: Callable, make_batch: Optional[Callable] = None,
+                         steps_per_call: int = 1) -> Callable:
+    if make_batch is not None or steps_per_call != 1:  # config validation refuses this first.
       raise ValueError("parallel 'pmap' takes per-device host batches; batches made on the "
                        "devices (config.device_batches) need jit, jit_2d or jit_2d_fsdp.")
     step = functools.partial(train_step, ops=_pmap_ops())

@@ -19,7 +19,8 @@ class ConfigChanged(ValueError):
 # Fields that do not change the trained numbers: a run may resume under different values.
 _NOT_FINGERPRINTED = {"parallel", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                       "suite", "data_dir", "progress", "allow_config_change", "on_nonfinite",
-                      "seeds", "sweep", "prefetch", "mesh"}
+                      "seeds", "sweep", "prefetch", "mesh",
+                      "steps_per_call"}
 
 
 def _training_fields(config) -> dict:

@@ -214,6 +214,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
   validate_precision(config)
   validate_teacher_cache(config)
   validate_device_batches(config)
+  validate_steps_per_call(config)
 
   teacher_checkpoint = config.teacher.checkpoint
   exported = str(teacher_checkpoint or "").endswith(".msgpack")
@@ -260,6 +261,25 @@ def validate_device_batches(config) -> None:
     except device_batches_lib.DeviceBatchesError as error:
       raise ConfigError(f"{error} (run {run!r})" if sampler != "uniform" else str(error)
                         ) from None
+
+
+def validate_steps_per_call(config) -> None:
+  """`config.steps_per_call`: a positive integer; above 1 it needs device batches (the
+  batches of a call are made inside it) and log, eval and checkpoint intervals that are
+  multiples of it (the loop acts only between calls)."""
+  per_call = config.get("steps_per_call", 1)
+  validation.require(per_call, validation.POSITIVE_INT, "config.steps_per_call")
+  if per_call == 1:
+    return
+  if not config.get("device_batches", False):
+    raise ConfigError(f"config.steps_per_call={per_call} needs config.device_batches=True "
+                      "(the batches of a call are made inside it); or set "
+                      "config.steps_per_call=1.")
+  for field in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
+    if config[field] % per_call:
+      raise ConfigError(f"config.{field}={config[field]} is not a multiple of "
+                        f"config.steps_per_call={per_call} (the loop logs, evaluates and "
+                        "saves between calls); use a multiple of it.")
 
 
 def validate_teacher_cache(config) -> None:
