@@ -12,7 +12,9 @@ Figures, each printed as soon as it is measured:
    `torch.autocast` around the forward passes), and kdjax with the teacher's logits computed
    before the loop (`kdjax_teacher_precomputed`: the step a `config.teacher.cache` run takes,
    student forward/backward only, an upper bound on reading top-k logits from the cache).
-2. `kd_step` ViT-S -> ViT-Ti (`vit_small` -> `vit_tiny`, 32x32 inputs, patch 4), kdjax only.
+2. `kd_step` ViT-S -> ViT-Ti (`vit_small` -> `vit_tiny`, 32x32 inputs, patch 4, batch 256),
+   the same runs as 1 against the PyTorch ViTs of `experiments/torch_vit.py` (timm's
+   definition; a test checks they compute kdjax's logits on kdjax's weights).
 3. `lm_kd_step`: a decoder LM KD step (teacher forward, student forward/backward, token-level
    KD + CE, AdamW) in bfloat16: tokens/s and MFU (model FLOPs per token 6 N_student +
    2 N_teacher + attention, over the chip's dense bf16 peak). Needs `kdjax.models.transformer`.
@@ -151,11 +153,13 @@ def build_jax_kd_step(student_name: str, teacher_name: str, *, num_classes: int,
 
 
 def build_torch_kd_step(student: str, teacher: str, *, num_classes: int, batch_size: int,
-                        compile_models: bool, seed: int = 0, bfloat16: bool = False):
+                        compile_models: bool, seed: int = 0, bfloat16: bool = False,
+                        model_kwargs=None):
   """The reference step of experiments/torch_reference.py, eager or with torch.compile.
 
   `bfloat16`: the forward passes run under `torch.autocast(dtype=torch.bfloat16)` (PyTorch's
   mixed precision: float32 parameters and optimizer, bfloat16 convolutions and matmuls).
+  `model_kwargs`: {'student': {...}, 'teacher': {...}}, as `build_jax_kd_step`'s.
   """
   import torch  # pylint: disable=g-import-not-at-top
   from experiments import torch_reference  # pylint: disable=g-import-not-at-top
@@ -163,8 +167,11 @@ def build_torch_kd_step(student: str, teacher: str, *, num_classes: int, batch_s
   device = "cuda" if torch.cuda.is_available() else "cpu"
   if device == "cuda":
     torch.backends.cudnn.benchmark = True  # As the anchors' training scripts.
-  student_model = torch_reference.build_model(student, num_classes).to(device)
-  teacher_model = torch_reference.build_model(teacher, num_classes).to(device)
+  kwargs = model_kwargs or {}
+  student_model = torch_reference.build_model(student, num_classes,
+                                              **kwargs.get("student", {})).to(device)
+  teacher_model = torch_reference.build_model(teacher, num_classes,
+                                              **kwargs.get("teacher", {})).to(device)
   optimizer = torch_reference.make_optimizer(student_model)
   if compile_models:
     student_model, teacher_model = torch.compile(student_model), torch.compile(teacher_model)
@@ -217,73 +224,73 @@ def _precision_settings() -> dict:
   return settings
 
 
-def resnet_figures(args, budget: Budget, *, batch_sizes=None):
+def _kd_step_figure(args, budget: Budget, student: str, teacher: str, batch_size: int, *,
+                    model_kwargs=None, extra=None):
+  """One `kd_step` record: kdjax float32 / bfloat16 / teacher precomputed against PyTorch
+  eager / eager bf16 autocast / `torch.compile` on the same models, interleaved rounds."""
   torch_found = importlib.util.find_spec("torch") is not None
+  shapes = dict(num_classes=100, batch_size=batch_size, model_kwargs=model_kwargs)
+  runs = {"kdjax": build_jax_kd_step(student, teacher, input_shape=(32, 32, 3), **shapes),
+          "kdjax_bf16": build_jax_kd_step(student, teacher, input_shape=(32, 32, 3),
+                                          dtype="bfloat16", **shapes),
+          "kdjax_teacher_precomputed": build_jax_kd_step(
+              student, teacher, input_shape=(32, 32, 3), teacher_precomputed=True, **shapes)}
+  skipped = {}
+  if not torch_found:
+    for name in ("torch_eager", "torch_eager_bf16", "torch_compile"):
+      skipped[name] = "torch is not installed"
+  else:
+    runs["torch_eager"] = build_torch_kd_step(student, teacher, compile_models=False, **shapes)
+    runs["torch_eager_bf16"] = build_torch_kd_step(student, teacher, compile_models=False,
+                                                   bfloat16=True, **shapes)
+    if args.smoke or args.no_torch_compile or budget.left() < 150:
+      skipped["torch_compile"] = (
+          "smoke mode (torch.compile compiles for minutes on CPU)" if args.smoke else
+          "--no_torch_compile" if args.no_torch_compile else
+          "time budget: torch.compile needs about a minute")
+    else:
+      runs["torch_compile"] = build_torch_kd_step(student, teacher, compile_models=True,
+                                                  **shapes)
+  for run in runs.values():
+    run(args.warmup)  # Compilation, cudnn autotuning.
+  seconds = _best_of(runs, args.steps, args.rounds)
+  record = {"figure": "kd_step", "student": student, "teacher": teacher,
+            "batch_size": batch_size, **(extra or {}), **_device(), **_precision_settings()}
+  for name, per_step in seconds.items():
+    record[f"{name}_step_ms"] = 1000 * per_step
+    record[f"{name}_examples_per_sec"] = batch_size / per_step
+  for name in ("torch_eager", "torch_compile"):
+    if name in seconds:
+      record[f"speedup_vs_{name}"] = seconds[name] / seconds["kdjax"]
+    else:
+      record[f"{name}_skipped"] = skipped[name]
+  if "torch_eager_bf16" in seconds:
+    record["bf16_speedup_vs_torch_eager_bf16"] = (seconds["torch_eager_bf16"]
+                                                  / seconds["kdjax_bf16"])
+  else:
+    record["torch_eager_bf16_skipped"] = skipped["torch_eager_bf16"]
+  record["teacher_precomputed_vs_live"] = (seconds["kdjax"]
+                                           / seconds["kdjax_teacher_precomputed"])
+  emit(record)
+
+
+def resnet_figures(args, budget: Budget, *, batch_sizes=None):
   student, teacher = ("resnet8", "resnet14") if args.smoke else ("resnet8x4", "resnet32x4")
   for batch_size in batch_sizes or args.batch_sizes:
     if budget.left() < 60 and not args.smoke:
       emit({"figure": "kd_step", "batch_size": batch_size, "skipped": "time budget spent"})
       continue
-    shapes = dict(num_classes=100, batch_size=batch_size)
-    runs = {"kdjax": build_jax_kd_step(student, teacher, input_shape=(32, 32, 3), **shapes),
-            "kdjax_bf16": build_jax_kd_step(student, teacher, input_shape=(32, 32, 3),
-                                            dtype="bfloat16", **shapes),
-            "kdjax_teacher_precomputed": build_jax_kd_step(
-                student, teacher, input_shape=(32, 32, 3), teacher_precomputed=True, **shapes)}
-    skipped = {}
-    if not torch_found:
-      for name in ("torch_eager", "torch_eager_bf16", "torch_compile"):
-        skipped[name] = "torch is not installed"
-    else:
-      runs["torch_eager"] = build_torch_kd_step(student, teacher, compile_models=False, **shapes)
-      runs["torch_eager_bf16"] = build_torch_kd_step(student, teacher, compile_models=False,
-                                                     bfloat16=True, **shapes)
-      if args.smoke or args.no_torch_compile or budget.left() < 150:
-        skipped["torch_compile"] = (
-            "smoke mode (torch.compile compiles for minutes on CPU)" if args.smoke else
-            "--no_torch_compile" if args.no_torch_compile else
-            "time budget: torch.compile needs about a minute")
-      else:
-        runs["torch_compile"] = build_torch_kd_step(student, teacher, compile_models=True,
-                                                    **shapes)
-    for run in runs.values():
-      run(args.warmup)  # Compilation, cudnn autotuning.
-    seconds = _best_of(runs, args.steps, args.rounds)
-    record = {"figure": "kd_step", "student": student, "teacher": teacher,
-              "batch_size": batch_size, **_device(), **_precision_settings()}
-    for name, per_step in seconds.items():
-      record[f"{name}_step_ms"] = 1000 * per_step
-      record[f"{name}_examples_per_sec"] = batch_size / per_step
-    for name in ("torch_eager", "torch_compile"):
-      if name in seconds:
-        record[f"speedup_vs_{name}"] = seconds[name] / seconds["kdjax"]
-      else:
-        record[f"{name}_skipped"] = skipped[name]
-    if "torch_eager_bf16" in seconds:
-      record["bf16_speedup_vs_torch_eager_bf16"] = (seconds["torch_eager_bf16"]
-                                                    / seconds["kdjax_bf16"])
-    else:
-      record["torch_eager_bf16_skipped"] = skipped["torch_eager_bf16"]
-    record["teacher_precomputed_vs_live"] = (seconds["kdjax"]
-                                             / seconds["kdjax_teacher_precomputed"])
-    emit(record)
+    _kd_step_figure(args, budget, student, teacher, batch_size)
 
 
 def vit_figure(args, budget: Budget):
   if budget.left() < 45 and not args.smoke:
     emit({"figure": "kd_step", "student": "vit_tiny", "skipped": "time budget spent"})
     return
-  batch_size = 4 if args.smoke else 256
   small = {"depth": 1} if args.smoke else {}
-  run = build_jax_kd_step("vit_tiny", "vit_small", num_classes=100, batch_size=batch_size,
-                          input_shape=(32, 32, 3),
-                          model_kwargs={"student": small, "teacher": small})
-  run(args.warmup)
-  per_step = _best_of({"kdjax": run}, args.steps, args.rounds)["kdjax"]
-  emit({"figure": "kd_step", "student": "vit_tiny", "teacher": "vit_small",
-        "batch_size": batch_size, "kdjax_step_ms": 1000 * per_step,
-        "kdjax_examples_per_sec": batch_size / per_step, **_device(),
-        **({"depth": 1} if args.smoke else {})})
+  _kd_step_figure(args, budget, "vit_tiny", "vit_small", 4 if args.smoke else 256,
+                  model_kwargs={"student": small, "teacher": small},
+                  extra={"depth": 1} if args.smoke else None)
 
 
 def _lm_sizes(smoke: bool):

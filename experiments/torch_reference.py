@@ -106,10 +106,17 @@ class CifarResNet(nn.Module):
         return self.fc(x)
 
 
-def build_model(name, num_classes=100):
-    """Build a CIFAR ResNet of RepDistiller by name (see ``ARCHS``)."""
+def build_model(name, num_classes=100, **kwargs):
+    """Build a CIFAR ResNet of RepDistiller by name (see ``ARCHS``), or a ViT of
+    ``experiments.torch_vit.VITS`` (``kwargs``: its ``depth``)."""
+    from experiments import torch_vit  # pylint: disable=g-import-not-at-top
+    if name in torch_vit.VITS:
+        return torch_vit.build_vit(name, num_classes, **kwargs)
     if name not in ARCHS:
-        raise ValueError(f"unknown model {name!r}; choose from {sorted(ARCHS)}")
+        raise ValueError(f"unknown model {name!r}; choose from "
+                         f"{sorted(ARCHS) + sorted(torch_vit.VITS)}")
+    if kwargs:
+        raise ValueError(f"{name} takes no model arguments, got {sorted(kwargs)}")
     depth, filters = ARCHS[name]
     return CifarResNet(depth, filters, num_classes)
 

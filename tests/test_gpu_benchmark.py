@@ -52,10 +52,12 @@ runpy.run_module("experiments.gpu_benchmark", run_name="__main__")
                      "kd_step", "kd_step"]
   resnet, fused, lm, teacher, vit, small_batch = records[1:]
   assert not any("error" in r for r in records), records
-  for name in ("kdjax", "kdjax_bf16", "kdjax_teacher_precomputed", "torch_eager",
-               "torch_eager_bf16"):
-    assert resnet[f"{name}_examples_per_sec"] > 0, name
-  assert vit["kdjax_examples_per_sec"] > 0
+  for record in (resnet, vit):
+    for name in ("kdjax", "kdjax_bf16", "kdjax_teacher_precomputed", "torch_eager",
+                 "torch_eager_bf16"):
+      assert record[f"{name}_examples_per_sec"] > 0, (record["student"], name)
+    assert record["speedup_vs_torch_eager"] > 0
+  assert (vit["student"], vit["teacher"], vit["depth"]) == ("vit_tiny", "vit_small", 1)
   assert "torch_compile_skipped" in resnet  # Smoke mode does not compile torch.
   assert small_batch["skipped"].startswith("smoke mode")
   assert lm["tokens_per_sec"] > 0

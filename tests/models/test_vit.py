@@ -173,3 +173,39 @@ def test_forward_matches_a_torch_reference_of_timms_vision_transformer():
     np.testing.assert_allclose(output.features[f"query{i}"], q.numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(output.features[f"attention{i}"], attention.numpy(), rtol=1e-4,
                                atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["vit_tiny", "vit_small"])
+def test_the_gpu_benchmarks_torch_vit_is_kdjaxs_network(name):
+  """experiments/torch_vit.py (the PyTorch reference of the GPU benchmark's ViT step) has
+  kdjax's parameter count at full depth, and on kdjax's weights computes kdjax's logits."""
+  import torch
+  from experiments import torch_vit
+
+  full = torch_vit.build_vit(name, num_classes=100)
+  assert sum(p.numel() for p in full.parameters()) == {"vit_tiny": 5_380_132,
+                                                       "vit_small": 21_376_996}[name]
+  module = models.get_model(name, num_classes=10, depth=2)
+  inputs = np.random.default_rng(5).normal(size=(3, 32, 32, 3)).astype(np.float32)
+  variables = random_variables(module, jnp.asarray(inputs), seed=6)
+  output, _ = models.apply_fn(module)(variables, inputs, train=False)
+  reference = torch_vit.build_vit(name, num_classes=10, depth=2)
+  p = jax.tree.map(lambda a: torch.tensor(np.asarray(a)), variables["params"])
+  state = {"patch_embed.weight": p["patch_embed"]["kernel"].permute(3, 2, 0, 1),
+           "patch_embed.bias": p["patch_embed"]["bias"], "cls_token": p["cls_token"],
+           "pos_embed": p["pos_embed"], "norm.weight": p["norm"]["scale"],
+           "norm.bias": p["norm"]["bias"], "head.weight": p["head"]["kernel"].T,
+           "head.bias": p["head"]["bias"]}
+  for i in (1, 2):
+    block = p[f"block{i}"]
+    for ours, theirs in (("norm1", block["norm1"]), ("norm2", block["norm2"])):
+      state[f"blocks.{i - 1}.{ours}.weight"] = theirs["scale"]
+      state[f"blocks.{i - 1}.{ours}.bias"] = theirs["bias"]
+    for ours, theirs in (("attn.qkv", block["attn"]["qkv"]), ("attn.proj", block["attn"]["proj"]),
+                         ("fc1", block["fc1"]), ("fc2", block["fc2"])):
+      state[f"blocks.{i - 1}.{ours}.weight"] = theirs["kernel"].T
+      state[f"blocks.{i - 1}.{ours}.bias"] = theirs["bias"]
+  reference.load_state_dict(state)  # strict: every parameter named once.
+  with torch.no_grad():
+    logits = reference(torch.tensor(inputs).permute(0, 3, 1, 2)).numpy()
+  np.testing.assert_allclose(output.logits, logits, rtol=1e-4, atol=1e-5)
