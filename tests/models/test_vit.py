@@ -175,6 +175,7 @@ def test_forward_matches_a_torch_reference_of_timms_vision_transformer():
                                atol=1e-6)
 
 
+@pytest.mark.slow  # Needs the [torch] extra, as the other PyTorch references.
 @pytest.mark.parametrize("name", ["vit_tiny", "vit_small"])
 def test_the_gpu_benchmarks_torch_vit_is_kdjaxs_network(name):
   """experiments/torch_vit.py (the PyTorch reference of the GPU benchmark's ViT step) has
