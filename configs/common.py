@@ -34,7 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.device_batches = False
   # With device batches: steps run per jitted call (a lax.scan), for steps shorter than the
   # host's per-call work (a small model on an accelerator). The log, eval and checkpoint
-  # intervals must be multiples of it; the numbers do not change.
+  # intervals must be multiples of it; the numbers equal one step a call up to float rounding.
   config.steps_per_call = 1
   config.allow_config_change = False  # Rerun into a workdir whose runs used another config.
   # The student's compute dtype, train and eval: float32 | bfloat16 (parameters, optimizer

@@ -167,6 +167,10 @@ def build_torch_kd_step(student: str, teacher: str, *, num_classes: int, batch_s
   device = "cuda" if torch.cuda.is_available() else "cpu"
   if device == "cuda":
     torch.backends.cudnn.benchmark = True  # As the anchors' training scripts.
+    # float32 matmuls in TF32, as XLA's default precision on GPU does (and as cuDNN's
+    # convolutions already do in both): PyTorch's own default is full float32 matmuls, which
+    # would slow the matmul-bound ViT reference for a reason unrelated to the framework.
+    torch.backends.cuda.matmul.allow_tf32 = True
   kwargs = model_kwargs or {}
   student_model = torch_reference.build_model(student, num_classes,
                                               **kwargs.get("student", {})).to(device)

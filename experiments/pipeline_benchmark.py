@@ -18,7 +18,9 @@ r"""Does the input pipeline keep up with the train step? One invocation, one JSO
    `config.device_batches` (`kdjax.data.device_batches`: the step makes its batch from the
    dataset held on the device; the host passes the step number), `ratio_device_batches`, and
    with `config.steps_per_call` = `--steps_per_call` as well (one call runs that many steps,
-   a `lax.scan`), `ratio_device_batches_per_call`.
+   a `lax.scan`): `ratio_device_batches_per_call` against the one-step step above, and
+   `ratio_device_batches_per_call_vs_fixed_refs` against the same K-step program on batch
+   references made once (the loop's own overhead).
 Runs are interleaved over `--rounds` and the best of each is kept (the machine is shared).
 """
 
@@ -155,7 +157,8 @@ def _loop_vs_step(name: str, student: str, teacher: str, pipeline, *, steps: int
   step.run(2)  # Compile.
   # The same step making its batch on the device (`config.device_batches`).
   on_device = DeviceBatches(pipeline, put=parallel_lib.JitParallel().put_replicated,
-                            num_steps=1000 + (rounds + 2) * steps, steps_per_call=steps_per_call)
+                            num_steps=1000 + (4 * rounds + 4) * steps,  # All the loops' steps.
+                            steps_per_call=steps_per_call)
   device_step = build_synthetic_step(student, teacher, make_batch=on_device.make_batch, **shapes)
   # And running `per_call` steps a call (`config.steps_per_call`).
   per_call = _divisor_at_most(steps, steps_per_call)
@@ -218,6 +221,9 @@ def _loop_vs_step(name: str, student: str, teacher: str, pipeline, *, steps: int
          "loop_examples_per_sec_device_batches_per_call": per_sec["device_batches_per_call"],
          "ratio_device_batches_per_call": (per_sec["device_batches_per_call"] /
                                            per_sec["step_only"]),
+         # The loop against the same K-step program on references made once.
+         "ratio_device_batches_per_call_vs_fixed_refs": (
+             per_sec["device_batches_per_call"] / per_sec["device_steps_per_call_fixed_refs"]),
          "device_steps_per_call_fixed_refs_examples_per_sec":
              per_sec["device_steps_per_call_fixed_refs"],
          "steps_per_call": per_call,

@@ -29,9 +29,10 @@ class Rule(NamedTuple):
 POSITIVE = Rule(lambda v: v > 0, "a positive number")
 NON_NEGATIVE = Rule(lambda v: v >= 0, "a number >= 0")
 FINITE = Rule(math.isfinite, "a finite number")
-POSITIVE_INT = Rule(lambda v: isinstance(v, numbers.Integral) and v > 0, "a positive integer")
-NON_NEGATIVE_INT = Rule(lambda v: isinstance(v, numbers.Integral) and v >= 0,
-                        "an integer >= 0")
+# bool is an Integral in Python; True is not a step count.
+_is_int = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)
+POSITIVE_INT = Rule(lambda v: _is_int(v) and v > 0, "a positive integer")
+NON_NEGATIVE_INT = Rule(lambda v: _is_int(v) and v >= 0, "an integer >= 0")
 
 
 def interval(low: float, high: float, *, low_inclusive: bool = True,

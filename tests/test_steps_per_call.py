@@ -159,3 +159,35 @@ def test_runs_with_several_steps_a_call_train_as_one_step_a_call(tmp_path, data_
   final = lambda lines: logged(lines, "eval")[25]["accuracy"]
   assert abs(final(ten_lines) - final(one_lines)) <= 0.003
   assert abs(final(resumed_lines) - final(one_lines)) <= 0.003
+
+
+def test_the_loop_makes_calls_of_k_steps_and_leaves_their_compiles_out_of_throughput(
+    monkeypatch, tmp_path, data_dir):
+  from configs import quickstart  # pylint: disable=g-import-not-at-top
+  from kdjax.train import bookkeeping, loop  # pylint: disable=g-import-not-at-top
+  calls, restarts = [], []
+  train_steps, restart = loop._Run.train_steps, bookkeeping.Throughput.restart  # pylint: disable=protected-access
+  monkeypatch.setattr(loop._Run, "train_steps",  # pylint: disable=protected-access
+                      lambda run, num: (calls.append(num), train_steps(run, num))[1])
+  monkeypatch.setattr(bookkeeping.Throughput, "restart",
+                      lambda self, step: (restarts.append(step), restart(self, step))[1])
+  config = quickstart.get_config("smoke")
+  config.method, config.suite, config.progress, config.data_dir = "scratch", "", False, data_dir
+  config.device_batches, config.steps_per_call, config.num_steps = True, 10, 25
+  config.log_every_steps, config.eval_every_steps, config.checkpoint_every_steps = 10, 50, 10
+  summary = loop.train_and_evaluate(config, str(tmp_path / "run"))
+  assert calls == [10, 10, 5] and summary["steps"] == 25
+  # Each call length compiles once, on its first call; throughput counts from after it.
+  assert restarts == [10, 25]
+
+
+def test_throughput_restart_drops_the_interval_since_the_last_mark(monkeypatch):
+  from kdjax.train import bookkeeping  # pylint: disable=g-import-not-at-top
+  clock = iter([0.0, 1.0, 101.0, 102.0])
+  monkeypatch.setattr(bookkeeping.time, "perf_counter", lambda: next(clock))
+  throughput = bookkeeping.Throughput(global_batch_size=10, start_step=0)
+  throughput.mark(10)     # t=0: the first mark (compilation before it is not counted).
+  throughput.mark(20)     # t=1: 10 steps in 1 s.
+  throughput.restart(25)  # t=101: a compile; steps 20..25 and their 100 s are dropped.
+  throughput.mark(35)     # t=102: 10 steps in 1 s.
+  assert throughput.examples_per_sec == 10 * 20 / 2.0

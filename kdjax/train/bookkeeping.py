@@ -97,6 +97,12 @@ class Throughput:
   def exclude_since_mark(self):
     self._last_time = time.perf_counter()
 
+  def restart(self, step: int):
+    """Counts from `step` on, dropping the interval since the last mark (steps and time):
+    after a call that compiled (a new call length mid-run)."""
+    if self._last_time is not None:
+      self._last_time, self._last_step = time.perf_counter(), step
+
   @property
   def examples_per_sec(self) -> Optional[float]:
     return self.steps * self.global_batch_size / self.seconds if self.seconds else None

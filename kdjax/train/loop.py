@@ -235,9 +235,14 @@ class _Run:
         # so their steps end calls.
         num = call_length(step, c.num_steps, per_call)
         batch = batches.get(step, num) if num > 1 else batches.get(step)
+        compiles = num not in self._train_steps
         self.state, step_metrics = self.train_steps(num)(self.state, self.teacher_variables,
                                                          batch)
         done = step = step + num
+        if compiles:  # A new call length mid-run (a shorter last call, a resume's realigning
+          # call): its compilation is not training throughput.
+          jax.block_until_ready(self.state)
+          throughput.restart(done)
         self.metrics.add(done, step_metrics, num)
         is_log = itstime(done, c.log_every_steps, c.num_steps)
         is_checkpoint = itstime(done, c.checkpoint_every_steps, c.num_steps)

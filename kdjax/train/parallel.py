@@ -308,7 +308,8 @@ class PmapParallel:
                          steps_per_call: int = 1) -> Callable:
     if make_batch is not None or steps_per_call != 1:  # config validation refuses this first.
       raise ValueError("parallel 'pmap' takes per-device host batches; batches made on the "
-                       "devices (config.device_batches) need jit, jit_2d or jit_2d_fsdp.")
+                       "devices (config.device_batches) and several steps a call "
+                       "(config.steps_per_call) need jit, jit_2d or jit_2d_fsdp.")
     step = functools.partial(train_step, ops=_pmap_ops())
 
     def replicated_step(state, teacher_variables, batch):
