@@ -8,7 +8,9 @@ step boundary and raise `Preempted`; rerunning the same command continues.
 
 The parts are built by `run_setup.build_run`; the loop's decisions (log / evaluate / save)
 are `bookkeeping.itstime`; its metrics and throughput are `bookkeeping.MetricsWindow` and
-`bookkeeping.Throughput`. This file holds the order in which they happen.
+`bookkeeping.Throughput`. This file holds the order in which they happen. With
+`config.steps_per_call` = K (device batches), one call runs K steps (`parallel.repeat_step`)
+and everything above happens between calls.
 """
 
 import contextlib
