@@ -60,7 +60,8 @@ def repeat_step(step_on_refs: Callable, num_steps: int) -> Callable:
   For a step shorter than the host's work per call (Python, dispatch, the step number's
   transfer: the quickstart's 0.2 ms step on a GPU), one call per `num_steps` steps divides
   that work by `num_steps`. The steps compute what as many separate calls would (the same
-  batches, the same rng folds of the state's step counter).
+  batches, the same rng folds of the state's step counter), up to float rounding: XLA fuses
+  the loop body differently.
   """
 
   def steps(state, teacher_variables, refs):
