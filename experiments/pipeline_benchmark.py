@@ -173,19 +173,15 @@ def _loop_vs_step(name: str, student: str, teacher: str, pipeline, *, steps: int
                     stop=start_step + steps, depth=depth, workers=workers) as batches:
       return step.run(steps, lambda i: batches.get(start_step + i))
 
-  def device_loop() -> float:
+  def device_loop(program=device_step, call_steps: int = 1) -> float:
+    """`program` (device_step, or multi_step with its `per_call`) on fresh references."""
     start_step = first[0]
     first[0] += steps
-    return device_step.run(steps, lambda i: on_device.get(start_step + i))
-
-  def device_loop_per_call() -> float:
-    start_step = first[0]
-    first[0] += steps
-    return multi_step.run(steps, lambda i: on_device.get(start_step + i, per_call))
+    return program.run(steps, lambda i: on_device.get(start_step + i, call_steps))
 
   loop(2)  # The device-batch layout compiles once more (a fresh array each step).
   device_loop()  # Compile.
-  device_loop_per_call()
+  device_loop(multi_step, per_call)
   # The step on `steps` distinct batches already on the device: what a perfect pipeline could
   # give (a fresh input array each step costs the step itself a little, ~10% on a busy CPU).
   device_batches = [step.put_batch(pipeline.train_batch(s)) for s in range(steps)]
@@ -203,7 +199,7 @@ def _loop_vs_step(name: str, student: str, teacher: str, pipeline, *, steps: int
     times["prefetch_2"].append(loop(2))
     times["device_batches"].append(device_loop())
     times["device_step_fixed_refs"].append(device_step.run(steps, lambda i: fixed_refs))
-    times["device_batches_per_call"].append(device_loop_per_call())
+    times["device_batches_per_call"].append(device_loop(multi_step, per_call))
     times["device_steps_per_call_fixed_refs"].append(
         multi_step.run(steps, lambda i: fixed_refs_per_call))
   per_sec = {k: pipeline.global_batch_size * steps / min(v) for k, v in times.items()}
