@@ -227,7 +227,10 @@ def _online_logsumexp(carry, block, first_column):
   rest = rest + jnp.sum(
       jnp.where(is_new_argmax, 0.0, jnp.exp(block - new_max[:, None])),
       axis=-1)
-  argmax = jnp.where(takes_over, first_column + block_argmax, argmax)
+  # The carry's dtype, not argmax's default: with jax_enable_x64 `jnp.argmax`
+  # and the block index are int64 and `lax.scan` refuses a carry that changes.
+  column = (first_column + block_argmax).astype(argmax.dtype)
+  argmax = jnp.where(takes_over, column, argmax)
   return new_max, rest, argmax
 
 
