@@ -1,16 +1,16 @@
 r"""Times the jitted distillation train step on random CIFAR-shaped data.
 
-    python -m experiments.benchmark --student=resnet8x4 --teacher=resnet32x4 \
+    python -m benchmarks.benchmark --student=resnet8x4 --teacher=resnet32x4 \
         --num_classes=100 --batch_size=32 --steps=10 --method=kd [--reference=torch]
 
 The step is kdjax's real train step (teacher forward in eval mode, student forward/backward,
 method loss, SGD update) compiled by the configured parallel strategy. Timing starts after a
 warm-up (compilation) and blocks on the results. With `--reference=torch` the PyTorch reference
-of the same two models and loss (experiments/torch_reference.py) is timed in the same
+of the same two models and loss (benchmarks/torch_reference.py) is timed in the same
 invocation, interleaved with the JAX runs over `--rounds` rounds, and the best of each is
 compared. The last line printed is one JSON object.
 
-    python -m experiments.benchmark --teacher_cache --cache_topk=10 --rounds=5
+    python -m benchmarks.benchmark --teacher_cache --cache_topk=10 --rounds=5
 
 times, interleaved, the same KD step three ways: the teacher run live, the teacher's outputs
 read from the batch (a run with `config.teacher.cache`, experiments/cache_teacher.py), and
@@ -23,7 +23,7 @@ import json
 from absl import flags, logging
 
 from experiments import cli
-from experiments.synthetic_step import build_synthetic_step
+from benchmarks.synthetic_step import build_synthetic_step
 
 flags.DEFINE_string("student", "resnet8x4", "Student model name.")
 flags.DEFINE_string("teacher", "resnet32x4", "Teacher model name.")
@@ -91,7 +91,7 @@ def _cached_outputs(host_batch: dict, num_classes: int, topk: int, seed: int = 0
 
 def teacher_cache_main():
   """Live vs cached vs student-only step, interleaved over --rounds; prints one JSON line."""
-  from experiments.synthetic_step import build_synthetic_step  # pylint: disable=g-import-not-at-top
+  from benchmarks.synthetic_step import build_synthetic_step  # pylint: disable=g-import-not-at-top
   kwargs = dict(num_classes=FLAGS.num_classes, batch_size=FLAGS.batch_size,
                 parallel=FLAGS.parallel)
   live = build_synthetic_step(FLAGS.student, FLAGS.teacher, method_name=FLAGS.method, **kwargs)
@@ -131,7 +131,7 @@ def main(argv):
   run(FLAGS.warmup)
   torch_run = None
   if FLAGS.reference == "torch":
-    from experiments import torch_reference
+    from benchmarks import torch_reference
     torch_run = torch_reference.make_timed_runner(
         FLAGS.student, FLAGS.teacher, FLAGS.num_classes, FLAGS.batch_size)
     torch_run(FLAGS.warmup)

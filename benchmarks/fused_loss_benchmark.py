@@ -1,6 +1,6 @@
 """Fused (vocabulary-chunked) vs unfused LM distillation JSD: time and memory.
 
-    python -m experiments.fused_loss_benchmark --repeats 3
+    python -m benchmarks.fused_loss_benchmark --repeats 3
 
 Part 1, run: `[batch, seq, vocab]` logits from hidden size `--hidden` (defaults
 `[8, 512, 32000]`, hidden 512, float32), the loss averaged over tokens, for
@@ -163,7 +163,7 @@ def _peak_rss_bytes() -> int:
 
 
 def _peak_rss(name, mode, args) -> float:
-  command = [sys.executable, "-m", "experiments.fused_loss_benchmark",
+  command = [sys.executable, "-m", "benchmarks.fused_loss_benchmark",
              "--batch", str(args.batch), "--seq", str(args.seq),
              "--hidden", str(args.hidden), "--vocab", str(args.vocab),
              "--vocab_chunk", str(args.vocab_chunk),

@@ -1,11 +1,11 @@
 r"""GPU figures in one short run (at most ~5 minutes on one H100): one JSON line per figure.
 
-    python -m experiments.gpu_benchmark            # on the GPU machine
-    python -m experiments.gpu_benchmark --smoke    # tiny shapes, any machine (a test runs it)
+    python -m benchmarks.gpu_benchmark            # on the GPU machine
+    python -m benchmarks.gpu_benchmark --smoke    # tiny shapes, any machine (a test runs it)
 
 Figures, each printed as soon as it is measured:
 1. `kd_step`: the KD train step resnet32x4 -> resnet8x4 (CIFAR-100 shapes) at batch 256 and 64,
-   kdjax (jit) against the PyTorch reference step of `experiments/torch_reference.py` (same
+   kdjax (jit) against the PyTorch reference step of `benchmarks/torch_reference.py` (same
    models, loss 0.1 CE + 0.9 T^2 KL at T 4, SGD 0.05 / momentum 0.9 / wd 5e-4) eager and under
    `torch.compile`, on the same GPU, interleaved rounds, best of each. Beside them, in the same
    rounds: kdjax and torch eager with bfloat16 compute (float32 parameters; `config.dtype`, and
@@ -13,7 +13,7 @@ Figures, each printed as soon as it is measured:
    before the loop (`kdjax_teacher_precomputed`: the step a `config.teacher.cache` run takes,
    student forward/backward only, an upper bound on reading top-k logits from the cache).
 2. `kd_step` ViT-S -> ViT-Ti (`vit_small` -> `vit_tiny`, 32x32 inputs, patch 4, batch 256),
-   the same runs as 1 against the PyTorch ViTs of `experiments/torch_vit.py` (timm's
+   the same runs as 1 against the PyTorch ViTs of `benchmarks/torch_vit.py` (timm's
    definition; a test checks they compute kdjax's logits on kdjax's weights).
 3. `lm_kd_step`: a decoder LM KD step (teacher forward, student forward/backward, token-level
    KD + CE, AdamW) in bfloat16: tokens/s and MFU (model FLOPs per token 6 N_student +
@@ -21,7 +21,7 @@ Figures, each printed as soon as it is measured:
 4. `fused_loss`: the generalized JSD (beta 0.5) and its gradient at `[4, 2048, 128256]`, hidden
    2048, bfloat16: vocabulary-chunked from hidden states (`losses.fused_generalized_jsd`), from
    full logits (`losses.generalized_jsd` on `hidden @ unembedding`) and TRL's
-   `generalized_jsd_loss` (re-stated in PyTorch in `experiments/fused_loss_benchmark.py`) on the
+   `generalized_jsd_loss` (re-stated in PyTorch in `benchmarks/fused_loss_benchmark.py`) on the
    same GPU: milliseconds, XLA's compiled temporary memory and the measured peak device memory.
 5. `teacher_forward`: the frozen resnet32x4 teacher's eval forward at batch 256: float32,
    bfloat16, BatchNorm folded (`kdjax.models.fold`) and folded + bfloat16; speed-ups over
@@ -155,14 +155,14 @@ def build_jax_kd_step(student_name: str, teacher_name: str, *, num_classes: int,
 def build_torch_kd_step(student: str, teacher: str, *, num_classes: int, batch_size: int,
                         compile_models: bool, seed: int = 0, bfloat16: bool = False,
                         model_kwargs=None):
-  """The reference step of experiments/torch_reference.py, eager or with torch.compile.
+  """The reference step of benchmarks/torch_reference.py, eager or with torch.compile.
 
   `bfloat16`: the forward passes run under `torch.autocast(dtype=torch.bfloat16)` (PyTorch's
   mixed precision: float32 parameters and optimizer, bfloat16 convolutions and matmuls).
   `model_kwargs`: {'student': {...}, 'teacher': {...}}, as `build_jax_kd_step`'s.
   """
   import torch  # pylint: disable=g-import-not-at-top
-  from experiments import torch_reference  # pylint: disable=g-import-not-at-top
+  from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
   torch.manual_seed(seed)
   device = "cuda" if torch.cuda.is_available() else "cpu"
   if device == "cuda":
@@ -435,7 +435,7 @@ def fused_loss_figure(args, budget: Budget):
     runs[name] = run
   if importlib.util.find_spec("torch") is not None:
     import torch  # pylint: disable=g-import-not-at-top
-    from experiments.fused_loss_benchmark import trl_generalized_jsd_loss  # pylint: disable=g-import-not-at-top
+    from benchmarks.fused_loss_benchmark import trl_generalized_jsd_loss  # pylint: disable=g-import-not-at-top
     device = "cuda" if torch.cuda.is_available() else "cpu"
     hs, ws, ht, wt = [torch.tensor(a, dtype=torch.bfloat16, device=device) for a in host]
 

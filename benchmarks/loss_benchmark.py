@@ -1,6 +1,6 @@
 """Times and sizes jitted forward+backward passes of every kdjax logit loss.
 
-    python -m experiments.loss_benchmark --batch 8 --seq 512 --vocab 32000 \
+    python -m benchmarks.loss_benchmark --batch 8 --seq 512 --vocab 32000 \
         --repeats 3
 
 For each loss: `jax.jit(jax.value_and_grad(mean loss))` with respect to the

@@ -2,9 +2,9 @@ r"""The method x model matrix: every method on every teacher/student pair of the
 recipes, checked with `jax.eval_shape` (no compilation), and optionally trained a few steps
 on a random batch and timed.
 
-    python -m experiments.matrix --mode=shapes          # every method x every pair, seconds
-    python -m experiments.matrix --mode=steps --steps=3 --methods=kd,crd --pairs=resnet32x4:resnet8x4
-    python -m experiments.matrix --mode=models          # per model: parameters, KD step speed
+    python -m benchmarks.matrix --mode=shapes          # every method x every pair, seconds
+    python -m benchmarks.matrix --mode=steps --steps=3 --methods=kd,crd --pairs=resnet32x4:resnet8x4
+    python -m benchmarks.matrix --mode=models          # per model: parameters, KD step speed
 
 `shapes`: traces each method's init and loss on the pair's abstract outputs with the recipe's
 hyper-parameters (`configs/cifar100/distill.py`): "ok" or the one-line error a run would give.
@@ -71,7 +71,7 @@ def shapes_cell(teacher, student, method) -> str:
 
 
 def steps_cell(teacher, student, method) -> str:
-  from experiments.synthetic_step import build_synthetic_step
+  from benchmarks.synthetic_step import build_synthetic_step
   config = _recipe(teacher, student, method)
   try:
     step = build_synthetic_step(student, teacher, num_classes=100,
@@ -98,7 +98,7 @@ def main(argv):
   if FLAGS.steps <= 0 or FLAGS.batch_size <= 0:
     cli.fail("--steps and --batch_size must be positive integers.")
   if FLAGS.mode == "models":
-    from experiments.synthetic_step import build_synthetic_step
+    from benchmarks.synthetic_step import build_synthetic_step
     from kdjax.models.registry import ENTRIES
     rows = []
     for name, entry in ENTRIES.items():

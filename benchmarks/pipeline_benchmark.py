@@ -1,6 +1,6 @@
 r"""Does the input pipeline keep up with the train step? One invocation, one JSON line per figure.
 
-    python -m experiments.pipeline_benchmark [--rounds=3] [--quick]
+    python -m benchmarks.pipeline_benchmark [--rounds=3] [--quick]
 
 1. The pipeline alone (`InputPipeline.train_batch` on the calling thread, i.e. one host core):
    - CIFAR-style: uint8 32x32 records, gathered, random crop (pad 4) + flip, normalised;
@@ -147,7 +147,7 @@ def _divisor_at_most(n: int, k: int) -> int:
 
 def _loop_vs_step(name: str, student: str, teacher: str, pipeline, *, steps: int,
                   rounds: int, workers: int = 1, steps_per_call: int = 1):
-  from experiments.synthetic_step import build_synthetic_step  # pylint: disable=g-import-not-at-top
+  from benchmarks.synthetic_step import build_synthetic_step  # pylint: disable=g-import-not-at-top
   from kdjax.data.device_batches import DeviceBatches  # pylint: disable=g-import-not-at-top
   from kdjax.data.prefetch import Prefetcher  # pylint: disable=g-import-not-at-top
   from kdjax.train import parallel as parallel_lib  # pylint: disable=g-import-not-at-top

@@ -1,11 +1,11 @@
 r"""Where the time of the CPU KD train step goes, and what cheap changes buy.
 
-    python -m experiments.profile_step --mode=profile --batch_size=32
-    python -m experiments.profile_step --mode=compare --rounds=5 \
+    python -m benchmarks.profile_step --mode=profile --batch_size=32
+    python -m benchmarks.profile_step --mode=compare --rounds=5 \
         --variants=baseline,folded_teacher,no_eigen_threads
 
 `--mode=profile` runs kdjax's KD train step (`--teacher` in eval mode, `--student` forward and
-backward, KD loss, SGD with momentum and weight decay: the step `experiments.benchmark` times)
+backward, KD loss, SGD with momentum and weight decay: the step `benchmarks.benchmark` times)
 under `jax.profiler.trace` (trace kept in `--trace_dir`, a temp dir by default), reads the
 executed XLA thunks from the Perfetto trace and attributes each to a phase and a kind from the
 compiled HLO's metadata:
@@ -16,7 +16,7 @@ compiled HLO's metadata:
 - kind: `conv` (a convolution, or a fusion that holds one), `dot`, `batchnorm` (ops of a
   BatchNorm module, by its Flax path), `elementwise/other`.
 
-With `--reference=torch` (default) the PyTorch reference step (experiments/torch_reference.py,
+With `--reference=torch` (default) the PyTorch reference step (benchmarks/torch_reference.py,
 the same models, loss and optimizer) runs under `torch.profiler.profile` and its operators'
 self CPU time is split the same way. Both tables give milliseconds per step.
 
@@ -99,7 +99,7 @@ def build_step(student_name: str, teacher_name: str, num_classes: int, batch_siz
   from kdjax.train import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
   from kdjax.train import parallel as parallel_lib  # pylint: disable=g-import-not-at-top
   from kdjax.train import state as state_lib, step as step_lib  # pylint: disable=g-import-not-at-top
-  from experiments.teacher_benchmark import calibrate_batch_stats  # pylint: disable=g-import-not-at-top
+  from benchmarks.teacher_benchmark import calibrate_batch_stats  # pylint: disable=g-import-not-at-top
 
   parallel = parallel_lib.get_parallel("jit")
   student = models.get_model(student_name, num_classes=num_classes)
@@ -170,7 +170,7 @@ def _start_worker(variant: str) -> subprocess.Popen:
   xla_flags, env_vars, _, cores = VARIANTS[variant]
   env = dict(os.environ, **env_vars)
   env["XLA_FLAGS"] = " ".join(f for f in (os.environ.get("XLA_FLAGS", ""), xla_flags) if f)
-  command = [sys.executable, "-m", "experiments.profile_step", f"--worker={variant}",
+  command = [sys.executable, "-m", "benchmarks.profile_step", f"--worker={variant}",
              f"--student={FLAGS.student}", f"--teacher={FLAGS.teacher}",
              f"--num_classes={FLAGS.num_classes}", f"--batch_size={FLAGS.batch_size}",
              f"--warmup={FLAGS.warmup}"]
@@ -332,7 +332,7 @@ def profile_torch() -> dict:
   """Self CPU time of the torch reference step's operators, by phase and kind."""
   import torch  # pylint: disable=g-import-not-at-top
   from torch.profiler import ProfilerActivity, profile, record_function  # pylint: disable=g-import-not-at-top
-  from experiments import torch_reference as ref  # pylint: disable=g-import-not-at-top
+  from benchmarks import torch_reference as ref  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
   student = ref.build_model(FLAGS.student, FLAGS.num_classes)
   teacher = ref.build_model(FLAGS.teacher, FLAGS.num_classes)
@@ -340,7 +340,7 @@ def profile_torch() -> dict:
   images = torch.randn(FLAGS.batch_size, 3, 32, 32)
   labels = torch.randint(0, FLAGS.num_classes, (FLAGS.batch_size,))
 
-  def step():  # experiments.torch_reference.kd_train_step, with the phases marked.
+  def step():  # benchmarks.torch_reference.kd_train_step, with the phases marked.
     student.train()
     teacher.eval()
     with record_function("teacher fwd"), torch.no_grad():

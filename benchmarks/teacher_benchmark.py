@@ -1,6 +1,6 @@
 """Teacher forward and KD train step, float32 vs bfloat16 and BatchNorm folding (issue 12).
 
-    python -m experiments.teacher_benchmark --model resnet32x4 --student resnet8x4 --batch 32
+    python -m benchmarks.teacher_benchmark --model resnet32x4 --student resnet8x4 --batch 32
 
 One invocation reports (i) the jitted eval-mode forward of the teacher `--model` (random
 weights, perturbed, with BatchNorm statistics calibrated on the input batch; CIFAR-sized

@@ -16,7 +16,7 @@ SGD lr 0.05, momentum 0.9, weight decay 5e-4) follow those repositories.
 
 Run::
 
-    python -m experiments.torch_reference --student=resnet8x4 \
+    python -m benchmarks.torch_reference --student=resnet8x4 \
         --teacher=resnet32x4 --num_classes=100 --batch_size=32 --steps=10
 
 The last line printed is one JSON object (see :func:`benchmark`).
@@ -108,8 +108,8 @@ class CifarResNet(nn.Module):
 
 def build_model(name, num_classes=100, **kwargs):
     """Build a CIFAR ResNet of RepDistiller by name (see ``ARCHS``), or a ViT of
-    ``experiments.torch_vit.VITS`` (``kwargs``: its ``depth``)."""
-    from experiments import torch_vit  # pylint: disable=g-import-not-at-top
+    ``benchmarks.torch_vit.VITS`` (``kwargs``: its ``depth``)."""
+    from benchmarks import torch_vit  # pylint: disable=g-import-not-at-top
     if name in torch_vit.VITS:
         return torch_vit.build_vit(name, num_classes, **kwargs)
     if name not in ARCHS:

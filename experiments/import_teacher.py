@@ -22,7 +22,7 @@ from experiments import cli
 
 def _define_flags():
   """Defined at start-up, not import, so that tests can import this module next to others that
-  define flags of the same names (experiments.benchmark's --num_classes)."""
+  define flags of the same names (benchmarks.benchmark's --num_classes)."""
   flags.DEFINE_string("model", None, "kdjax model name of the teacher, e.g. resnet32x4.")
   flags.DEFINE_string("pth", None, "The PyTorch checkpoint (.pth) to convert.")
   flags.DEFINE_integer("num_classes", None, "Classes of the teacher's head.")

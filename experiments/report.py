@@ -207,7 +207,8 @@ def write_rows_report(rows: Sequence[Row], out: str, *, title: str = "Results") 
   os.makedirs(out, exist_ok=True)
   files.write_atomic(os.path.join(out, "results.md"), f"# {title}\n\n" + table)
   files.write_atomic(os.path.join(out, "results.csv"), csv_table(rows))
-  report_plots.plot_report(rows, os.path.join(out, "results.png"))
+  report_plots.plot_report(rows, os.path.join(out, "results.png"),
+                           language_model=is_language_model_report(rows))
   return table
 
 

@@ -23,7 +23,6 @@ from typing import Callable, List, Sequence, Tuple
 
 import numpy as np
 
-from experiments import report
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +40,8 @@ _PERPLEXITY = _Quality("eval_perplexity", "eval perplexity (lower is better)", "
                        math.exp)
 
 
-def _quality(rows) -> _Quality:
-  return _PERPLEXITY if report.is_language_model_report(rows) else _ACCURACY
+def _quality(language_model: bool) -> _Quality:
+  return _PERPLEXITY if language_model else _ACCURACY
 
 from kdjax.train.metrics import read_metrics
 
@@ -172,13 +171,14 @@ def _curves(train_ax, eval_ax, rows, colors, quality: _Quality = _ACCURACY):
   eval_ax.set(title=f"{quality.label}{_over_seeds(rows)}", xlabel="step", ylabel=quality.label)
 
 
-def plot_report(rows, path: str):
-  """Draws the four panels for `rows` (`experiments.report.Row`) and saves them to `path`."""
+def plot_report(rows, path: str, *, language_model: bool = False):
+  """Draws the four panels for `rows` (`experiments.report.Row`) and saves them to `path`;
+  `language_model` plots perplexity instead of accuracy."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  colors, quality = _colors(len(rows)), _quality(rows)
+  colors, quality = _colors(len(rows)), _quality(language_model)
   figure, axes = plt.subplots(2, 2, figsize=(15, 10))
   _bars(axes[0, 0], rows, colors, quality)
   _scatter(axes[0, 1], rows, colors, quality)

@@ -3,7 +3,7 @@
 A plain `jax.value_and_grad` of `kd` on `[B, T, V]` bf16 logits keeps several
 float32 `[B*T, V]` intermediates alive at once (upcast inputs, log-probs,
 probabilities and their cotangents): for `[8, 512, 32000]` that is many times
-the 262 MB of one bf16 logits tensor (see `experiments/loss_benchmark.py`).
+the 262 MB of one bf16 logits tensor (see `benchmarks/loss_benchmark.py`).
 
 `chunked(loss_fn)` runs `loss_fn` over blocks of `chunk_size` tokens with
 `jax.lax.map`, with a custom VJP whose backward pass maps `jax.vjp` over the

@@ -9,7 +9,7 @@ from conftest import run_python
 
 
 def test_benchmark_prints_one_json_line_with_the_fields():
-  result = run_python(["-m", "experiments.benchmark", "--student=resnet8", "--teacher=resnet20",
+  result = run_python(["-m", "benchmarks.benchmark", "--student=resnet8", "--teacher=resnet20",
                        "--num_classes=10", "--batch_size=4", "--steps=1", "--warmup=1"])
   report = json.loads(result.stdout.strip().splitlines()[-1])
   for key in ("examples_per_sec", "student_params", "teacher_params", "devices", "backend"):
@@ -19,7 +19,7 @@ def test_benchmark_prints_one_json_line_with_the_fields():
 
 @pytest.mark.slow  # A ResNet KD step compiled for 8 devices (~35 s here).
 def test_benchmark_on_eight_devices_with_pmap():
-  result = run_python(["-m", "experiments.benchmark", "--student=resnet8", "--teacher=resnet8",
+  result = run_python(["-m", "benchmarks.benchmark", "--student=resnet8", "--teacher=resnet8",
                        "--num_classes=10", "--batch_size=8", "--steps=1", "--warmup=1",
                        "--parallel=pmap", "--method=dkd"],
                       env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
@@ -30,10 +30,10 @@ def test_benchmark_on_eight_devices_with_pmap():
 def test_torch_reference_matches_the_jax_models_and_reports_a_ratio():
   if importlib.util.find_spec("torch") is None:  # A failure, not a skip: CI must run it.
     pytest.fail('needs the [torch] extra: pip install -e ".[torch]"')
-  from experiments import torch_reference
+  from benchmarks import torch_reference
   assert torch_reference.param_count("resnet8x4", 100) == 1_233_540
   assert torch_reference.param_count("resnet32x4", 100) == 7_433_860
-  result = run_python(["-m", "experiments.benchmark", "--student=resnet8", "--teacher=resnet8",
+  result = run_python(["-m", "benchmarks.benchmark", "--student=resnet8", "--teacher=resnet8",
                        "--num_classes=10", "--batch_size=4", "--steps=1", "--warmup=1",
                        "--reference=torch"])
   report = json.loads(result.stdout.strip().splitlines()[-1])
@@ -43,7 +43,7 @@ def test_torch_reference_matches_the_jax_models_and_reports_a_ratio():
 def test_torch_reference_without_torch_fails_in_one_line_before_compiling():
   result = run_python(["-c", "import runpy, sys; sys.modules['torch'] = None; "
                        "sys.argv = ['benchmark', '--reference=torch']; "
-                       "runpy.run_module('experiments.benchmark', run_name='__main__')"],
+                       "runpy.run_module('benchmarks.benchmark', run_name='__main__')"],
                       check=False)
   assert result.returncode == 2, result.stderr
   assert result.stderr.strip().splitlines() == [
@@ -52,8 +52,8 @@ def test_torch_reference_without_torch_fails_in_one_line_before_compiling():
 
 
 def test_benchmark_help_exits_0_and_bad_names_are_one_line():
-  assert "--reference" in run_python(["-m", "experiments.benchmark", "--help"]).stdout
-  result = run_python(["-m", "experiments.benchmark", "--student=resnet8x5"], check=False)
+  assert "--reference" in run_python(["-m", "benchmarks.benchmark", "--help"]).stdout
+  result = run_python(["-m", "benchmarks.benchmark", "--student=resnet8x5"], check=False)
   assert result.returncode == 2
   [line] = result.stderr.strip().splitlines()
   assert line.startswith("Error: --student='resnet8x5' is not valid (did you mean 'resnet8x4'?);"

@@ -1,4 +1,4 @@
-"""experiments/gpu_benchmark.py runs where the GPU image's missing packages cannot be imported."""
+"""benchmarks/gpu_benchmark.py runs where the GPU image's missing packages cannot be imported."""
 
 import json
 
@@ -15,7 +15,7 @@ _BLOCKER = import_blocker(MISSING_ON_GPU)
 
 def test_imports_nothing_the_gpu_image_lacks():
   code = _BLOCKER + """
-import experiments.gpu_benchmark as bench
+import benchmarks.gpu_benchmark as bench
 bench.parse_args(["--smoke"])
 from kdjax import losses, models  # What the figures import.
 import kdjax.models.transformer, kdjax.losses.fused
@@ -27,13 +27,13 @@ print("LOADED", loaded)
 
 
 def test_bad_arguments_exit_2_with_one_line():
-  result = run_python(["-m", "experiments.gpu_benchmark", "--steps=-1"], check=False)
+  result = run_python(["-m", "benchmarks.gpu_benchmark", "--steps=-1"], check=False)
   assert result.returncode == 2
   assert result.stderr.strip() == "Error: --steps must be a positive integer, got -1."
-  result = run_python(["-m", "experiments.gpu_benchmark", "--figures=kd_step,nope"], check=False)
+  result = run_python(["-m", "benchmarks.gpu_benchmark", "--figures=kd_step,nope"], check=False)
   assert result.returncode == 2
   assert result.stderr.strip().startswith("Error: --figures: unknown nope; valid: kd_step,")
-  result = run_python(["-m", "experiments.gpu_benchmark", "--fused_chunks=8192x0"], check=False)
+  result = run_python(["-m", "benchmarks.gpu_benchmark", "--fused_chunks=8192x0"], check=False)
   assert result.returncode == 2
   assert result.stderr.strip().startswith("Error: --fused_chunks must be VOCABxTOKENS pairs")
   assert "\n" not in result.stderr.strip()
@@ -43,7 +43,7 @@ def test_bad_arguments_exit_2_with_one_line():
 def test_smoke_prints_every_figure_as_json_without_the_missing_packages():
   code = _BLOCKER + """
 sys.argv = ["gpu_benchmark", "--smoke"]
-runpy.run_module("experiments.gpu_benchmark", run_name="__main__")
+runpy.run_module("benchmarks.gpu_benchmark", run_name="__main__")
 """
   result = run_python(["-c", code], timeout=900)
   records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]

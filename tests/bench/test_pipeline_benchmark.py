@@ -1,4 +1,4 @@
-"""experiments/pipeline_benchmark.py: its JSON figures, with the packages the GPU image lacks
+"""benchmarks/pipeline_benchmark.py: its JSON figures, with the packages the GPU image lacks
 blocked except the wheels carried there (ml-collections, grain, array_record)."""
 
 import json
@@ -10,7 +10,7 @@ MISSING_ON_GPU = ("tensorflow_datasets", "tensorboardX", "mnist1d")
 
 _BLOCKED_RUN = import_blocker(MISSING_ON_GPU) + """
 sys.argv = ["pipeline_benchmark"] + sys.argv[1:]
-runpy.run_module("experiments.pipeline_benchmark", run_name="__main__")
+runpy.run_module("benchmarks.pipeline_benchmark", run_name="__main__")
 """
 
 
@@ -32,14 +32,14 @@ def test_quickstart_loop_on_synthetic_signals_without_tfds_or_mnist1d():
 
 
 def test_bad_loop_name_is_one_line():
-  result = run_python(["-m", "experiments.pipeline_benchmark", "--loops=quickstart,nope"],
+  result = run_python(["-m", "benchmarks.pipeline_benchmark", "--loops=quickstart,nope"],
                       check=False)
   assert result.returncode != 0
   assert result.stderr.strip() == "Error: --loops: unknown nope; valid: quickstart, resnet8x4."
 
 
 def test_bad_steps_per_call_is_one_line():
-  result = run_python(["-m", "experiments.pipeline_benchmark", "--steps_per_call=0"],
+  result = run_python(["-m", "benchmarks.pipeline_benchmark", "--steps_per_call=0"],
                       check=False)
   assert result.returncode != 0
   assert result.stderr.strip() == "Error: --steps_per_call must be a positive integer, got 0."

@@ -1,4 +1,4 @@
-"""experiments/profile_step.py: one-line errors, and the attribution of XLA thunks to phases."""
+"""benchmarks/profile_step.py: one-line errors, and the attribution of XLA thunks to phases."""
 
 import pytest
 
@@ -11,7 +11,7 @@ from conftest import run_python
     (["--batch_size=0"], "--batch_size must be a positive integer, got 0."),
 ])
 def test_a_mistake_ends_in_one_error_line_before_any_work(args, expected):
-  result = run_python(["-m", "experiments.profile_step", "--mode=compare"] + args,
+  result = run_python(["-m", "benchmarks.profile_step", "--mode=compare"] + args,
                       check=False, timeout=60)
   assert result.returncode == 2
   lines = result.stderr.strip().splitlines()
@@ -42,7 +42,7 @@ ENTRY %main.137 (state_step.1: s32[], /*index=5*/p: f32[16]) -> f32[16] {
 
 
 def test_thunks_are_attributed_to_phase_and_kind():
-  from experiments import profile_step
+  from benchmarks import profile_step
   instructions = profile_step._parse_hlo(_HLO)
   assert instructions["mul.1"]["computation"] == "fused_computation.2"
   assert instructions["add.5"]["computation"] == "main.137"

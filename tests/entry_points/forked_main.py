@@ -3,7 +3,7 @@ process that has already imported what the launcher imports (jax, kdjax, the con
 child has the exit status, stdout and stderr of a fresh `python -m experiments.main ARGS`,
 without paying the 3-7 s of imports again (test_cli.py checks 20+ mistakes this way).
 
-    python tests/forked_main.py CASES.json RESULTS.json
+    python tests/entry_points/forked_main.py CASES.json RESULTS.json
 
 CASES.json: {name: [arg, ...]}; RESULTS.json: {name: {"returncode", "stdout", "stderr"}}.
 Whatever the imports print goes to this process's own stderr, where the caller checks that

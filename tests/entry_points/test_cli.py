@@ -71,7 +71,7 @@ MISTAKES = {
 @pytest.fixture(scope="module")
 def mistake_results(tmp_path_factory):
   """Each mistake run once, as `python -m experiments.main` in a child forked from one process
-  that imported jax and kdjax once (tests/forked_main.py): 20+ fresh processes spent a minute
+  that imported jax and kdjax once (tests/entry_points/forked_main.py): 20+ fresh processes spent a minute
   importing. Fresh processes still check the one-line errors below (missing workdir, broken
   config file, unwritable workdir), and the forking process must print nothing itself."""
   workdirs, befores, cases = {}, {}, {}
@@ -83,7 +83,7 @@ def mistake_results(tmp_path_factory):
     cases[case] = [f"--workdir={workdir}"] + args
   files = tmp_path_factory.mktemp("forked")
   (files / "cases.json").write_text(json.dumps(cases))
-  forked = run_python([os.path.join(REPO, "tests", "forked_main.py"), str(files / "cases.json"),
+  forked = run_python([os.path.join(REPO, "tests", "entry_points", "forked_main.py"), str(files / "cases.json"),
                        str(files / "results.json")])
   assert forked.stdout == forked.stderr == "", forked.stderr[-3000:]  # No import-time noise.
   results = json.loads((files / "results.json").read_text())

@@ -17,8 +17,8 @@ README = os.path.join(REPO, "README.md")
 
 # Appended to a README command whose full run is long (later flags override earlier ones).
 SHORTER = {
-    "experiments.benchmark": ["--steps=1", "--warmup=1", "--rounds=1", "--batch_size=4"],
-    "experiments.loss_benchmark": ["--batch", "1", "--seq", "8", "--vocab", "64", "--repeats",
+    "benchmarks.benchmark": ["--steps=1", "--warmup=1", "--rounds=1", "--batch_size=4"],
+    "benchmarks.loss_benchmark": ["--batch", "1", "--seq", "8", "--vocab", "64", "--repeats",
                                    "1"],
 }
 

@@ -151,7 +151,7 @@ def test_language_model_suites_report_perplexity_and_acceptance(tmp_path):
   assert "| kd | kd | lm_student | 4.48 | 0.600 | 0.700 | 0.500 | 0.400 |" in table
   header = next(csv.reader(io.StringIO(report.csv_table(rows))))
   assert "eval_perplexity" in header and "spec_sampled_acceptance_rate_std" in header
-  steps, mean, _ = report_plots.row_curves(rows[1], report_plots._quality(rows))["eval"]
+  steps, mean, _ = report_plots.row_curves(rows[1], report_plots._quality(report.is_language_model_report(rows)))["eval"]
   assert steps == [20] and mean == pytest.approx([np.exp(1.5)])
   report_plots.plot_report(rows, str(tmp_path / "results.png"))
   assert os.path.getsize(tmp_path / "results.png") > 10_000

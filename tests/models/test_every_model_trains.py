@@ -28,7 +28,7 @@ def test_representatives_cover_every_family():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", REPRESENTATIVES)
 def test_every_model_family_takes_a_kd_step(name):
-  from experiments.synthetic_step import build_synthetic_step
+  from benchmarks.synthetic_step import build_synthetic_step
   kind = models.registry.model_input_kind(name)
   step = build_synthetic_step(name, TEACHER_FOR_KIND[kind], num_classes=10, batch_size=2,
                               method_name="kd")

@@ -178,10 +178,10 @@ def test_forward_matches_a_torch_reference_of_timms_vision_transformer():
 @pytest.mark.slow  # Needs the [torch] extra, as the other PyTorch references.
 @pytest.mark.parametrize("name", ["vit_tiny", "vit_small"])
 def test_the_gpu_benchmarks_torch_vit_is_kdjaxs_network(name):
-  """experiments/torch_vit.py (the PyTorch reference of the GPU benchmark's ViT step) has
+  """benchmarks/torch_vit.py (the PyTorch reference of the GPU benchmark's ViT step) has
   kdjax's parameter count at full depth, and on kdjax's weights computes kdjax's logits."""
   import torch
-  from experiments import torch_vit
+  from benchmarks import torch_vit
 
   full = torch_vit.build_vit(name, num_classes=100)
   assert sum(p.numel() for p in full.parameters()) == {"vit_tiny": 5_380_132,

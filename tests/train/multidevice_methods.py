@@ -7,7 +7,7 @@ amplify float rounding differences beyond any tolerance. `test_methods_multidevi
 import json
 import sys
 
-from experiments.synthetic_step import build_synthetic_step
+from benchmarks.synthetic_step import build_synthetic_step
 
 METHODS = sys.argv[2].split(",")
 

@@ -16,7 +16,7 @@ FEATURE_METHODS = "fitnet,crd,ofd,review_kd"
 
 
 def _losses(parallel, devices):
-  result = run_python(["tests/multidevice_methods.py", parallel, FEATURE_METHODS],
+  result = run_python(["tests/train/multidevice_methods.py", parallel, FEATURE_METHODS],
                       env_extra={"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"},
                       timeout=1800)
   return json.loads(result.stdout.strip().splitlines()[-1])

@@ -1,7 +1,7 @@
 """The 2-D ('data', 'model') strategy gives the single-device numbers: 3 KD train steps of a
 small LM pair and a small ViT pair on 8 forced host devices as data=2 x model=4 (teacher split
 on 'model'; with jit_2d_fsdp the student too) against 1 device under plain jit; and each device
-holds about a quarter of the teacher's parameter bytes (`tests/model_parallel_steps.py`)."""
+holds about a quarter of the teacher's parameter bytes (`tests/train/model_parallel_steps.py`)."""
 
 import json
 
@@ -12,7 +12,7 @@ from conftest import run_python
 
 
 def _run(kind, mesh, devices, pairs="lm,vit"):
-  result = run_python(["tests/model_parallel_steps.py", kind, mesh, pairs],
+  result = run_python(["tests/train/model_parallel_steps.py", kind, mesh, pairs],
                       env_extra={"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"},
                       timeout=1800)
   return json.loads(result.stdout.strip().splitlines()[-1])
