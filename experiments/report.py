@@ -159,11 +159,16 @@ def load_workdir(workdir: str) -> dict:
   `run_summary.json` (its row named after the directory). Raises ReportError otherwise."""
   if not os.path.isdir(workdir):
     raise ReportError(f"--workdir={workdir}: no such directory.")
-  if os.path.exists(os.path.join(workdir, SUMMARY)):
-    summary = files.read_json(os.path.join(workdir, SUMMARY))
-  elif os.path.exists(os.path.join(workdir, RUN_SUMMARY)):
-    summary = {"runs": {"": files.read_json(os.path.join(workdir, RUN_SUMMARY))}}
-  else:
+  try:  # A damaged (empty, truncated) summary: one line naming it (files.DamagedFileError).
+    if os.path.exists(os.path.join(workdir, SUMMARY)):
+      summary = files.read_json(os.path.join(workdir, SUMMARY))
+    elif os.path.exists(os.path.join(workdir, RUN_SUMMARY)):
+      summary = {"runs": {"": files.read_json(os.path.join(workdir, RUN_SUMMARY))}}
+    else:
+      summary = None
+  except files.DamagedFileError as error:
+    raise ReportError(str(error)) from None
+  if summary is None:
     raise ReportError(f"--workdir={workdir} holds no {SUMMARY} (a suite's) nor "
                       f"{RUN_SUMMARY} (a run's): give the --workdir of a finished "
                       "experiments.main run.")

@@ -18,6 +18,7 @@ decoding with the student as draft against its eval perplexity.
 """
 
 import dataclasses
+import io
 import math
 from typing import Callable, List, Sequence, Tuple
 
@@ -43,6 +44,7 @@ _PERPLEXITY = _Quality("eval_perplexity", "eval perplexity (lower is better)", "
 def _quality(language_model: bool) -> _Quality:
   return _PERPLEXITY if language_model else _ACCURACY
 
+from kdjax.train import files
 from kdjax.train.metrics import read_metrics
 
 
@@ -186,5 +188,9 @@ def plot_report(rows, path: str, *, language_model: bool = False):
   handles, labels = axes[1, 1].get_legend_handles_labels()
   figure.legend(handles, labels, loc="center right", fontsize=9, title="run")
   figure.tight_layout(rect=(0, 0, 0.89, 1))
-  figure.savefig(path, dpi=100)
+  # Rendered in memory, then written through a temporary file and a rename: a kill or a full
+  # disk never leaves a truncated results.png, and a symbolic link there is not followed.
+  image = io.BytesIO()
+  figure.savefig(image, format="png", dpi=100)
   plt.close(figure)
+  files.write_atomic(path, image.getvalue())

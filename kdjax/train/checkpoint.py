@@ -5,8 +5,16 @@ the run's identity, i.e. model names and config fingerprint, and host-side train
 bookkeeping such as the partly accumulated metrics window). Orbax writes a step into a
 temporary directory and renames it when complete, so a crash mid-write leaves the previous
 checkpoint as the latest.
+
+Integrity: the metadata records a sha256 of every saved array (its dtype, shape and bytes,
+`array_checksums`) and of the metadata itself. A restore recomputes them from what it read:
+a flipped byte that the storage format does not notice (a run resumed from it "worked" and
+ended with other numbers) is damage like a truncated file. The run's own checkpoints fall
+back to the previous good step; a teacher's (or `load_run`'s) is refused in one line naming
+the step directory. Checkpoints written before checksums were recorded are read unverified.
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -24,11 +32,89 @@ class CheckpointError(RuntimeError):
   pass
 
 
+class DamagedCheckpoint(CheckpointError):
+  """A checkpoint step whose arrays or metadata do not match the checksums recorded when it
+  was saved."""
+
+
+# --- checksums -----------------------------------------------------------------------------
+
+# Metadata keys: {array name: sha256} of the saved state, and the sha256 of the metadata
+# itself (every other key, as sorted JSON).
+_CHECKSUMS, _META_CHECKSUM = "checksums", "meta_sha256"
+
+
+def _leaf_name(path) -> str:
+  """'params/student/Dense_0/kernel': the same for a TrainState's attributes and the nested
+  dicts a restore without a target gives."""
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                  for k in path)
+
+
+def array_checksums(tree) -> dict:
+  """{array name: sha256 of its dtype, shape and bytes} of every leaf of `tree`."""
+  sums = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    array = np.ascontiguousarray(np.asarray(leaf))
+    digest = hashlib.sha256(f"{array.dtype.name}|{array.shape}|".encode())
+    digest.update(memoryview(array.reshape(-1)).cast("B") if array.size else b"")
+    sums[_leaf_name(path)] = digest.hexdigest()
+  return sums
+
+
+def _meta_checksum(meta: dict) -> str:
+  rest = {k: v for k, v in meta.items() if k != _META_CHECKSUM}
+  return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+
+
+def with_checksums(state_on_host: Any, meta: dict) -> dict:
+  """`meta` plus the checksums of `state_on_host` and of the metadata itself."""
+  meta = dict(meta, **{_CHECKSUMS: array_checksums(state_on_host)})
+  meta[_META_CHECKSUM] = _meta_checksum(meta)
+  return meta
+
+
+def verify_meta(meta: dict, where: str):
+  """Raises DamagedCheckpoint if the metadata of the step directory `where` differs from its
+  recorded checksum (accepted as is when it has none: written by an older kdjax)."""
+  if _META_CHECKSUM in meta and meta[_META_CHECKSUM] != _meta_checksum(meta):
+    raise DamagedCheckpoint(f"checksum mismatch in {os.path.join(where, 'meta')}")
+
+
+def verify(state: Any, meta: dict, where: str):
+  """Raises DamagedCheckpoint if `state` (as restored) or `meta` differ from the checksums
+  recorded at save time; `where` (the step directory) names it. Metadata without checksums
+  (written by an older kdjax) is accepted as is."""
+  verify_meta(meta, where)
+  recorded = meta.get(_CHECKSUMS)
+  if recorded is None:
+    return
+  found = array_checksums(state)
+  bad = sorted(name for name, digest in recorded.items() if found.get(name) != digest)
+  if bad:
+    missing = [name for name in bad if name not in found]
+    raise DamagedCheckpoint(
+        f"checksum mismatch in {len(bad)} of {len(recorded)} arrays of "
+        f"{os.path.join(where, 'state')}: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}"
+        + (f" ({len(missing)} missing)" if missing else ""))
+
+
+def state_digest(meta: dict) -> Optional[str]:
+  """One sha256 for a checkpoint's whole state (from its recorded array checksums), for
+  provenance: which teacher a student was distilled from. None for an older checkpoint."""
+  recorded = meta.get(_CHECKSUMS)
+  if recorded is None:
+    return None
+  return hashlib.sha256(json.dumps(recorded, sort_keys=True).encode()).hexdigest()
+
+
 class Checkpointer:
   """Saves and restores one run's train state under `directory`."""
 
   def __init__(self, directory: str, *, max_to_keep: int = 2):
     self.directory = paths.resolve(directory)
+    if os.path.isdir(self.directory):  # Orbax follows links when it reads, writes, deletes.
+      files.refuse_links_below(self.directory)
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -45,7 +131,7 @@ class Checkpointer:
     self._check_free_space(step, state_on_host)
     # The tree's layout, so that a restore can tell a code change from damaged data.
     layout = {path: list(shape) for path, shape in _shapes_by_path(state_on_host).items()}
-    meta = dict(meta, state_layout=layout)
+    meta = with_checksums(state_on_host, dict(meta, state_layout=layout))
     try:
       self._manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state_on_host), meta=ocp.args.JsonSave(meta)), force=True)
@@ -76,14 +162,23 @@ class Checkpointer:
                                   f"{free / 2**20:.1f} MiB are free; ")
 
   def restore(self, step: int, abstract_state: Any) -> Tuple[Any, dict]:
+    """(state, meta) of `step`, verified against its checksums (DamagedCheckpoint)."""
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-    return restored["state"], dict(restored["meta"])
+    state, meta = restored["state"], dict(restored["meta"])
+    verify(state, meta, self.step_directory(step))
+    return state, meta
 
   def restore_raw(self, step: int):
-    """The saved state as nested dicts of numpy arrays (no target structure needed)."""
-    return self._manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    """The saved state as nested dicts of numpy arrays (no target structure needed),
+    verified against its checksums (DamagedCheckpoint)."""
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+    verify(restored["state"], dict(restored["meta"]), self.step_directory(step))
+    return restored["state"]
+
+  def step_directory(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
 
   def restore_meta(self, step: int) -> dict:
     return dict(self._manager.restore(
@@ -112,10 +207,11 @@ class Checkpointer:
             f"{self.directory} holds only damaged checkpoints ({', '.join(damaged)}); refusing "
             "to restart from step 0. Repair them, or delete them to train from scratch.")
       return None, None, None
-    failures = []
+    failures, set_aside = [], []
     for step in steps:
       try:
         meta = self.restore_meta(step)
+        verify_meta(meta, self.step_directory(step))  # Before trusting its identity.
       except Exception as error:  # pylint: disable=broad-except
         meta, meta_error = None, error
       if meta is not None:
@@ -127,15 +223,18 @@ class Checkpointer:
         state, meta = self.restore(step, abstract_state)
         _check_shapes(state, abstract_state)
       except Exception as error:  # orbax/tensorstore raise many types for damaged data.
-        failures.append(f"step {step}: {type(error).__name__}: {str(error)[:300]}")
-        log(f"Checkpoint at step {step} in {self.directory} is damaged or unreadable "
-            f"({type(error).__name__}: {str(error)[:200]}); trying an earlier one.")
-        self._set_aside(step)
+        reason = (str(error) if isinstance(error, DamagedCheckpoint) else
+                  f"{type(error).__name__}: {' '.join(str(error).split())[:200]}")
+        failures.append(f"step {step}: {reason}")
+        set_aside.append((step, reason, self._set_aside(step)))
         continue
+      for bad_step, reason, moved_to in set_aside:
+        log(f"Checkpoint at step {bad_step} in {self.directory} is damaged ({reason}); set "
+            f"aside as {os.path.basename(moved_to)}, using step {step}.")
       return step, state, meta
     raise CheckpointError(
         f"Checkpoints exist in {self.directory} but none could be restored (moved aside as "
-        "*.damaged); refusing to restart from step 0. Errors:\n  " + "\n  ".join(failures))
+        "*.damaged); refusing to restart from step 0. Errors: " + "; ".join(failures))
 
   def _check_layout(self, step: int, meta: dict, abstract_state: Any):
     """A checkpoint whose tree differs from the code's (a parameter added or reshaped by a
@@ -150,19 +249,21 @@ class Checkpointer:
         "run directory aside to train it again). Differences",
         shapes=saved)
 
-  def _set_aside(self, step: int):
-    source = os.path.join(self.directory, str(step))
+  def _set_aside(self, step: int) -> str:
+    """Renames the step's directory to `<step>.damaged` (or `.damaged1`, ...); returns it."""
+    source = self.step_directory(step)
+    target = source + ".damaged"
+    suffix = 1
+    while os.path.lexists(target):
+      target = f"{source}.damaged{suffix}"
+      suffix += 1
     if os.path.isdir(source) and jax.process_index() == 0:
-      target = source + ".damaged"
-      suffix = 1
-      while os.path.exists(target):
-        target = f"{source}.damaged{suffix}"
-        suffix += 1
       try:
-        os.rename(source, target)
+        files.rename_aside(source, target)
       except FileNotFoundError:  # Another process of a multi-host run moved it first.
         pass
     self._manager.reload()
+    return target
 
   def close(self):
     self._manager.close()
@@ -175,26 +276,71 @@ def _check_shapes(state, abstract_state):
       raise CheckpointError(f"restored leaf of shape {np.shape(got)}, expected {want.shape}")
 
 
-def saved_model_name(directory: str) -> Optional[str]:
-  """The model name recorded in the latest checkpoint of a kdjax run (None if unknown)."""
+def _damaged_message(where: str, reason: str) -> str:
+  """One line: which step directory is damaged, why, and what to do."""
+  run_dir = os.path.dirname(os.path.dirname(where))
+  summary = os.path.join(run_dir, "run_summary.json")
+  if os.path.exists(summary):  # A finished kdjax run: retraining its last steps restores it.
+    fix = (f"move it aside (mv {where} {where}.damaged) and delete {summary}; rerunning that "
+           "run's command then trains its last steps again from the previous checkpoint")
+  else:
+    fix = "replace it with an intact copy"
+  return f"The checkpoint {where} is damaged ({reason}); {fix}."
+
+
+def read_latest(directory: str, *, with_state: bool = True) -> Tuple[int, Any, dict]:
+  """(step, state as nested dicts of host arrays or None, meta) of the newest step of a kdjax
+  checkpoint directory, read without a target and verified against its checksums.
+
+  For checkpoints that are read, not resumed (a teacher's, `load_run`'s): a damaged step is
+  refused in one line naming its directory (CheckpointError), never replaced silently by an
+  older one. Raises CheckpointError also for a path that is a file or holds no checkpoint."""
   directory = paths.resolve(directory)
+  if os.path.isfile(directory):
+    raise CheckpointError(f"{directory!r} is a file, not a checkpoint directory; give a kdjax "
+                          "run's checkpoints/ directory (or an exported *.msgpack model).")
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"Checkpoint directory {directory!r} does not exist.")
   manager = ocp.CheckpointManager(directory, item_names=("state", "meta"),
                                   options=ocp.CheckpointManagerOptions(create=False))
   try:
     step = manager.latest_step()
     if step is None:
       raise CheckpointError(f"No complete checkpoint in {directory!r}.")
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    return dict(meta).get("model")
+    where = os.path.join(directory, str(step))
+    try:
+      items = dict(meta=ocp.args.JsonRestore())
+      if with_state:
+        items["state"] = ocp.args.StandardRestore()
+      restored = manager.restore(step, args=ocp.args.Composite(**items))
+      meta = dict(restored["meta"])
+      state = restored["state"] if with_state else None
+      if with_state:
+        verify(state, meta, where)
+      else:
+        verify_meta(meta, where)
+    except DamagedCheckpoint as error:
+      raise CheckpointError(_damaged_message(where, str(error))) from None
+    except Exception as error:  # orbax/tensorstore raise many types for damaged data.
+      raise CheckpointError(_damaged_message(
+          where, f"{type(error).__name__}: {' '.join(str(error).split())[:200]}")) from None
   finally:
     manager.close()
+  return step, state, meta
+
+
+def saved_model_name(directory: str) -> Optional[str]:
+  """The model name recorded in the latest checkpoint of a kdjax run (None if unknown)."""
+  _, _, meta = read_latest(directory, with_state=False)
+  return meta.get("model")
 
 
 def load_model_variables(directory: str, expected_variables: Any, *, model_name: str) -> dict:
   """Loads a trained model's variables from a kdjax run's checkpoint directory.
 
   Args:
-    directory: a run's `checkpoints/` directory (the latest step is used).
+    directory: a run's `checkpoints/` directory (the latest step is used, verified against
+      the checksums recorded when it was saved).
     expected_variables: the model's variables (or their shapes), `{'params': ..., ...}`,
       used to check that the checkpoint holds this architecture.
     model_name: for error messages.
@@ -205,28 +351,18 @@ def load_model_variables(directory: str, expected_variables: Any, *, model_name:
   directory = paths.resolve(directory)
   if directory.endswith(EXPORTED_SUFFIX):
     return load_exported_variables(directory, expected_variables, model_name=model_name)
-  if not os.path.isdir(directory):
+  if not os.path.lexists(directory):
     raise CheckpointError(
         f"Teacher checkpoint directory {directory!r} does not exist. Train the teacher first "
         "(include 'teacher' in config.suite) or set config.teacher.checkpoint to a kdjax run's "
         "checkpoints/ directory.")
-  manager = ocp.CheckpointManager(directory, item_names=("state", "meta"),
-                                  options=ocp.CheckpointManagerOptions(create=False))
-  step = manager.latest_step()
-  if step is None:
-    raise CheckpointError(f"No complete checkpoint in {directory!r}.")
-  meta = dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+  # Restored without a target: plain nested dicts, checked against the model just below.
+  step, restored, meta = read_latest(directory)
   saved_model = meta.get("model")
   if saved_model is not None and saved_model != model_name:
     raise CheckpointError(
         f"The checkpoint in {directory!r} is of model {saved_model!r}, but the teacher is "
         f"configured as {model_name!r} (config.teacher.model).")
-  try:
-    # Restored without a target: plain nested dicts, checked against the model just below.
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))["state"]
-  finally:
-    manager.close()
   variables = {"params": restored["params"]["student"], **restored.get("model_state", {})}
   _check_same_structure(variables, expected_variables,
                         f"The checkpoint in {directory!r} (step {step}) does not match model "
@@ -318,8 +454,9 @@ def export_model_variables(variables: Any, path: str, *, model_name: str,
     x = np.asarray(x)
     return x.astype(cast) if cast is not None and np.issubdtype(x.dtype, np.floating) else x
 
-  payload = {"model": model_name, "meta": json.dumps(meta or {}),
-             "variables": jax.tree.map(host, dict(variables))}
+  host_variables = jax.tree.map(host, dict(variables))
+  payload = {"model": model_name, "meta": json.dumps(meta or {}), "variables": host_variables,
+             _CHECKSUMS: array_checksums(host_variables)}
   data = serialization.msgpack_serialize(payload)
   files.write_atomic(path, data)
   return len(data)
@@ -328,11 +465,9 @@ def export_model_variables(variables: Any, path: str, *, model_name: str,
 def load_exported_variables(path: str, expected_variables: Any, *, model_name: str) -> dict:
   """The variables of a file written by `export_model_variables`, as float32 host arrays,
   checked against the model's expected variables."""
-  from flax import serialization  # pylint: disable=g-import-not-at-top
   if not os.path.isfile(path):
     raise CheckpointError(f"Exported model file {path!r} does not exist.")
-  with open(path, "rb") as f:
-    payload = serialization.msgpack_restore(f.read())
+  payload = _read_exported(path)
   if payload.get("model") != model_name:
     raise CheckpointError(f"The exported model {path!r} is of model {payload.get('model')!r}, "
                           f"but the teacher is configured as {model_name!r} "
@@ -345,8 +480,34 @@ def load_exported_variables(path: str, expected_variables: Any, *, model_name: s
   return variables
 
 
+def _read_exported(path: str) -> dict:
+  """The payload of an exported model file, verified against its array checksums (files
+  exported before they were recorded are read unverified); CheckpointError in one line naming
+  the file when it is truncated, not a kdjax export, or damaged."""
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+  fix = ("export it again (experiments/export_model.py), or reinstall kdjax if it is a "
+         "shipped asset")
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    payload = serialization.msgpack_restore(data)
+    if not isinstance(payload, dict) or not {"model", "meta", "variables"} <= set(payload):
+      raise ValueError("not a kdjax exported model")
+    json.loads(payload["meta"])
+  except Exception as error:  # msgpack raises its own types for truncated data.
+    raise CheckpointError(f"The exported model file {path} is damaged ({type(error).__name__}: "
+                          f"{' '.join(str(error).split())[:120]}; {len(data)} bytes); "
+                          f"{fix}.") from None
+  recorded = payload.get(_CHECKSUMS)
+  if recorded is not None:
+    found = array_checksums(payload["variables"])
+    bad = sorted(name for name, digest in recorded.items() if found.get(name) != digest)
+    if bad:
+      raise CheckpointError(f"The exported model file {path} is damaged (checksum mismatch in "
+                            f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); {fix}.")
+  return payload
+
+
 def exported_meta(path: str) -> dict:
   """The `meta` stored with an exported model (how it was trained)."""
-  from flax import serialization  # pylint: disable=g-import-not-at-top
-  with open(path, "rb") as f:
-    return json.loads(serialization.msgpack_restore(f.read())["meta"])
+  return json.loads(_read_exported(path)["meta"])

@@ -16,12 +16,11 @@ from typing import Any, Callable, List, NamedTuple, Optional
 
 import jax
 import ml_collections
-import orbax.checkpoint as ocp
 
 from kdjax import models as models_lib
 from kdjax import paths
 from kdjax.train import files
-from kdjax.train.checkpoint import CheckpointError, load_model_variables
+from kdjax.train.checkpoint import CheckpointError, load_model_variables, read_latest
 
 _CONFIG, _CHECKPOINTS, _RUN_SUMMARY = "config.json", "checkpoints", "run_summary.json"
 
@@ -96,17 +95,9 @@ def _sample_inputs(config) -> Optional[jax.ShapeDtypeStruct]:
 
 
 def _restore_unchecked(directory: str) -> dict:
-  """The student's variables of the latest checkpoint, without a model to check them by."""
-  manager = ocp.CheckpointManager(directory, item_names=("state", "meta"),
-                                  options=ocp.CheckpointManagerOptions(create=False))
-  try:
-    step = manager.latest_step()
-    if step is None:
-      raise CheckpointError(f"No complete checkpoint in {directory!r}.")
-    state = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))["state"]
-  finally:
-    manager.close()
+  """The student's variables of the latest checkpoint (verified against its checksums),
+  without a model to check their shapes by."""
+  _, state, _ = read_latest(directory)
   return {"params": state["params"]["student"], **state.get("model_state", {})}
 
 
@@ -135,7 +126,11 @@ def load_run(workdir_or_run_dir: str, *, run: Optional[str] = None) -> LoadedRun
     run_dir = directory
   else:
     run_dir = os.path.join(directory, _pick_run(directory, run))
-  config = ml_collections.ConfigDict(files.read_json(os.path.join(run_dir, _CONFIG)))
+  config_path = os.path.join(run_dir, _CONFIG)
+  config = files.read_json(config_path)  # DamagedFileError (one line) if it does not read.
+  if not isinstance(config, dict):
+    raise files.damaged(config_path, f"a JSON {type(config).__name__}, not a config")
+  config = ml_collections.ConfigDict(config)
   summary_path = os.path.join(run_dir, _RUN_SUMMARY)
   summary = files.read_json(summary_path) if os.path.exists(summary_path) else None
   model = config.student.model

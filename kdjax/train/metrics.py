@@ -28,7 +28,7 @@ class MetricWriter:
     if not self.enabled:
       return
     try:
-      with open(self.path, "a") as f:
+      with files.open_append(self.path) as f:  # Never through a planted link.
         f.write(json.dumps({"step": int(step), "split": split, **scalars}) + "\n")
         f.flush()
       if self._tensorboard is not None:
@@ -42,27 +42,47 @@ class MetricWriter:
       raise
 
   def truncate_after(self, step: int):
-    """Drops lines logged after `step` (written before a crash, redone after resuming)."""
+    """Drops lines logged after `step` (written before a crash, redone after resuming), and a
+    half-written last line (a kill during a write)."""
     if not self.enabled or not os.path.exists(self.path):
       return
-    with open(self.path) as f:
-      lines = [l for l in f if l.strip() and json.loads(l)["step"] <= step]
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(lines)
-    os.replace(tmp, self.path)
+    kept = [line for line in _read_lines(self.path) if line["step"] <= step]
+    files.write_atomic(self.path, "".join(json.dumps(line) + "\n" for line in kept))
 
   def close(self):
     if self._tensorboard is not None:
       self._tensorboard.close()
 
 
+def _read_lines(path: str):
+  """The records of a metrics.jsonl file. A last line that does not parse is one a kill cut
+  short and is dropped (the rerun logs it again); any other line that does not parse is
+  damage: DamagedFileError naming the file and line."""
+  with open(path, "rb") as f:
+    lines = f.read().split(b"\n")
+  records = []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line.decode("utf-8"))
+      if not isinstance(record, dict) or "step" not in record or "split" not in record:
+        raise ValueError("not a {'step', 'split', ...} record")
+    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors.
+      if number == len(lines):  # No newline after it: the write was cut short.
+        continue
+      raise files.damaged(path, f"line {number}: {str(error)[:80]}",
+                          "delete the run directory to train it again (deleting only this "
+                          "file keeps the run but loses its earlier metrics)") from None
+    records.append(record)
+  return records
+
+
 def read_metrics(directory: str):
   path = os.path.join(directory, "metrics.jsonl")
   if not os.path.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return _read_lines(path)
 
 
 class Progress:

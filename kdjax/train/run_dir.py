@@ -67,7 +67,9 @@ def check_run_dir(config, run_dir: str, name: str, *, move_aside: bool = True):
   path = os.path.join(run_dir, "config.json")
   if not os.path.exists(path):
     return
-  old = files.read_json(path)
+  old = files.read_json(path)  # DamagedFileError (one line) if it does not read back.
+  if not isinstance(old, dict):
+    raise files.damaged(path, f"a JSON {type(old).__name__}, not a config")
   changes = _config_changes(old, json.loads(config.to_json()))
   if not changes:
     return
@@ -81,6 +83,6 @@ def check_run_dir(config, run_dir: str, name: str, *, move_aside: bool = True):
     return
   aside = f"{run_dir.rstrip(os.sep)}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
   if jax.process_index() == 0:
-    os.rename(run_dir, aside)
+    files.rename_aside(run_dir, aside)
   print(f"[{name}] config changed ({'; '.join(changes[:3])}); old run moved to {aside}",
         flush=True)

@@ -6,7 +6,9 @@
 
 The lock is an advisory `flock` on `workdir/.kdjax.lock`: the kernel drops it when its process
 dies, so a lock left by a killed run never blocks the rerun. Only process 0 of a multi-host
-run takes it (the other processes of the same run must not be refused).
+run takes it (the other processes of the same run must not be refused). Taking it also checks
+that no symbolic link was planted anywhere in the workdir (`files.refuse_links_below`): a
+shared results directory must not redirect what a run writes.
 """
 
 import errno
@@ -16,12 +18,10 @@ import socket
 import time
 
 from kdjax import paths
+from kdjax.train import files
+from kdjax.train.files import WorkdirError  # pylint: disable=unused-import  (re-exported)
 
 LOCK_FILE = ".kdjax.lock"
-
-
-class WorkdirError(ValueError):
-  """The workdir cannot be used: not creatable, not writable, or in use by another run."""
 
 
 def prepare_workdir(workdir: str) -> str:
@@ -38,10 +38,7 @@ def prepare_workdir(workdir: str) -> str:
                        "--workdir.")
   try:
     os.makedirs(path, exist_ok=True)
-    probe = os.path.join(path, f".kdjax-write-test-{os.getpid()}")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
+    files.remove(files.create_exclusive(path, "kdjax-write-test"))
   except OSError as error:
     reason = os.strerror(error.errno) if error.errno else str(error)
     raise WorkdirError(f"workdir {path!r} cannot be created or written ({reason}"
@@ -61,7 +58,7 @@ class WorkdirLock:
   def __enter__(self):
     if not self.enabled:
       return self
-    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = files.open_lock(self.path)  # Never through a planted link (UnsafePathError).
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:
@@ -71,6 +68,12 @@ class WorkdirLock:
         raise WorkdirError(
             f"workdir {os.path.dirname(self.path)!r} is in use by {holder}; wait for it to "
             "finish (or stop it), or use another --workdir.") from None
+      raise
+    try:
+      files.refuse_links_below(os.path.dirname(self.path))
+    except files.UnsafePathError:
+      fcntl.flock(fd, fcntl.LOCK_UN)
+      os.close(fd)
       raise
     os.ftruncate(fd, 0)
     os.write(fd, (f"process {os.getpid()} on {socket.gethostname()} "
