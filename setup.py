@@ -30,10 +30,11 @@ setup(
         "filelock",  # JAX's size-bounded persistent compilation cache (experiments.main).
         "absl-py",
         "numpy",
+        "scikit-learn>=1.3",  # kdjax.diffusion.digits: the bundled 8x8 digits (no download).
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"],
-        "torch": ["torch==2.13.0"],  # Only for experiments/torch_reference.py.
+        "torch": ["torch==2.13.0"],  # Only for benchmarks/torch_reference.py.
         "notebook": ["jupyter"],
         "tensorboard": ["tensorboard"],  # The viewer for the runs' tensorboard/ event files.
     },
