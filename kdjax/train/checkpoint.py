@@ -288,6 +288,16 @@ def _damaged_message(where: str, reason: str) -> str:
   return f"The checkpoint {where} is damaged ({reason}); {fix}."
 
 
+def checkpoint_path_problem(path: str) -> Optional[str]:
+  """Why `path` cannot be a checkpoint directory ('is a file, not a checkpoint directory',
+  'does not exist'), or None: for config checks that name the field."""
+  if os.path.isdir(path):
+    return None
+  if os.path.lexists(path):
+    return "is a file, not a checkpoint directory"
+  return "does not exist"
+
+
 def read_latest(directory: str, *, with_state: bool = True) -> Tuple[int, Any, dict]:
   """(step, state as nested dicts of host arrays or None, meta) of the newest step of a kdjax
   checkpoint directory, read without a target and verified against its checksums.
@@ -296,11 +306,10 @@ def read_latest(directory: str, *, with_state: bool = True) -> Tuple[int, Any, d
   refused in one line naming its directory (CheckpointError), never replaced silently by an
   older one. Raises CheckpointError also for a path that is a file or holds no checkpoint."""
   directory = paths.resolve(directory)
-  if os.path.isfile(directory):
-    raise CheckpointError(f"{directory!r} is a file, not a checkpoint directory; give a kdjax "
-                          "run's checkpoints/ directory (or an exported *.msgpack model).")
-  if not os.path.isdir(directory):
-    raise CheckpointError(f"Checkpoint directory {directory!r} does not exist.")
+  problem = checkpoint_path_problem(directory)
+  if problem:
+    raise CheckpointError(f"{directory!r} {problem}; give a kdjax run's checkpoints/ "
+                          "directory (or an exported *.msgpack model).")
   manager = ocp.CheckpointManager(directory, item_names=("state", "meta"),
                                   options=ocp.CheckpointManagerOptions(create=False))
   try:
@@ -351,7 +360,7 @@ def load_model_variables(directory: str, expected_variables: Any, *, model_name:
   directory = paths.resolve(directory)
   if directory.endswith(EXPORTED_SUFFIX):
     return load_exported_variables(directory, expected_variables, model_name=model_name)
-  if not os.path.lexists(directory):
+  if checkpoint_path_problem(directory) == "does not exist":
     raise CheckpointError(
         f"Teacher checkpoint directory {directory!r} does not exist. Train the teacher first "
         "(include 'teacher' in config.suite) or set config.teacher.checkpoint to a kdjax run's "

@@ -124,6 +124,25 @@ def dataset_fingerprints(pipeline, dataset: str, data_dir: Optional[str] = None)
   return records
 
 
+def teacher_provenance(checkpoints) -> list:
+  """[{'checkpoint', 'step', 'sha256'}] of the teachers a student is distilled from: the step
+  read (the latest of a run's checkpoints/ directory; None for an exported file) and one
+  sha256 of its state (from the array checksums recorded at save time; of the file's bytes
+  for an exported model; None for a checkpoint written before checksums were recorded)."""
+  from kdjax.train import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  records = []
+  for directory in checkpoints:
+    if str(directory).endswith(checkpoint_lib.EXPORTED_SUFFIX):
+      with open(directory, "rb") as f:
+        records.append({"checkpoint": directory, "step": None,
+                        "sha256": hashlib.sha256(f.read()).hexdigest()})
+      continue
+    step, _, meta = checkpoint_lib.read_latest(directory, with_state=False)
+    records.append({"checkpoint": directory, "step": int(step),
+                    "sha256": checkpoint_lib.state_digest(meta)})
+  return records
+
+
 def run_provenance(pipeline, config) -> dict:
   """A run's provenance: `environment()` and its dataset splits' fingerprints."""
   return {**environment(),
