@@ -89,6 +89,19 @@ def refuse_links_below(directory: str):
         raise UnsafePathError(path)
 
 
+def check_directory_path(path: str, what: str):
+  """Raises WorkdirError (one line) if the directory `path` cannot exist because it, or the
+  nearest existing path above it, is a file: `HOME` or `KDJAX_DATA_DIR` set to a regular file
+  ended in NotADirectoryError deep inside a dataset builder. `what` names the setting."""
+  probe = os.path.abspath(path)
+  while not os.path.lexists(probe) and os.path.dirname(probe) != probe:
+    probe = os.path.dirname(probe)
+  if os.path.lexists(probe) and not os.path.isdir(probe):
+    where = "" if probe == os.path.abspath(path) else f" ({probe} is a file)"
+    raise WorkdirError(f"{what}={path} cannot be a directory{where or ': it is a file'}; point "
+                       "it at a directory.")
+
+
 def _open_new(directory: str, basename: str):
   """(fd, path) of a new temporary file beside `basename`, created O_EXCL|O_NOFOLLOW (mkstemp's
   flags) under an unpredictable name, with the permissions `open(path, 'w')` would give."""
@@ -211,6 +224,6 @@ def read_json(path: str, *, recovery: str = ""):
   try:
     return json.loads(data.decode("utf-8"))
   except (UnicodeDecodeError, json.JSONDecodeError) as error:
-    reason = (f"not JSON: {error.msg} at line {error.lineno} column {error.colno}"
+    reason = (f"not JSON: {error}"
               if isinstance(error, json.JSONDecodeError) else "not UTF-8 text")
     raise damaged(path, reason, recovery) from None

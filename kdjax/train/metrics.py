@@ -41,12 +41,15 @@ class MetricWriter:
                                     "continue from the last checkpoint") from None
       raise
 
-  def truncate_after(self, step: int):
+  def truncate_after(self, step: int, *, keep_evaluations: bool = True):
     """Drops lines logged after `step` (written before a crash, redone after resuming), and a
-    half-written last line (a kill during a write)."""
+    half-written last line (a kill during a write). `keep_evaluations=False` also drops the
+    evaluations logged at `step` itself: a run restored at its last step (its summary lost)
+    evaluates again, and must not log the final evaluation twice."""
     if not self.enabled or not os.path.exists(self.path):
       return
-    kept = [line for line in _read_lines(self.path) if line["step"] <= step]
+    kept = [line for line in _read_lines(self.path) if line["step"] < step or (
+        line["step"] == step and (keep_evaluations or line["split"] == "train"))]
     files.write_atomic(self.path, "".join(json.dumps(line) + "\n" for line in kept))
 
   def close(self):
