@@ -206,7 +206,7 @@ def test_tokenizer_larger_than_vocabulary_is_refused(llama_dir):
 def test_transformer_lm_maps_exactly_onto_llama():
   module = get_model("lm_tiny", num_classes=VOCAB)
   variables = _random_params(module, scale_centre=1.0)
-  config, llama_variables = transformer_lm_as_llama(module, variables)
+  llama_variables, config = transformer_lm_as_llama(module, variables)
   tokens = _tokens(length=16)
   want = jax.jit(module.apply)(variables, tokens).logits
   got = jax.jit(build_module(config).apply)(llama_variables, tokens).logits

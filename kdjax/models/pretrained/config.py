@@ -221,7 +221,7 @@ def _decoder_from_hf(hf, where) -> PretrainedConfig:
       qk_norm=model_type == "qwen3",
       layer_types=layer_types,
       sliding_window=(get("sliding_window", 4096) if SLIDING in layer_types else None),
-      query_pre_attn_scalar=float(get("query_pre_attn_scalar", 256)) if gemma else None,
+      query_pre_attn_scalar=get("query_pre_attn_scalar", 256) if gemma else None,
       attn_logit_softcapping=get("attn_logit_softcapping", 50.0) if gemma else None,
       final_logit_softcapping=get("final_logit_softcapping", 30.0) if gemma else None,
       bos_token_id=hf.get("bos_token_id"),

@@ -157,8 +157,8 @@ def save_pretrained(directory: str, variables, config: PretrainedConfig, *, toke
       f.write(chat_template)
 
 
-def transformer_lm_as_llama(module, variables) -> Tuple[PretrainedConfig, Dict[str, Any]]:
-  """kdjax's `TransformerLM` (`lm_tiny`, `lm_student`, ...) as a `llama` config and variables.
+def transformer_lm_as_llama(module, variables) -> Tuple[Dict[str, Any], PretrainedConfig]:
+  """kdjax's `TransformerLM` (`lm_tiny`, `lm_student`, ...) as `llama` variables and config.
 
   The math is the same (see the module docstring); only parameter paths move (the block's
   gate/up/down go under `mlp/`). `save_pretrained(dir, *transformer_lm_as_llama(m, v))` then
@@ -182,4 +182,4 @@ def transformer_lm_as_llama(module, variables) -> Tuple[PretrainedConfig, Dict[s
     block = dict(params[f"blocks_{i}"])
     block["mlp"] = {name: block.pop(name) for name in ("gate", "up", "down")}
     converted[f"blocks_{i}"] = block
-  return config, {"params": converted}
+  return {"params": converted}, config
