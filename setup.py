@@ -24,6 +24,8 @@ setup(
         "grain>=0.2.18",  # Index shuffling / random-access pipelines, no TensorFlow.
         "mnist1d>=0.0.2",  # Generates MNIST-1D offline: the embedded default dataset.
         "tokenizers>=0.20",  # Byte-level BPE for language models, trained offline.
+        "safetensors>=0.4",  # Pretrained checkpoints in and out (numpy API, no torch).
+        "jinja2>=3.1.6",  # Chat templates (3.1.6: the sandbox fixes transformers requires).
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow.
         "matplotlib>=3.8",  # results.png
         "pillow",  # ImageNet crops and resizes (bilinear, as torchvision).
@@ -35,6 +37,8 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"],
         "torch": ["torch==2.13.0"],  # Only for benchmarks/torch_reference.py.
+        # The slow tests of kdjax.models.pretrained compare against transformers.
+        "hf": ["torch==2.13.0", "transformers==5.23.0"],
         "notebook": ["jupyter"],
         "tensorboard": ["tensorboard"],  # The viewer for the runs' tensorboard/ event files.
     },

@@ -12,6 +12,8 @@ The split follows Megatron-LM's tensor parallelism (Shoeybi et al. 2019, "Megatr
 Training Multi-Billion Parameter Language Models Using Model Parallelism", section 3):
 - column-parallel, output features split: attention q/k/v (ViT's fused qkv) and the MLP's
   up/gate (ViT's fc1) kernels `[D_in, D_out]` -> `(None, 'model')`, and their biases;
+  grouped-query key/value kernels `[D, K d]` split the same way when `K d` divides the axis
+  (otherwise replicated), which need not align with heads: communication, not accuracy;
 - row-parallel, input features split: the attention output (ViT's proj) and the MLP's down
   (ViT's fc2) kernels -> `('model', None)`; their biases are replicated (added once, after
   the partial sums are reduced);
@@ -43,9 +45,13 @@ Candidates = Union[PartitionSpec, Sequence[PartitionSpec]]
 # TransformerLM (kdjax/models/transformer.py) and VisionTransformer (kdjax/models/vit.py).
 TRANSFORMER_RULES: Tuple[Tuple[str, Candidates], ...] = (
     # TransformerLM: CausalSelfAttention's query/key/value/out, Block's SwiGLU gate/up/down.
+    # Also the pretrained families (kdjax/models/pretrained: Llama, Qwen, Gemma 2, GPT-2), which
+    # use the same names, with MLPs under `mlp/` and column-parallel biases (Qwen2, GPT-2).
     (r"attention/(query|key|value)/kernel$", _COLUMN),
+    (r"attention/(query|key|value)/bias$", _VECTOR),
     (r"attention/out/kernel$", _ROW),
     (r"/(gate|up)/kernel$", _COLUMN),
+    (r"/(gate|up)/bias$", _VECTOR),
     (r"/down/kernel$", _ROW),
     (r"(^|/)embed/embedding$", (_ROW, _COLUMN)),
     (r"(^|/)unembed/kernel$", (_COLUMN, _ROW)),

@@ -235,3 +235,20 @@ def test_render_chat_matches_hand_written_text():
   messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
   got = render_chat(template, messages, add_generation_prompt=True, eos_token="</s>")
   assert got == "<|user|>Hi</s>\n<|assistant|>Yo</s>\n<|assistant|>"
+
+
+def test_sharding_rules_split_the_families_megatron_style():
+  from kdjax.train import sharding_rules
+  config = from_hf(CONFIGS["qwen2"])  # q/k/v biases.
+  shapes = jax.eval_shape(build_module(config).init, jax.random.key(0),
+                          jnp.zeros((1, 4), jnp.int32))
+  specs = sharding_rules.partition_specs(shapes, 2)["params"]
+  spec = jax.sharding.PartitionSpec
+  block = specs["blocks_0"]
+  assert block["attention"]["query"]["kernel"] == spec(None, "model")
+  assert block["attention"]["key"]["bias"] == spec("model")
+  assert block["attention"]["out"]["kernel"] == spec("model", None)
+  assert block["mlp"]["gate"]["kernel"] == spec(None, "model")
+  assert block["mlp"]["down"]["kernel"] == spec("model", None)
+  assert block["attention_norm"]["scale"] == spec()
+  assert specs["embed"]["embedding"] == spec("model", None)
