@@ -82,6 +82,7 @@ def test_lock_file_linked_to_a_victim_is_refused(tmp_path, data_dir):
   assert os.listdir(workdir) == [".kdjax.lock"]
 
 
+@pytest.mark.slow  # The lock's own refusal is in the default run (and in-process, every link).
 def test_run_directory_linked_outside_is_refused(workdir, tmp_path, data_dir):
   outside = tmp_path / "elsewhere"
   shutil.move(os.path.join(workdir, "kd"), outside)
@@ -154,6 +155,7 @@ def test_following_the_damaged_teacher_advice_gives_the_uninterrupted_result(
     _assert_same_run(os.path.join(workdir, run), os.path.join(smoke_suite[0], run))
 
 
+@pytest.mark.slow  # In-process: test_damaged_files.test_report_on_a_corrupt_summary_...
 def test_report_on_a_corrupt_summary_is_one_line(workdir):
   overwrite(os.path.join(workdir, "summary.json"), b'{"runs": {"kd": ')
   result = run_python(["-m", "experiments.report", f"--workdir={workdir}"], check=False)
@@ -162,6 +164,7 @@ def test_report_on_a_corrupt_summary_is_one_line(workdir):
   assert not os.path.exists(os.path.join(workdir, "results.md"))
 
 
+@pytest.mark.slow
 @pytest.mark.xfail(reason="validate.py (the lead's) reports a file as 'does not exist'; it "
                           "should use checkpoint.checkpoint_path_problem", strict=False)
 def test_teacher_checkpoint_that_is_a_file_says_so(tmp_path, data_dir):
