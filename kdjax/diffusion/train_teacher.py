@@ -34,6 +34,7 @@ class TeacherConfig:
   2022) uses, so the teacher also samples unconditionally."""
   denoiser: str = "unet_digits"
   channels: int = 32
+  blocks_per_level: int = 2
   num_classes: int = 10
   label_dropout: float = 0.1
   dropout: float = 0.1
@@ -50,7 +51,7 @@ class TeacherConfig:
 
   def module(self) -> unet.UNet:
     return unet.get_denoiser(self.denoiser, channels=self.channels, num_classes=self.num_classes,
-                             dropout=self.dropout)
+                             blocks_per_level=self.blocks_per_level, dropout=self.dropout)
 
 
 def ema_decay_at(step, decay: float):
