@@ -52,7 +52,7 @@ def build_synthetic_step(student_name: str, teacher_name: str, *, num_classes: i
   import ml_collections  # pylint: disable=g-import-not-at-top
   from kdjax import methods, models  # pylint: disable=g-import-not-at-top
   from kdjax.data import pairing  # pylint: disable=g-import-not-at-top
-  from kdjax.methods.base import Batch  # pylint: disable=g-import-not-at-top
+  from kdjax.methods.base import Batch, RunFacts  # pylint: disable=g-import-not-at-top
   from kdjax.train import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
   from kdjax.train import parallel as parallel_lib  # pylint: disable=g-import-not-at-top
   from kdjax.train import state as state_lib, step as step_lib  # pylint: disable=g-import-not-at-top
@@ -77,11 +77,8 @@ def build_synthetic_step(student_name: str, teacher_name: str, *, num_classes: i
   method_class = methods.get_method_class(method_name)
   method = method_class(method_config if method_config is not None
                         else method_class.default_config())
-  method.num_train_examples = TRAIN_EXAMPLES
-  method.teacher_model = teacher_name
-  method.batch_norm_axis_name = parallel.batch_norm_axis_name
-  if method.needs_train_labels:
-    method.train_labels = np.arange(TRAIN_EXAMPLES) % num_classes
+  method.prepare(RunFacts(num_train_examples=TRAIN_EXAMPLES, teacher_model=teacher_name,
+                          train_labels=lambda: np.arange(TRAIN_EXAMPLES) % num_classes))
   student_apply, teacher_apply = models.apply_fn(student), models.apply_fn(teacher)
   s_out, _ = student_apply(student_variables, sample, train=False)
   t_out, _ = teacher_apply(teacher_variables, sample, train=False)

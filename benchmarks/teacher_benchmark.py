@@ -5,7 +5,7 @@
 One invocation reports (i) the jitted eval-mode forward of the teacher `--model` (random
 weights, perturbed, with BatchNorm statistics calibrated on the input batch; CIFAR-sized
 inputs) built the way a run builds it from `config.teacher.dtype` / `fold_batch_norm`
-(`kdjax.train.teachers.frozen_teacher`): float32, bfloat16, folded and folded + bfloat16,
+(`kdjax.teachers.live.frozen_teacher`): float32, bfloat16, folded and folded + bfloat16,
 with speed-ups over float32, the max absolute / relative logit differences and the argmax
 agreement; (ii) the jitted KD train step (`kdjax.train.step.make_train_step`, method kd, SGD)
 of `--student` taught by the float32 teacher, with `config.dtype` float32 vs bfloat16
@@ -29,7 +29,7 @@ import optax
 from kdjax import methods
 from kdjax.models import get_model, precision
 from kdjax.train import state as state_lib, step as step_lib
-from kdjax.train.teachers import frozen_teacher
+from kdjax.teachers.live import frozen_teacher
 
 
 def calibrate_batch_stats(module, variables, inputs):

@@ -71,7 +71,7 @@ def get_config(arg=None):
   config.seq_kd.max_new_tokens = 32
   # The teacher's logits on every window the rows read, computed once per process and shared
   # by the rows (kd, fkl, jsd, adaspec train from them; every row's evaluations read them):
-  # a cached KD step costs about a scratch step (`kdjax/lm/teacher_logits.py`; '' = live).
+  # a cached KD step costs about a scratch step (`kdjax/teachers/process_logits.py`; '' = live).
   config.lm.teacher_logits = "float32"
   config.distillm.num_train_steps = config.get_ref("num_steps")
   config.distillm.prompt_length, config.distillm.max_new_tokens = 32, 32

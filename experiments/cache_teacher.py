@@ -10,7 +10,7 @@ teacher run `<workdir>/teacher/checkpoints`. For each step of `config.num_steps`
 epochs) the exact augmented batch the student will see (a pure function of (config.seed,
 step)) is made again, the teacher runs on it in eval mode, and its top-k logits (all of them
 with `--topk=0`), the chosen feature taps, the examples' ids and digests of their inputs are
-stored (format and checks: `kdjax/data/teacher_cache.py`; the replay is FKD's, Shen & Xing
+stored (format, writer and checks: `kdjax/teachers/disk_cache.py`; the replay is FKD's, Shen & Xing
 2022). The cache is bound to the config's dataset, seed, global batch size, augmentation,
 held-out validation examples, sampler and teacher model: a run with any of them different
 refuses it. `--topk` defaults to `config.teacher.cache_topk`.
@@ -18,11 +18,8 @@ refuses it. `--topk` defaults to `config.teacher.cache_topk`.
 The last line printed is one JSON object (steps, bytes, seconds).
 """
 
-import hashlib
 import json
 import os
-import shutil
-import time
 
 from absl import flags, logging
 from ml_collections import config_flags
@@ -42,16 +39,6 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing cache.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _teacher_digest(variables) -> str:
-  """sha256 of the teacher's variables (which weights wrote the cache), 16 hex digits."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  digest = hashlib.sha256()
-  for leaf in jax.tree.leaves(variables):
-    digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
-  return digest.hexdigest()[:16]
-
-
 def write_cache(config, workdir: str, *, topk=None, epochs: int = 0, features=(),
                 overwrite: bool = False) -> dict:
   """Writes `<workdir>/teacher_cache/` for `config` (see the module docstring); returns the
@@ -67,13 +54,10 @@ def write_cache(config, workdir: str, *, topk=None, epochs: int = 0, features=()
     overwrite: replace an existing cache.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from kdjax import data, paths  # pylint: disable=g-import-not-at-top
-  from kdjax.data import teacher_cache as cache_lib  # pylint: disable=g-import-not-at-top
-  from kdjax.data.prefetch import Prefetcher  # pylint: disable=g-import-not-at-top
+  from kdjax.teachers import disk_cache as cache_lib  # pylint: disable=g-import-not-at-top
   from kdjax.methods.registry import get_method_class  # pylint: disable=g-import-not-at-top
-  from kdjax.train import teachers as teachers_lib  # pylint: disable=g-import-not-at-top
+  from kdjax.train.config_syntax import checkpoint_dirs  # pylint: disable=g-import-not-at-top
   from kdjax.train.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
   from kdjax.train.config_paths import resolve_config_paths  # pylint: disable=g-import-not-at-top
   from kdjax.train.validate import validate_config  # pylint: disable=g-import-not-at-top
@@ -92,12 +76,12 @@ def write_cache(config, workdir: str, *, topk=None, epochs: int = 0, features=()
     raise cli.UsageError("experiments.cache_teacher runs in one process; start it without "
                          "jax.distributed.")
   try:
-    validate_config(config, num_devices=jax.device_count())
+    plan = validate_config(config, num_devices=jax.device_count())
   except ConfigError as error:
     raise cli.UsageError(str(error)) from None
   topk = config.teacher.cache_topk if topk is None else topk
   topk = None if not topk or topk >= config.num_classes else int(topk)
-  checkpoint_dir = teachers_lib.checkpoint_dirs(config, workdir)[0]
+  checkpoint_dir = checkpoint_dirs(plan.teachers, workdir)[0]
   if not os.path.isdir(checkpoint_dir):
     raise cli.UsageError(
         f"No teacher checkpoint at {checkpoint_dir!r}: train the suite's teacher first "
@@ -118,69 +102,12 @@ def write_cache(config, workdir: str, *, topk=None, epochs: int = 0, features=()
       epochs, pipeline.num_train_examples - config.validation_examples,
       config.global_batch_size) if epochs else config.num_steps)
 
-  sample = np.zeros((2,) + tuple(pipeline.spec.input_shape), np.float32)
   try:
-    (apply,), (variables,) = teachers_lib.load_models(
-        [config.teacher.model], [checkpoint_dir], num_classes=config.num_classes,
-        sample_inputs=sample, model_kwargs=lambda name: {})
-  except CheckpointError as error:
+    return cache_lib.write_cache(config, pipeline, directory=directory,
+                                 checkpoint_dir=checkpoint_dir, num_steps=num_steps, topk=topk,
+                                 features=features, epochs=epochs)
+  except (CheckpointError, ConfigError) as error:
     raise cli.UsageError(str(error)) from None
-  teacher_digest = _teacher_digest(variables)  # Of the trained weights, before any folding.
-  # As a live run's teacher: BatchNorm folded and/or bfloat16 when the config says so.
-  apply, variables = teachers_lib.frozen_teacher(config.teacher.model, apply, variables,
-                                                 config=config, sample_inputs=sample,
-                                                 model_kwargs={})
-  sample_output = jax.eval_shape(lambda: apply(variables, sample, train=False)[0])
-  taps = list(features)
-  unknown = [tap for tap in taps if tap not in sample_output.features]
-  if unknown:
-    raise cli.UsageError(
-        f"--features={','.join(taps)}: teacher {config.teacher.model!r} has no tap "
-        f"{', '.join(map(repr, unknown))}; its taps: {', '.join(sorted(sample_output.features))}.")
-
-  @jax.jit
-  def teacher_outputs(variables, inputs):
-    output, _ = apply(variables, inputs, train=False, rng=None)
-    out = {f"features/{tap}": output.features[tap].astype(jnp.float32) for tap in taps}
-    logits = output.logits.astype(jnp.float32)
-    if topk is None:
-      out["logits"] = logits
-    else:
-      out["topk_logits"], out["topk_indices"] = jax.lax.top_k(logits, topk)
-    return out
-
-  meta = dict(cache_lib.cache_identity(config, sampler=sampler), topk=topk, feature_taps=taps,
-              feature_shapes={tap: list(sample_output.features[tap].shape[1:]) for tap in taps},
-              teacher_checkpoint=checkpoint_dir, teacher_digest=teacher_digest,
-              teacher_dtype=config.teacher.get("dtype", "float32"),
-              teacher_fold_batch_norm=config.teacher.get("fold_batch_norm", False),
-              epochs=epochs or None)
-  variables = jax.device_put(variables)
-  if os.path.exists(directory):
-    shutil.rmtree(directory)
-  writer = cache_lib.TeacherCacheWriter(directory, meta)
-  start = time.perf_counter()
-
-  def write(step, pending):
-    host, outputs = pending
-    writer.write(step, dict(host, **jax.device_get(outputs)))
-
-  with Prefetcher(pipeline.train_batch, start=0, stop=num_steps, depth=2) as batches:
-    pending = None  # The previous step's outputs, fetched while this step's teacher runs.
-    for step in range(num_steps):
-      batch = batches.get(step)
-      outputs = teacher_outputs(variables, batch["inputs"])
-      if pending is not None:
-        write(step - 1, pending)
-      pending = ({"index": batch["index"].astype(np.int32),
-                  "input_digest": cache_lib.input_digests(batch["inputs"])}, outputs)
-    if pending is not None:
-      write(num_steps - 1, pending)
-  writer.close()
-  seconds = time.perf_counter() - start
-  size = sum(os.path.getsize(os.path.join(directory, name)) for name in os.listdir(directory))
-  return {"directory": directory, "steps": num_steps, "topk": topk, "features": taps,
-          "bytes": size, "seconds": round(seconds, 2)}
 
 
 def main(argv):

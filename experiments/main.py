@@ -64,7 +64,13 @@ def _enable_compilation_cache(jax, paths):
   options, device and versions, so a cached one is the very program a compile would give."""
   if not _COMPILATION_CACHE.value or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     return
-  jax.config.update("jax_compilation_cache_dir", paths.resolve(_COMPILATION_CACHE.value))
+  directory = paths.resolve(_COMPILATION_CACHE.value)
+  from kdjax.train import files  # pylint: disable=g-import-not-at-top
+  try:  # HOME set to a regular file: one line, not a traceback at the first compile.
+    files.check_directory_path(directory, "--compilation_cache")
+  except files.WorkdirError as error:
+    cli.fail(str(error))
+  jax.config.update("jax_compilation_cache_dir", directory)
   jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_MAX_BYTES)
 
 

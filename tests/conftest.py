@@ -11,13 +11,36 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def built_once(tmp_path_factory, name: str, build) -> str:
+  """`build(directory)` run once per test run, whatever the number of pytest-xdist workers:
+  the first worker to ask builds into a directory they all share (the run's base temp
+  directory), the others wait on a file lock and read its result. Returns what `build`
+  returned (a str, kept in `<name>.done`)."""
+  import filelock  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):  # Each worker has its own base; their parent is shared.
+    root = root.parent
+  done = root / f"{name}.done"
+  with filelock.FileLock(str(root / f"{name}.lock")):
+    if not done.exists():
+      directory = root / name
+      if directory.exists():  # A worker that died while building.
+        shutil.rmtree(directory)
+      directory.mkdir()
+      done.write_text(build(str(directory)))
+  return done.read_text()
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
   """A data_dir with MNIST-1D prepared (array_record), shared by all tests."""
-  directory = str(tmp_path_factory.mktemp("tfds"))
   from kdjax.data import catalog, sources
-  sources.ensure_prepared(catalog.get_dataset_spec("mnist1d"), directory)
-  return directory
+
+  def build(directory):
+    sources.ensure_prepared(catalog.get_dataset_spec("mnist1d"), directory)
+    return directory
+
+  return built_once(tmp_path_factory, "tfds", build)
 
 
 # The smoke quickstart: every run of configs/quickstart.py:smoke (teacher 60 steps, students 40).
@@ -28,15 +51,19 @@ SMOKE = ["-m", "experiments.main", "--config=configs/quickstart.py:smoke"]
 def smoke_suite(tmp_path_factory, data_dir):
   """(workdir, stdout) of the smoke quickstart, uninterrupted, on 1 device, in a fresh process.
 
-  Trained once per session: tests that need finished runs (a teacher to distil from, a
+  Trained once per test run (shared by the xdist workers): tests that need finished runs (a teacher to distil from, a
   finished `kd` to resume, damage or refuse) copy them with `copy_runs` instead of training
   their own. A run's numbers and its config fingerprint depend on its own config only (not on
   `suite` or `data_dir`), so a copied run is the one their `--config.suite=teacher,kd` command
-  would train. Copy before changing anything (test_quickstart.py reruns it in place, and
-  checks that this changes nothing)."""
-  workdir = str(tmp_path_factory.mktemp("smoke_1dev"))
-  result = run_python(SMOKE + [f"--workdir={workdir}", f"--config.data_dir={data_dir}"])
-  return workdir, result.stdout
+  would train. Never change it: copy it (`copy_runs`) before rerunning or damaging anything."""
+  import json  # pylint: disable=g-import-not-at-top
+
+  def build(workdir):
+    result = run_python(SMOKE + [f"--workdir={workdir}", f"--config.data_dir={data_dir}"])
+    return json.dumps([workdir, result.stdout])
+
+  workdir, stdout = json.loads(built_once(tmp_path_factory, "smoke_1dev", build))
+  return workdir, stdout
 
 
 def copy_runs(smoke_workdir, workdir, runs):

@@ -95,7 +95,7 @@ class LMInputPipeline:
   `tokens` [b, T] int32, `targets` [b, T] int32 (tokens shifted by one), `mask` [b, T] bool
   (False on padding targets, and on whole padding rows of a last eval batch), and for
   training `index` [b] int32 (the window's position in the training split); with
-  `attach_teacher_logits`, `teacher_logits` [b, T, V] float32 as well.
+  `attach_teacher_logits`, the teacher's logits [b, T, V] float32 as well.
 
   Same interface as `InputPipeline`, so the train loop takes either; `spec` is the text
   spec with `num_classes` = the tokenizer's vocabulary size and `input_shape` = (T,).
@@ -236,16 +236,16 @@ class LMInputPipeline:
     """{'train': [N_train, T], 'eval': [N_eval, T]}: the model inputs of every window."""
     return {"train": self._train.windows[:, :-1], "eval": self._eval.windows[:, :-1]}
 
-  def attach_teacher_logits(self, lookup, *, train: bool, evaluate: bool) -> None:
-    """Batches carry `teacher_logits` [b, T, V] = lookup(split, window indices), split
-    'train' (training and validation windows) or 'eval': training batches when `train`,
-    eval and validation batches when `evaluate` (`kdjax.lm.teacher_logits`)."""
+  def attach_teacher_logits(self, lookup, *, key: str, train: bool, evaluate: bool) -> None:
+    """Batches carry `key` [b, T, V] = lookup(split, window indices), split 'train' (training
+    and validation windows) or 'eval': training batches when `train`, eval and validation
+    batches when `evaluate` (`kdjax.teachers.process_logits`, whose batch key `key` is)."""
     self._teacher_logits = lookup
-    self._teacher_logits_in = {"train": train, "evaluate": evaluate}
+    self._teacher_logits_in = {"train": train, "evaluate": evaluate, "key": key}
 
   def _with_teacher_logits(self, batch: dict, use: str, split: str, indices) -> dict:
     if self._teacher_logits is not None and self._teacher_logits_in[use]:
-      batch["teacher_logits"] = self._teacher_logits(split, indices)
+      batch[self._teacher_logits_in["key"]] = self._teacher_logits(split, indices)
     return batch
 
   def train_batch(self, step: int) -> dict:

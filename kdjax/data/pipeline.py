@@ -149,7 +149,7 @@ class InputPipeline:
   never the held-out validation ones; training batches then also carry `partner_row` [b],
   see `kdjax.data.pairing`).
 
-  `teacher_cache`: a `kdjax.data.teacher_cache.TeacherCache` written for this pipeline's seed
+  `teacher_cache`: a `kdjax.teachers.disk_cache.TeacherCache` written for this pipeline's seed
   and batch size; training batches then also carry the cached teacher outputs of their rows
   ('teacher_logits' or 'teacher_topk_logits' / 'teacher_topk_indices', 'teacher_features/<tap>').
   """
@@ -171,7 +171,7 @@ class InputPipeline:
     self.process_index = process_index
     self.seed = seed
     self.augment = augment
-    # A `kdjax.data.teacher_cache.TeacherCache`: its rows for each step join the batch.
+    # A `kdjax.teachers.disk_cache.TeacherCache`: its rows for each step join the batch.
     self.teacher_cache = teacher_cache
     self._train = _reader(self.spec, self.spec.train_split, data_dir, in_memory)
     self._eval = _reader(self.spec, self.spec.eval_split, data_dir, in_memory)

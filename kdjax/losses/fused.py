@@ -58,14 +58,14 @@ vocab_chunk]` blocks; no input is copied whole, cast or padded. For `[4, 2048]`
 tokens, hidden 2048, `V = 128256`, bfloat16 and the default chunks, XLA's CPU
 temp memory is 0.80 GB (1.53 GB before this layout; the goal
 `1.5 * (two float32 logit blocks + the unembedding gradient + both hidden
-states)` is 0.99 GB); see `experiments/fused_loss_benchmark.py`.
+states)` is 0.99 GB); see `benchmarks/fused_loss_benchmark.py`.
 
 Speed: the forward pass reads each block's logits twice (normalisers, then the
 value), the backward pass once more, so with several vocabulary blocks the
 loss costs about 2x the full-logits computation. With `vocab_chunk_size >= V`
 (one vocabulary block) the forward pass computes each token chunk's logits
 once: 1.5x. On one H100 at the shape above (JSD, value and gradient;
-`experiments/gpu_benchmark.py`): default chunks 132 ms with 0.32 GB of
+`benchmarks/gpu_benchmark.py`): default chunks 132 ms with 0.32 GB of
 temporary memory, the whole vocabulary in chunks of 1024 tokens 94 ms with
 2.2 GB, full logits 63 ms with 18.9 GB, TRL's torch loss 121 ms with 31.6 GB.
 """

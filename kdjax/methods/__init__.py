@@ -1,8 +1,9 @@
 """Distillation methods: a method = its losses + its own trainable and stateful parts."""
 
-from kdjax.methods.base import Batch, BatchOps, Method, single_device_ops
+from kdjax.methods.base import (Batch, BatchOps, Method, RunFacts, TeacherNeeds,
+                                single_device_ops)
 from kdjax.methods.registry import (METHODS, build_method, default_method_configs,
                                     get_method_class, register)
 
-__all__ = ["Batch", "BatchOps", "Method", "single_device_ops", "METHODS", "build_method",
+__all__ = ["Batch", "BatchOps", "Method", "RunFacts", "TeacherNeeds", "single_device_ops", "METHODS", "build_method",
            "default_method_configs", "get_method_class", "register"]

@@ -47,10 +47,8 @@ def masked_quantile(values: jax.Array, where: jax.Array, q: float) -> jax.Array:
 class AdaSPEC(base.Method):
   """Selective forward KL on the top `keep_fraction` tokens by `delta` (module docstring)."""
   name = "adaspec"
-  rewrites_batch = True
   # The rewrite only adds the reference's logits: the teacher sees the batch's own tokens, so
-  # its logits may come from a cache (`kdjax.lm.teacher_logits`).
-  teacher_logits_survive_rewrite = True
+  # its logits may come from a cache (`kdjax.teachers.process_logits`): the default needs.
   # The config field naming the reference model (resolved by the suite and the run setup).
   reference_field = "reference"
   positive_fields = ("temperature",)
@@ -63,15 +61,13 @@ class AdaSPEC(base.Method):
   def __init__(self, config):
     super().__init__(config)
     base.check_interval(config, self.name, "keep_fraction", 0.0, 1.0, low_inclusive=False)
-    # Set by the run setup before `init` (the reference's {'params', ...} as host arrays).
-    self.reference_variables = None
 
   def init(self, rng, sample):
     del rng
     # Shape checks (`preflight`) trace `init` without a reference: the student's variables
     # have the reference's shapes (same architecture).
-    reference = (self.reference_variables if self.reference_variables is not None
-                 else sample.student_variables)
+    reference = (self.facts.reference_variables
+                 if self.facts.reference_variables is not None else sample.student_variables)
     return {}, {"reference": reference}
 
   def rewrite_batch(self, state, batch, models, rng, ops, step):

@@ -27,9 +27,13 @@ class BatchOps(NamedTuple):
     whole global batch, the same value on every device whatever the parallelism (its
     gradient is arranged so that the step's gradient averaging gives the global gradient).
   gather(x [b, ...]) -> [B, ...]: the global batch, for batch-relational losses.
+  batch_norm: the constructor of a method-owned `flax.linen.BatchNorm` whose training
+    statistics cover the global batch (under pmap the step binds the device axis here, so a
+    method never names it); None: plain `nn.BatchNorm` (one device, or jit's global batch).
   """
   mean: Callable[[jax.Array, jax.Array], jax.Array]
   gather: Callable[[jax.Array], jax.Array]
+  batch_norm: Optional[Callable[..., Any]] = None
 
 
 def single_device_ops() -> BatchOps:
@@ -45,7 +49,8 @@ class Batch:
 
   student: the student's Output (with gradient); logits [b, C], or [b, T, V] for sequences.
   teacher: the teacher's Output under stop_gradient, or None for methods without teacher;
-    for `multiple_teachers` methods its logits are stacked: [N_teachers, *student logits].
+    for ensemble methods (`TeacherNeeds.kind == 'ensemble'`) its logits are stacked:
+    [N_teachers, *student logits].
   labels: [b] int labels ([b, T] for sequences).
   where: [b] bool ([b, T] for sequences), False on padding rows / tokens.
   step: scalar int, the optimizer step (for warm-ups and curricula).
@@ -57,7 +62,7 @@ class Batch:
   student_variables: at `init` only, the student's initial variables (EMA/DINO teachers start
     as a copy); None in the loss.
   teacher_variables: the teacher's variables under stop_gradient (a list for
-    `multiple_teachers`), for methods whose loss reads the teacher's parameters (OFD's margins
+    ensembles), for methods whose loss reads the teacher's parameters (OFD's margins
     from the teacher's BatchNorm statistics); None without a teacher.
   """
   student: Output
@@ -91,34 +96,118 @@ STUDENT_VIEW_PREFIX = "student_view/"
 TEACHER_VIEW_PREFIX = "teacher_view/"
 
 
+TEACHER_KINDS = ("none", "one", "ensemble", "self")
+TEACHER_CACHE_LEVELS = ("topk", "logits", "features")
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherNeeds:
+  """What a method needs from its teacher; `kdjax.teachers.choose` builds the source from it.
+
+  kind: 'one' (the run's teacher checkpoint), 'ensemble' (every teacher of the run: its
+    `Batch.teacher.logits` are the teachers' logits stacked on a new leading axis,
+    [N_teachers, b, ..., C]), 'self' (the student's own apply function on variables the method
+    keeps in its state, `teacher_variables_from_state`: EMA, DINO; no checkpoint is loaded) or
+    'none'.
+  cache: what outputs read from a cache instead of running the teacher must hold: 'topk' (the
+    teacher's top-k logits suffice: KD-like losses, where the classes outside the top k get
+    probability 0 and the kept ones are renormalised, i.e. `losses.sparse_kd`), 'logits' (every
+    logit: DKD's non-target split, DIST's correlations) or 'features' (`taps` as well).
+  taps: the teacher's feature taps the loss reads (`Output.features` names).
+  views: the names among the method's extra input views (`Method.views`) that the teacher sees
+    as well (DINO's global crops).
+  on_batch_inputs: the loss reads the teacher's outputs on the batch's own inputs, so outputs
+    computed ahead of the step (a cache) can stand in for running it. False for methods whose
+    batch rewrite replaces what the teacher sees (SeqKD's generations, DistiLLM's samples);
+    True where the rewrite keeps cached outputs right (AdaSPEC adds its reference's logits,
+    GKD's on-policy branch recomputes the teacher's logits on its samples itself).
+  """
+  kind: str = "one"
+  cache: str = "logits"
+  taps: Tuple[str, ...] = ()
+  views: Tuple[str, ...] = ()
+  on_batch_inputs: bool = True
+
+  def __post_init__(self):
+    if self.kind not in TEACHER_KINDS:
+      raise ValueError(f"TeacherNeeds.kind={self.kind!r}; valid: {', '.join(TEACHER_KINDS)}.")
+    if self.cache not in TEACHER_CACHE_LEVELS:
+      raise ValueError(f"TeacherNeeds.cache={self.cache!r}; valid: "
+                       f"{', '.join(TEACHER_CACHE_LEVELS)}.")
+
+  @property
+  def checkpoint(self) -> bool:
+    """True when the run must load teacher checkpoints ('one' or 'ensemble')."""
+    return self.kind in ("one", "ensemble")
+
+  @property
+  def ensemble(self) -> bool:
+    return self.kind == "ensemble"
+
+  @property
+  def self_teacher(self) -> bool:
+    return self.kind == "self"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunFacts:
+  """What the run knows once its data is open, handed to `Method.prepare` in one call.
+
+  num_train_examples: the training split's size (per-example memory: CRD, PS-KD); None where
+    unknown (config validation, synthetic benchmarks).
+  train_labels: () -> [N] int labels of the training split (CRD's other-class negatives);
+    called only by methods that need them (it may read the whole split).
+  teacher_model: the run's (main) teacher model name, `config.teacher.model` (OFD reads the
+    teacher's BatchNorms by model); None without one.
+  reference_variables: the frozen reference model's variables when the method declares a
+    `reference_field` (AdaSPEC, MiniPLM); None otherwise.
+  """
+  num_train_examples: Optional[int] = None
+  train_labels: Optional[Callable[[], Any]] = None
+  teacher_model: Optional[str] = None
+  reference_variables: Any = None
+
+
 class Method(abc.ABC):
   """Base class. Subclasses set `name` and implement `loss`; they are constructed from their
   hyper-parameters `config[name]`, which `__init__` checks and keeps as `self.config`.
+
+  Everything the run reads from a method is declared here, with a default that does nothing,
+  grouped by when it runs:
+
+  * declarations (read before anything is built): `name`, `teacher_needs`, `sampler`,
+    `generations_field`, `reference_field`, `non_negative_fields` / `positive_fields`,
+    `default_config`;
+  * setup, once per run on the host: `prepare(run_facts)`, `init`, `select_examples`,
+    `pregenerate`;
+  * inside the jitted step: `rewrite_batch`, `views`, `loss`;
+  * after the optimizer step (jitted): `update_after_step`, and for self-teachers
+    `teacher_variables_from_state`;
+  * after an evaluation (host): `after_evaluation`; and `eval_metrics`, run by the eval step.
 
   The common checks are declared, not written: fields in `non_negative_fields` must be numbers
   >= 0 and those in `positive_fields` numbers > 0. A method with further rules extends
   `__init__` after calling `super().__init__(config)`.
   """
 
+  # --- Declarations ------------------------------------------------------------------------
   name: ClassVar[str]
-  needs_teacher: ClassVar[bool] = True
+  # What the method needs from its teacher (`TeacherNeeds`). A method whose taps depend on its
+  # config sets `self.teacher_needs = dataclasses.replace(type(self).teacher_needs, taps=...)`
+  # in `__init__`.
+  teacher_needs: TeacherNeeds = TeacherNeeds()
   non_negative_fields: ClassVar[Tuple[str, ...]] = ()
   positive_fields: ClassVar[Tuple[str, ...]] = ()
-  # True for methods that distil from several teachers at once: their `Batch.teacher.logits`
-  # is the teachers' logits stacked on a new leading axis, [N_teachers, b, ..., C].
-  multiple_teachers: ClassVar[bool] = False
-  # What the method can learn from when the teacher's outputs are read from a cache instead
-  # of running the teacher: 'topk' (the teacher's top-k logits suffice: KD-like losses, where
-  # the classes outside the top k get probability 0 and the kept ones are renormalised, i.e.
-  # `losses.sparse_kd`), 'logits' (needs every logit: DKD's non-target split, DIST's
-  # correlations, standardised logits) or 'features' (needs cached feature taps as well).
-  teacher_cache_needs: ClassVar[str] = "logits"
   # The training batches the method reads: 'uniform' (shuffled examples) or 'class_pairs'
   # (second half = a same-class partner of each first-half row: CS-KD), `kdjax.data.pairing`.
   sampler: ClassVar[str] = "uniform"
   # A method whose suite row is a chain of generations, each the teacher of the next (born-again
   # networks): the name of its config field holding the number of generations; None otherwise.
   generations_field: ClassVar[Optional[str]] = None
+  # A method that reads a frozen model of the student's architecture (AdaSPEC's and MiniPLM's
+  # reference): the name of its config field holding that model's checkpoint directory. The
+  # run loads it and hands its variables over in `RunFacts.reference_variables`.
+  reference_field: ClassVar[Optional[str]] = None
 
   @classmethod
   def default_config(cls) -> "ml_collections.ConfigDict":
@@ -127,59 +216,61 @@ class Method(abc.ABC):
     import ml_collections  # pylint: disable=g-import-not-at-top
     return ml_collections.ConfigDict()
 
-  # The training split's size, for methods with per-example memory (CRD's memory bank); set
-  # by `build_method` once the data is open, None where unknown (config validation).
-  num_train_examples: Optional[int] = None
-  # The run's (main) teacher model name, `config.teacher.model`: for methods that read the
-  # teacher's parameters by model (OFD's BatchNorms before ReLUs). Set by `build_method`.
-  teacher_model: Optional[str] = None
-  # The training split's labels [N] for methods that sample by class (CRD's other-class
-  # negatives); set by the run when `needs_train_labels`, from an in-memory dataset.
-  train_labels: Optional[Any] = None
-  needs_train_labels: bool = False
-  # The pmap axis name for BatchNorm in method-owned modules (connectors, ABF), as models get
-  # it: cross-replica statistics under pmap; None under jit, where the batch is global anyway.
-  # Set by the run before `init`.
-  batch_norm_axis_name: Optional[str] = None
-
   def __init__(self, config: "ml_collections.ConfigDict"):
     for field in self.non_negative_fields:
       check_non_negative(config, self.name, field)
     for field in self.positive_fields:
       check_positive(config, self.name, field)
     self.config = config
+    self.facts = RunFacts()
+
+  # --- Setup (host, once per run) ----------------------------------------------------------
+  def prepare(self, facts: RunFacts) -> None:
+    """Takes what the run knows once its data is open, before `init`; keeps it as
+    `self.facts` by default. A method that needs more (CRD's labels) extends it."""
+    self.facts = facts
 
   def init(self, rng: jax.Array, sample: Batch) -> Tuple[Any, Any]:
     """Returns (trainable params, non-trainable state); both empty by default."""
     del rng, sample
     return {}, {}
 
-  # True for methods whose teacher is the student's own apply function on variables kept in
-  # method state (EMA, DINO): the step runs it, in eval mode without gradient, on
-  # `teacher_variables_from_state(state)`, and no teacher checkpoint is loaded.
-  self_teacher: ClassVar[bool] = False
+  def select_examples(self, pipeline, *, teacher_apply, teacher_variables,
+                      reference_apply) -> Optional[Any]:
+    """The training examples to keep ([n] indices into the training split), chosen before
+    the first step from the teacher (MiniPLM's difference sampling); None keeps them all."""
+    del pipeline, teacher_apply, teacher_variables, reference_apply
+    return None
 
-  def teacher_variables_from_state(self, state: Any) -> Any:
-    """The self-teacher's variables ({'params', **model_state}) held in method state."""
-    raise TypeError(f"{self.name} sets self_teacher but does not say where its "
-                              "teacher's variables are.")
-
-  def update_after_step(self, state: Any, student_variables: Any, step: jax.Array) -> Any:
-    """The method state after the optimizer step, given the student's new variables (an EMA
-    teacher moves towards them here). Runs inside the jitted step; identity by default."""
-    del student_variables, step
+  def pregenerate(self, state: Any, pipeline, *, teacher_apply, teacher_variables,
+                  seed: int) -> Any:
+    """The method state after work done once before the first step (SeqKD's teacher
+    continuations of every training window); unchanged by default."""
+    del pipeline, teacher_apply, teacher_variables, seed
     return state
 
-  # True for methods whose state follows their own trainable params (DINO's teacher head is
-  # an EMA of the student's head): `update_after_step` then also gets `method_params=` (the
-  # method's new params). Off by default, so existing hooks keep their signature.
-  update_reads_method_params: ClassVar[bool] = False
+  # --- Inside the step (jitted) ------------------------------------------------------------
+  def rewrite_batch(self, state: Any, batch: Dict[str, jax.Array], models: StepModels,
+                    rng: jax.Array, ops: BatchOps,
+                    step: jax.Array) -> Tuple[Dict[str, jax.Array], Any]:
+    """Returns (the batch the step trains on, the new method state); identity by default.
+
+    Runs inside the jitted step, before the teacher's outputs are computed (so the teacher
+    sees the rewritten batch): on-policy distillation (GKD) replaces continuations by the
+    student's samples, sequence-level KD trains on the teacher's generations. `batch` is the
+    step's input batch (a language model's: 'tokens', 'targets', 'mask' [b, T], 'index' [b];
+    local to the device under pmap); `rng` is the same on every device (a pure function of
+    (seed, step)), so a random choice made from it alone (GKD's on-/off-policy draw) is the
+    same everywhere. `step` is the optimizer step.
+    """
+    del models, rng, ops, step
+    return batch, state
 
   def views(self, batch: Dict[str, jax.Array], rng: jax.Array) -> Dict[str, jax.Array]:
     """Extra views of the batch's inputs (multi-crop augmentation), by name; none by default.
 
     The step runs the student on each view (train mode, with gradient) and puts its Output in
-    `Batch.data[STUDENT_VIEW_PREFIX + name]`; the views named in `teacher_views` also go
+    `Batch.data[STUDENT_VIEW_PREFIX + name]`; the views named in `teacher_needs.views` also go
     through the teacher (eval mode, no gradient) into `Batch.data[TEACHER_VIEW_PREFIX + name]`.
     `batch` is the step's input batch ('inputs' [b, ...], 'index' [b], ...; local to the
     device under pmap: draw per-example randomness from 'index' for numbers that do not depend
@@ -189,35 +280,31 @@ class Method(abc.ABC):
     del batch, rng
     return {}
 
-  # The names among `views` that the teacher sees as well (DINO: the global crops).
-  teacher_views: ClassVar[Tuple[str, ...]] = ()
+  @abc.abstractmethod
+  def loss(self, params: Any, state: Any, batch: Batch,
+           ops: BatchOps) -> Tuple[jax.Array, Metrics, Any]:
+    """Returns (scalar loss, metrics of scalars, new state)."""
 
-  # True for methods that rewrite the input batch inside the jitted step, before the teacher
-  # and the student run on it: on-policy distillation (GKD) replaces continuations by the
-  # student's samples, sequence-level KD trains on the teacher's generations.
-  rewrites_batch: ClassVar[bool] = False
+  # --- After the optimizer step (jitted) ---------------------------------------------------
+  def update_after_step(self, state: Any, student_variables: Any, step: jax.Array, *,
+                        method_params: Any) -> Any:
+    """The method state after the optimizer step, given the student's new variables and the
+    method's own new params (an EMA teacher moves towards the student; DINO's teacher head
+    towards the student's head). Runs inside the jitted step; identity by default."""
+    del student_variables, step, method_params
+    return state
 
-  def rewrite_batch(self, state: Any, batch: Dict[str, jax.Array], models: StepModels,
-                    rng: jax.Array, ops: BatchOps,
-                    step: jax.Array) -> Tuple[Dict[str, jax.Array], Any]:
-    """Returns (the batch the step trains on, the new method state); identity by default.
+  def teacher_variables_from_state(self, state: Any) -> Any:
+    """The self-teacher's variables ({'params', **model_state}) held in method state; read
+    when `teacher_needs.kind == 'self'`."""
+    raise TypeError(f"{self.name} declares a self-teacher (teacher_needs.kind='self') but does "
+                    "not say where its variables are (teacher_variables_from_state).")
 
-    Runs inside the jitted step, before the teacher's outputs are computed (so the teacher
-    sees the rewritten batch). `batch` is the step's input batch (a language model's:
-    'tokens', 'targets', 'mask' [b, T], 'index' [b]; local to the device under pmap); `rng` is
-    the same on every device (a pure function of (seed, step)), so a random choice made from it
-    alone (GKD's on-/off-policy draw) is the same everywhere. `step` is the optimizer step.
-    """
-    del models, rng, ops, step
-    return batch, state
-
-  # True for methods whose state follows the periodic evaluations (DistiLLM's adaptive
-  # off-policy threshold): the loop calls `after_evaluation` after each one.
-  reacts_to_evaluation: ClassVar[bool] = False
-
+  # --- After an evaluation -----------------------------------------------------------------
   def after_evaluation(self, state: Any, eval_metrics: Dict[str, float]) -> Any:
     """The method state (host numpy arrays) after a periodic evaluation with these averages
-    ('cross_entropy', 'accuracy', ...); runs on the host, outside the jitted step."""
+    ('cross_entropy', 'accuracy', ...): DistiLLM's adaptive off-policy threshold. Runs on the
+    host, outside the jitted step; unchanged by default."""
     del eval_metrics
     return state
 
@@ -226,10 +313,13 @@ class Method(abc.ABC):
     auxiliary exits reports each exit's accuracy here. None by default."""
     return ()
 
-  @abc.abstractmethod
-  def loss(self, params: Any, state: Any, batch: Batch,
-           ops: BatchOps) -> Tuple[jax.Array, Metrics, Any]:
-    """Returns (scalar loss, metrics of scalars, new state)."""
+
+def overrides(method, hook: str) -> bool:
+  """True when `method` (a Method or its class) replaces the base class's no-op `hook` (the
+  loop skips moving state to the host for a hook that would do nothing; a teacher cache is
+  refused to methods that rewrite their batches)."""
+  cls = method if isinstance(method, type) else type(method)
+  return getattr(cls, hook) is not getattr(Method, hook)
 
 
 def ce_term_and_kd(batch: Batch, ops: BatchOps, config, terms: Dict[str, Tuple[Any, Any]],
@@ -264,7 +354,7 @@ def check_teacher_cache(method: "Method", *, topk: Optional[int], num_classes: i
                         feature_taps: Sequence[str] = ()) -> None:
   """Raises ConfigError when `method` cannot learn from a teacher cache holding the top-`topk`
   logits (None: all `num_classes`) and the features `feature_taps`."""
-  needs = method.teacher_cache_needs
+  needs = method.teacher_needs.cache
   holds = (f"the teacher's top-{topk} of {num_classes} logits" if topk and topk < num_classes
            else f"all {num_classes} teacher logits")
   if needs != "topk" and topk and topk < num_classes:
@@ -273,7 +363,7 @@ def check_teacher_cache(method: "Method", *, topk: Optional[int], num_classes: i
         f"{num_classes} logits; cache the full logits (top-k = {num_classes}) or use a method "
         "that learns from a top-k cache (kd, fkl, ctkd).")
   if needs == "features":
-    wanted = list(getattr(method, "teacher_taps", ()))
+    wanted = list(method.teacher_needs.taps)
     missing = [tap for tap in wanted if tap not in feature_taps]
     if missing:
       raise validation.ConfigError(
@@ -332,4 +422,8 @@ def check_interval(config, method: str, field: str, low: float, high: float, *,
 
 def check_positive_int(config, method: str, field: str):
   _require(config, method, field, validation.POSITIVE_INT)
+
+
+def check_non_negative_int(config, method: str, field: str):
+  _require(config, method, field, validation.NON_NEGATIVE_INT)
 

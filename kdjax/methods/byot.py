@@ -91,7 +91,7 @@ def _numbered(features, pattern: str) -> List[str]:
 class BYOT(base.Method):
   """Be your own teacher: the student's deepest exit distils into its auxiliary exits."""
   name = "byot"
-  needs_teacher = False
+  teacher_needs = base.TeacherNeeds(kind="none")
   non_negative_fields = ("ce_weight", "kd_weight", "feature_weight")
   positive_fields = ("temperature",)
 

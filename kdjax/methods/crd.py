@@ -12,7 +12,7 @@ loss, the banks' rows of the batch move to `normalise(momentum * old + (1 - mome
 Negatives (`negatives`): 'other_class' (default) draws each example's `nce_k` negatives
 uniformly, with replacement, from the training examples of the other classes, as RepDistiller's
 CIFAR-100 runs ("exact" mode of `CIFAR100InstanceSample`, also mdistiller's `CRD.MODE`); it
-needs the training labels (`Method.train_labels`, set by the run from the pipeline). 'uniform'
+needs the training labels (`RunFacts.train_labels`, read in `prepare`). 'uniform'
 draws from all examples (the memory's own sampler, the "relax" mode).
 
 Memory (`memory`): 'bank' (the paper's: one row per training example, so it grows with the
@@ -25,6 +25,7 @@ Everything is computed on the global batch (`ops.gather`), with negatives drawn 
 `Batch.rng`, so every device holds the same banks.
 """
 
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -45,7 +46,7 @@ class CRD(base.Method):
   `nce_k` 16384, `nce_t` 0.07, `nce_m` 0.5) on the embedding taps.
   """
   name = "crd"
-  teacher_cache_needs = "features"
+  teacher_needs = base.TeacherNeeds(cache="features")
   non_negative_fields = ("ce_weight", "kd_weight", "feature_weight")
   positive_fields = ("temperature", "nce_t")
 
@@ -58,7 +59,9 @@ class CRD(base.Method):
 
   def __init__(self, config):
     super().__init__(config)
-    self.teacher_taps = [config.teacher_tap]  # What a teacher cache must hold.
+    self.teacher_needs = dataclasses.replace(type(self).teacher_needs,
+                                             taps=(config.teacher_tap,))
+    self.train_labels = None  # From `prepare` (or set directly), when needs_train_labels.
     base.check_positive_int(config, self.name, "feat_dim")
     base.check_positive_int(config, self.name, "nce_k")
     base.check_interval(config, self.name, "nce_momentum", 0.0, 1.0, high_inclusive=False)
@@ -82,6 +85,12 @@ class CRD(base.Method):
   def needs_train_labels(self) -> bool:
     return self.config.negatives == "other_class" and self.config.memory == "bank"
 
+  def prepare(self, facts):
+    super().prepare(facts)
+    # Read here, once: the labels may come from reading the whole split.
+    self.train_labels = (facts.train_labels() if self.needs_train_labels
+                         and facts.train_labels is not None else None)
+
   def init(self, rng, sample):
     c = self.config
     student, teacher = self._taps(sample)
@@ -97,7 +106,7 @@ class CRD(base.Method):
                       "queue_teacher": memory(teacher_rng, c.queue_size),
                       "queue_position": jnp.int32(0),
                       "z_student": jnp.float32(-1.0), "z_teacher": jnp.float32(-1.0)}
-    size = self.num_train_examples
+    size = self.facts.num_train_examples
     if size is None:
       raise ValueError("crd needs the training split's size for its memory bank; build it with "
                        "build_method(config, num_train_examples=N).")

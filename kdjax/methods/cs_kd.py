@@ -49,7 +49,7 @@ class CSKD(base.Method):
   Defaults: alinlab/cs-kd train.py@b706db95 (`--lamda 1.0`, `--temp 4.0`, CE weight 1).
   """
   name = "cs_kd"
-  needs_teacher = False
+  teacher_needs = base.TeacherNeeds(kind="none")
   non_negative_fields = ("ce_weight", "kd_weight")
   positive_fields = ("temperature",)
   # The pipeline sampler whose batches this method reads (`InputPipeline(sampler=...)`).

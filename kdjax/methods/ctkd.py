@@ -32,7 +32,10 @@ gradient_reversal.defvjp(_gradient_reversal_fwd, _gradient_reversal_bwd)
 def cosine_curriculum(step: jax.Array, *, low: float, high: float,
                       num_steps: int) -> jax.Array:
   """`low + (high - low) * (1 - cos(pi * min(step, num_steps) / num_steps)) / 2`:
-  `low` at step 0, rising along a half cosine to `high` at `num_steps`, then constant."""
+  `low` at step 0, rising along a half cosine to `high` at `num_steps`, then constant
+  (`num_steps=0`: `high` from the first step, no curriculum)."""
+  if num_steps == 0:
+    return jnp.full(jnp.shape(step), high, jnp.float32)
   progress = jnp.minimum(jnp.asarray(step, jnp.float32), num_steps) / num_steps
   return low + (high - low) * 0.5 * (1.0 - jnp.cos(math.pi * progress))
 
@@ -59,7 +62,7 @@ class CTKD(base.Method):
   (782 steps each). Set it to about 1/24 of the run (10 of 240 epochs) for other recipes.
   """
   name = "ctkd"
-  teacher_cache_needs = "topk"
+  teacher_needs = base.TeacherNeeds(cache="topk")
 
   @classmethod
   def default_config(cls):
@@ -73,7 +76,8 @@ class CTKD(base.Method):
   def __init__(self, config):
     super().__init__(config)
     base.check_number(config, self.name, "temperature_logit_init")
-    base.check_positive_int(config, self.name, "curriculum_steps")
+    # 0 is allowed (no curriculum): configs derive it from num_steps, which can be small.
+    base.check_non_negative_int(config, self.name, "curriculum_steps")
     if config.lambda_max < config.lambda_min:
       raise ValueError(f"config.{self.name}.lambda_max={config.lambda_max!r} must be >= "
                        f"config.{self.name}.lambda_min={config.lambda_min!r}.")

@@ -136,10 +136,7 @@ def random_resized_crop(inputs, draws, scale) -> jax.Array:
 class DINO(base.Method):
   """DINO with an EMA teacher of the student, multi-crop, centring and sharpening."""
   name = "dino"
-  needs_teacher = False
-  self_teacher = True
-  update_reads_method_params = True
-  teacher_views = ("global0", "global1")
+  teacher_needs = base.TeacherNeeds(kind="self", views=("global0", "global1"))
   positive_fields = ("student_temperature", "teacher_temperature",
                      "teacher_temperature_start", "knn_temperature")
 
@@ -173,7 +170,7 @@ class DINO(base.Method):
             "0 < low <= high <= 1.")
 
   def view_names(self) -> List[str]:
-    return list(self.teacher_views) + [f"local{i}" for i in range(self.config.local_crops)]
+    return list(self.teacher_needs.views) + [f"local{i}" for i in range(self.config.local_crops)]
 
   def views(self, batch, rng):
     c = self.config
@@ -185,7 +182,7 @@ class DINO(base.Method):
                                                   (len(names), 4)))(index.astype(jnp.uint32))
     views = {}
     for v, name in enumerate(names):
-      scale = c.global_crops_scale if name in self.teacher_views else c.local_crops_scale
+      scale = c.global_crops_scale if name in self.teacher_needs.views else c.local_crops_scale
       views[name] = random_resized_crop(inputs, draws[:, v], scale)
     return views
 
@@ -217,7 +214,7 @@ class DINO(base.Method):
   def teacher_variables_from_state(self, state):
     return state["teacher"]
 
-  def update_after_step(self, state, student_variables, step, method_params=None):
+  def update_after_step(self, state, student_variables, step, *, method_params):
     c = self.config
     m = ema_momentum(step, start=c.momentum_start, end=c.momentum_end,
                      num_steps=c.num_train_steps)
@@ -231,9 +228,9 @@ class DINO(base.Method):
     does not run `views` (the preflight's shape check) gets the plain batch as every view."""
     names = self.view_names()
     if base.STUDENT_VIEW_PREFIX + names[0] not in batch.data:
-      return [batch.student] * len(names), [batch.teacher] * len(self.teacher_views)
+      return [batch.student] * len(names), [batch.teacher] * len(self.teacher_needs.views)
     return ([batch.data[base.STUDENT_VIEW_PREFIX + n] for n in names],
-            [batch.data[base.TEACHER_VIEW_PREFIX + n] for n in self.teacher_views])
+            [batch.data[base.TEACHER_VIEW_PREFIX + n] for n in self.teacher_needs.views])
 
   def loss(self, params, state, batch, ops):
     c = self.config

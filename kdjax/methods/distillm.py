@@ -36,8 +36,8 @@ _FRESH, _REPLAY, _DATA = 0, 1, 2
 class DistiLLM(base.Method):
   """Skew KL + adaptive off-policy student-generated outputs (module docstring)."""
   name = "distillm"
-  rewrites_batch = True
-  reacts_to_evaluation = True
+  # Its rewrite replaces the tokens the teacher sees (the student's samples).
+  teacher_needs = base.TeacherNeeds(on_batch_inputs=False)
   non_negative_fields = ("loss_eps", "threshold_step")
   positive_fields = ("temperature",)
 

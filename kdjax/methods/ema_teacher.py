@@ -33,8 +33,7 @@ class EMATeacher(base.Method):
   Set `num_steps` to the run's `config.num_steps`.
   """
   name = "ema_teacher"
-  needs_teacher = False
-  self_teacher = True
+  teacher_needs = base.TeacherNeeds(kind="self")
   non_negative_fields = ("ce_weight", "kd_weight")
   positive_fields = ("temperature",)
 
@@ -70,7 +69,8 @@ class EMATeacher(base.Method):
     return sd_losses.ema_momentum(step, momentum=c.momentum, momentum_end=c.momentum_end,
                                   num_steps=c.num_steps, schedule=c.schedule)
 
-  def update_after_step(self, state, student_variables, step):
+  def update_after_step(self, state, student_variables, step, *, method_params):
+    del method_params
     teacher = state["teacher"]
     # Only what the teacher holds moves (a model state entry the student gains later, such
     # as a cache, is not part of the teacher).

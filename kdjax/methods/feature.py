@@ -10,6 +10,7 @@ to the teacher's: a 1x1 conv on maps, a dense layer on embeddings) is a paramete
 trained with the student and checkpointed.
 """
 
+import dataclasses
 from typing import Callable, ClassVar, Dict, List, Optional, Tuple
 
 import flax.linen as nn
@@ -28,7 +29,7 @@ def _names(value: str) -> List[str]:
 class FeatureMethod(base.Method):
   """Base of the feature methods; subclasses set `name`, the defaults and `term`."""
 
-  teacher_cache_needs = "features"
+  teacher_needs = base.TeacherNeeds(cache="features")
   default_student_tap: ClassVar[str] = "embedding"
   default_teacher_tap: ClassVar[str] = "embedding"
   default_feature_weight: ClassVar[float] = 1.0
@@ -50,6 +51,8 @@ class FeatureMethod(base.Method):
     super().__init__(config)
     self.student_taps = _names(config.student_tap)
     self.teacher_taps = _names(config.teacher_tap)
+    self.teacher_needs = dataclasses.replace(type(self).teacher_needs,
+                                             taps=tuple(self.teacher_taps))
     if not self.student_taps or len(self.student_taps) != len(self.teacher_taps):
       raise ValueError(
           f"config.{self.name}.student_tap={config.student_tap!r} and "
@@ -124,10 +127,11 @@ class ConvRegressor(nn.Module):
   """RepDistiller's `ConvReg` (`models/util.py`), FitNets' regressor between maps of different
   sizes: a 3x3 stride-2 conv when the student map is twice the teacher's, a 4x4 stride-2
   transposed conv when it is half, a `(1 + H_s - H_t)` valid conv when it is larger, then
-  BatchNorm and ReLU. `[b, H_s, W_s, C_s]` -> `[b, H_t, W_t, channels]`."""
+  BatchNorm and ReLU. `[b, H_s, W_s, C_s]` -> `[b, H_t, W_t, channels]`. `norm` builds the
+  BatchNorm (`BatchOps.batch_norm`: statistics over the global batch under pmap)."""
   channels: int
   teacher_size: Tuple[int, int]
-  batch_norm_axis_name: Optional[str] = None
+  norm: Callable[..., nn.Module] = nn.BatchNorm
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -141,8 +145,7 @@ class ConvRegressor(nn.Module):
     else:
       raise ValueError(f"ConvRegressor: a student map of {s_h}x{s_w} cannot be regressed to a "
                        f"teacher map of {t_h}x{t_w} (RepDistiller's ConvReg neither).")
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                     axis_name=self.batch_norm_axis_name if train else None)(x)
+    x = self.norm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(x)
     return nn.relu(x)
 
 
@@ -186,10 +189,10 @@ class FitNet(FeatureMethod):
         f"{'channels (the last axis) only' if self.config.connector == 'linear' else 'sizes'}; "
         f"{fix}.")
 
-  def _connector(self, pair):
+  def _connector(self, pair, ops: Optional[base.BatchOps] = None):
     if self._conv_reg(pair):
-      return ConvRegressor(pair[3].shape[-1], tuple(pair[3].shape[1:3]),
-                           self.batch_norm_axis_name)
+      norm = ops.batch_norm if ops is not None and ops.batch_norm else nn.BatchNorm
+      return ConvRegressor(pair[3].shape[-1], tuple(pair[3].shape[1:3]), norm)
     return nn.Dense(pair[3].shape[-1])
 
   def init(self, rng, sample):
@@ -210,7 +213,7 @@ class FitNet(FeatureMethod):
     def connect(i, student):
       if not self._conv_reg(pairs[i]):
         return self._connector(pairs[i]).apply({"params": params[f"connector{i}"]}, student)
-      connected, updates = self._connector(pairs[i]).apply(
+      connected, updates = self._connector(pairs[i], ops).apply(
           {"params": params[f"connector{i}"],
            "batch_stats": state["batch_stats"][f"connector{i}"]},
           student, train=True, mutable=["batch_stats"])

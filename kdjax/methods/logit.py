@@ -11,7 +11,7 @@ from kdjax.methods import base
 class Scratch(base.Method):
   """Cross-entropy on the labels only; trains a teacher or a no-distillation baseline."""
   name = "scratch"
-  needs_teacher = False
+  teacher_needs = base.TeacherNeeds(kind="none")
 
   def loss(self, params, state, batch, ops):
     ce = base.cross_entropy(batch, ops)
@@ -24,7 +24,7 @@ class KD(base.Method):
   Defaults follow mdistiller's CIFAR-100 recipe: CE 0.1, KD 0.9, T = 4.
   """
   name = "kd"
-  teacher_cache_needs = "topk"
+  teacher_needs = base.TeacherNeeds(cache="topk")
 
   @classmethod
   def default_config(cls):

@@ -46,7 +46,7 @@ class Discriminator(nn.Module):
 class MealV2(base.Method):
   """`ce_weight * CE + kd_weight * KL(mean_n p_t_n || p_s) + discriminator_weight * D-loss`."""
   name = "meal_v2"
-  multiple_teachers = True
+  teacher_needs = base.TeacherNeeds(kind="ensemble")
   non_negative_fields = ("ce_weight", "kd_weight", "discriminator_weight")
 
   @classmethod

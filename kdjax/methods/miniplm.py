@@ -36,7 +36,6 @@ class MiniPLM(base.Method):
   """Plain next-token cross-entropy on the examples difference sampling keeps."""
   name = "miniplm"
   reference_field = "reference"
-  selects_examples = True
   positive_fields = ("ce_weight",)
 
   @classmethod
@@ -48,7 +47,6 @@ class MiniPLM(base.Method):
     super().__init__(config)
     base.check_interval(config, self.name, "keep_fraction", 0.0, 1.0, low_inclusive=False)
     base.check_positive_int(config, self.name, "score_batch_size")
-    self.reference_variables = None  # Set by the run setup (the reference LM's variables).
 
   def difference_scores(self, pipeline, indices, *, teacher_apply, teacher_variables,
                         reference_apply) -> np.ndarray:
@@ -66,7 +64,7 @@ class MiniPLM(base.Method):
       chunk = indices[begin:begin + size]
       padded = np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk))])  # One shape.
       batch = pipeline.training_windows(padded)
-      out.append(np.asarray(scores(teacher_variables, self.reference_variables,
+      out.append(np.asarray(scores(teacher_variables, self.facts.reference_variables,
                                    batch))[:len(chunk)])
     return np.concatenate(out)
 

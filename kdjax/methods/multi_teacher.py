@@ -21,13 +21,13 @@ class MultiTeacherKD(base.Method):
   (You et al., "Learning from Multiple Teacher Networks", KDD 2017): a weighted sum of
   Hinton KD losses, one per teacher.
 
-  `Batch.teacher.logits` is `[N_teachers, b, C]` (`multiple_teachers = True`). `weights`:
+  `Batch.teacher.logits` is `[N_teachers, b, C]` (`teacher_needs.kind == "ensemble"`). `weights`:
   one per teacher, or empty for uniform `1 / N`. `temperatures`: one for all teachers (a
   number or a 1-tuple) or one per teacher. Defaults mirror `kd` (mdistiller: CE 0.1, KD 0.9,
   T 4), uniform weights. Their lengths are checked against N when the loss first runs.
   """
   name = "multi_teacher_kd"
-  multiple_teachers = True
+  teacher_needs = base.TeacherNeeds(kind="ensemble")
 
   @classmethod
   def default_config(cls):

@@ -188,8 +188,8 @@ class OFD(base.Method):
 
   def margins(self, teacher_variables: Any, teacher_shapes: Sequence[tuple]) -> List[jax.Array]:
     """`[C_k]` margins of the teacher's BatchNorms before its ReLUs, one per teacher tap."""
-    if not self.teacher_bn and self.teacher_model:  # The run's teacher (config.teacher.model).
-      self.teacher_bn = self._bn_paths(self.teacher_model, "config.teacher.model")
+    if not self.teacher_bn and self.facts.teacher_model:  # The run's teacher model.
+      self.teacher_bn = self._bn_paths(self.facts.teacher_model, "config.teacher.model")
     if not self.teacher_bn:
       raise ValueError(
           "ofd needs to know which teacher BatchNorm precedes each teacher tap's ReLU: set "

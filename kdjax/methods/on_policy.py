@@ -20,11 +20,11 @@ import numpy as np
 
 from kdjax import losses, validation
 from kdjax.methods import base
+from kdjax.teachers import keys as teacher_keys
 
 
-# Cached teacher logits in a batch (`kdjax.train.step.TEACHER_LOGITS_KEY`, which the train step
-# uses instead of running the teacher; methods do not import `train`).
-TEACHER_LOGITS_KEY = "teacher_logits"
+# Cached teacher logits in a batch, which the step reads instead of running the teacher.
+TEACHER_LOGITS_KEY = teacher_keys.LOGITS_KEY
 
 
 def generate_sequences(apply_fn, variables, prompts, keys, *, max_new_tokens, temperature, greedy,
@@ -83,11 +83,10 @@ class GKD(base.Method):
   Defaults: TRL's `GKDConfig` (lmbda 0.5, beta 0.5, temperature 0.9, top-k off).
   """
   name = "gkd"
-  rewrites_batch = True
-  # Cached teacher logits (`kdjax.lm.teacher_logits`) stay right through the rewrite: the
-  # off-policy batch keeps its windows, and the on-policy one gets the teacher's logits on the
-  # student's samples (`rewrite_batch`), so the step never runs the teacher itself.
-  teacher_logits_survive_rewrite = True
+  # Cached teacher logits (`kdjax.teachers.process_logits`) stay right through the rewrite:
+  # the off-policy batch keeps its windows, and the on-policy one gets the teacher's logits on
+  # the student's samples (`rewrite_batch`), so the step never runs the teacher itself.
+  teacher_needs = base.TeacherNeeds(on_batch_inputs=True)
   non_negative_fields = ("ce_weight", "kd_weight")
   positive_fields = ("temperature",)
 
@@ -164,8 +163,8 @@ class SeqKD(base.Method):
   the same continuations.
   """
   name = "seq_kd"
-  rewrites_batch = True
-  pregenerates = True  # `pregenerate(...)` runs before the first step (`run_setup`).
+  # The student trains on the teacher's generations, not on the batch's own tokens.
+  teacher_needs = base.TeacherNeeds(on_batch_inputs=False)
   non_negative_fields = ("ce_weight", "kd_weight")
   positive_fields = ("temperature", "sample_temperature")
 
@@ -216,12 +215,12 @@ class SeqKD(base.Method):
 
   def init(self, rng, sample):
     del rng
-    if self.num_train_examples is None:
+    if self.facts.num_train_examples is None:
       raise ValueError("seq_kd keeps one generation per training window; build it with "
                        "build_method(config, num_train_examples=N).")
     length = sample.student.logits.shape[1]
     prompt_length, new_tokens = split_lengths(self.config, length, self.name)
-    size = self.num_train_examples
+    size = self.facts.num_train_examples
     return {}, {"generations": jnp.zeros((size, prompt_length + new_tokens), jnp.int32),
                 "generated": jnp.zeros((size,), bool)}
 

@@ -48,7 +48,7 @@ class PSKD(base.Method):
   over the global batch size (the quickstart: 4000 / 128 -> 32).
   """
   name = "ps_kd"
-  needs_teacher = False
+  teacher_needs = base.TeacherNeeds(kind="none")
 
   @classmethod
   def default_config(cls):
@@ -62,7 +62,7 @@ class PSKD(base.Method):
 
   def init(self, rng, sample):
     del rng
-    size = self.num_train_examples
+    size = self.facts.num_train_examples
     if size is None:
       raise ValueError("ps_kd keeps one prediction per training example; build it with "
                        "build_method(config, num_train_examples=N).")

@@ -58,15 +58,23 @@ def get_method_class(name: str) -> Type[base.Method]:
   return METHODS[name]
 
 
-def build_method(config: ml_collections.ConfigDict, *,
+def build_method(config: ml_collections.ConfigDict, facts: Optional[base.RunFacts] = None, *,
                  num_train_examples: Optional[int] = None) -> base.Method:
-  """Builds `config.method` from its hyper-parameters `config[config.method]`."""
+  """Builds `config.method` from its hyper-parameters `config[config.method]` and hands it the
+  run's facts (`Method.prepare`).
+
+  Args:
+    config: the experiment config.
+    facts: what the run knows (the launcher's and the synthetic benchmark's); by default only
+      `num_train_examples` (a shorthand for notebooks and tests) and the teacher model.
+  """
   cls = get_method_class(config.method)
   method_config = config.get(cls.name, cls.default_config())
   method = cls(method_config)
-  method.num_train_examples = num_train_examples
-  if "teacher" in config:
-    method.teacher_model = config.teacher.model
+  if facts is None:
+    facts = base.RunFacts(num_train_examples=num_train_examples,
+                          teacher_model=config.teacher.model if "teacher" in config else None)
+  method.prepare(facts)
   return method
 
 

@@ -50,7 +50,7 @@ class _Divergence(base.Method):
 class ForwardKL(_Divergence):
   """`KL(p_t || p_s)` per token (`losses.forward_kl`): mean-seeking, as in word-level KD."""
   name = "fkl"
-  teacher_cache_needs = "topk"
+  teacher_needs = base.TeacherNeeds(cache="topk")
   divergence = staticmethod(losses.forward_kl)
 
 

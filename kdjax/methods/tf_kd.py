@@ -3,7 +3,7 @@
 "Revisiting Knowledge Distillation via Label Smoothing Regularization" reads KD as a learned
 label smoothing and offers two teacher-free variants and a reversed one; two kdjax methods,
 because whether a run loads a teacher is a property of the method name
-(`get_method_class(name).needs_teacher`):
+(`get_method_class(name).teacher_needs.kind == "none"`):
 
 - `tf_kd` (Tf-KD_reg, the manually designed virtual teacher; no teacher checkpoint): the
   virtual teacher puts `correct_prob` on the label and spreads the rest uniformly, softened
@@ -40,7 +40,7 @@ class TFKDVirtual(base.Method):
   The student is at temperature 1 and there is no `T**2`, as there.
   """
   name = "tf_kd"
-  needs_teacher = False
+  teacher_needs = base.TeacherNeeds(kind="none")
   non_negative_fields = ("ce_weight", "kd_weight")
   positive_fields = ("temperature",)
 
@@ -74,7 +74,7 @@ class TFKDReversed(base.Method):
   `temperature` 20) through `loss_kd`: `(1 - alpha) * CE + alpha * T**2 * KLDiv`.
   """
   name = "tf_kd_reversed"
-  teacher_cache_needs = "topk"
+  teacher_needs = base.TeacherNeeds(cache="topk")
   non_negative_fields = ("ce_weight", "kd_weight")
   positive_fields = ("temperature",)
 

@@ -57,7 +57,8 @@ def array_checksums(tree) -> dict:
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
     array = np.ascontiguousarray(np.asarray(leaf))
     digest = hashlib.sha256(f"{array.dtype.name}|{array.shape}|".encode())
-    digest.update(memoryview(array.reshape(-1)).cast("B") if array.size else b"")
+    # A uint8 view, not memoryview: the buffer protocol rejects bfloat16 (ml_dtypes).
+    digest.update(array.reshape(-1).view(np.uint8))
     sums[_leaf_name(path)] = digest.hexdigest()
   return sums
 

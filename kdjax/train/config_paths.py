@@ -8,16 +8,14 @@ refuses relative paths) all see the same absolute path whatever the caller's spe
 import ml_collections
 
 from kdjax import paths
+from kdjax.train import config_syntax
 
 
 def _resolve_extra_teachers(extra: str) -> str:
   """'cnn1d_small:runs/x/checkpoints,mlp' -> 'cnn1d_small:/abs/runs/x/checkpoints,mlp'."""
-  entries = []
-  for entry in str(extra).split(","):
-    model, separator, checkpoint = entry.partition(":")
-    checkpoint = checkpoint.strip()
-    entries.append(f"{model}{separator}{paths.resolve(checkpoint)}" if checkpoint else entry)
-  return ",".join(entries)
+  return config_syntax.format_extra_teachers(
+      [(model, paths.resolve(checkpoint) if checkpoint else "")
+       for model, checkpoint in config_syntax.extra_teachers(extra)])
 
 
 def resolve_config_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -23,12 +23,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from kdjax import methods as methods_lib
 from kdjax import models as models_lib
 from kdjax import paths
 from kdjax.data.device_batches import DeviceBatches
 from kdjax.data.prefetch import Prefetcher
-from kdjax.methods import eval_metrics
+from kdjax.methods import base as method_base, eval_metrics
 from kdjax.train import checkpoint as checkpoint_lib
 from kdjax.train import files, metrics as metrics_lib
 from kdjax.train import parallel as parallel_lib, step as step_lib
@@ -36,7 +35,8 @@ from kdjax.train import provenance
 from kdjax.train.bookkeeping import MetricsWindow, Throughput, call_length, itstime
 from kdjax.train.config_paths import resolve_config_paths
 from kdjax.train.run_dir import check_run_dir, config_fingerprint
-from kdjax.train.run_setup import RunParts, build_run, is_language_model_run
+from kdjax.train.plan import RunPlan
+from kdjax.train.run_setup import RunParts, build_run
 from kdjax.train.state import student_variables
 from kdjax.train.signals import StopSignals
 from kdjax.train.validate import validate_config
@@ -62,31 +62,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run_dir: str, *,
   """Trains `config.student.model` with `config.method`; returns the run summary.
 
   Args:
-    config: the experiment config of this one run (checked here: paths, fields, teacher).
+    config: the experiment config of this one run (checked here, once: paths, fields,
+      teacher; then read through its `RunPlan`).
     run_dir: the run's directory (checkpoints, metrics, summary).
     teacher_checkpoints: the checkpoints/ directories of the teachers of
-      `teachers.teacher_specs(config)`, in that order, if the method needs a teacher (methods
-      with `multiple_teachers` use all of them, the others the first).
+      `config.teacher.model` then `config.teacher.extra`, in that order, if the method needs a
+      teacher (ensemble methods use all of them, the others the first).
     name: the run's name in progress lines.
   """
   config = resolve_config_paths(config)
   if isinstance(teacher_checkpoints, str):
     teacher_checkpoints = [teacher_checkpoints]
   teacher_checkpoints = [paths.resolve(directory) for directory in teacher_checkpoints]
-  validate_config(config, num_devices=jax.device_count())
-  if (methods_lib.get_method_class(config.method).needs_teacher and not teacher_checkpoints
-      and not config.teacher.get("cache")):
+  plan = validate_config(config, num_devices=jax.device_count())
+  if plan.method.teacher_needs.checkpoint and not teacher_checkpoints and not config.teacher.get(
+      "cache"):
     raise checkpoint_lib.CheckpointError(
         f"Method {config.method!r} needs a teacher; set config.teacher.checkpoint or put "
         "'teacher' first in config.suite.")
-  return train_checked_run(config, paths.resolve(run_dir),
+  return train_checked_run(plan, paths.resolve(run_dir),
                            teacher_checkpoints=teacher_checkpoints, name=name)
 
 
-def train_checked_run(config: ml_collections.ConfigDict, run_dir: str, *,
-                      teacher_checkpoints: Sequence[str], name: str) -> dict:
-  """`train_and_evaluate` for a config already validated with absolute paths (a suite's
-  `SuitePlan` checks every run once, before the first starts)."""
+def train_checked_run(plan: RunPlan, run_dir: str, *, teacher_checkpoints: Sequence[str],
+                      name: str) -> dict:
+  """`train_and_evaluate` for a run already checked (its `RunPlan`; a suite's `SuitePlan`
+  checks every run once, before the first starts)."""
+  config = plan.config
   check_run_dir(config, run_dir, name)
   summary_path = os.path.join(run_dir, RUN_SUMMARY)
   if os.path.exists(summary_path):
@@ -94,7 +96,7 @@ def train_checked_run(config: ml_collections.ConfigDict, run_dir: str, *,
       print(f"[{name}] finished earlier ({summary_path}); skipped. Delete {run_dir} to train "
             "it again.", flush=True)
     return files.read_json(summary_path)
-  run = _Run(config, run_dir, name, build_run(config, teacher_checkpoints))
+  run = _Run(config, run_dir, name, build_run(plan, teacher_checkpoints))
   try:
     last_train_scalars, throughput = run.train()
     summary = run.summarize(last_train_scalars, throughput)
@@ -120,7 +122,9 @@ class _Run:
     self.student_params = int(models_lib.count_params(host_state.params["student"]))
     self.writer = metrics_lib.MetricWriter(run_dir, enabled=self.is_writer)
     # Lines logged after the restored step (or, with no checkpoint, any at all) are redone.
-    self.writer.truncate_after(self.start_step)
+    # A run restored at its last step (its summary lost) evaluates again: drop that evaluation.
+    self.writer.truncate_after(self.start_step,
+                               keep_evaluations=self.start_step < config.num_steps)
     if self.is_writer:
       files.write_json_atomic(os.path.join(run_dir, "config.json"),
                               json.loads(config.to_json()))
@@ -137,18 +141,15 @@ class _Run:
                       steps_per_call=self.steps_per_call)
         if config.get("device_batches", False) else None)
     self._pure_train_step = step_lib.make_train_step(
-        student_apply=parts.student_apply, teacher_apply=parts.teacher_apply,
+        student_apply=parts.student_apply, teacher=parts.teacher,
         method=parts.method, optimizer=parts.optimizer,
         reduce_gradients=parallel.reduce_gradients,
         skip_nonfinite=config.on_nonfinite == "skip")
     self._train_steps = {}  # Steps per call -> the compiled function.
     self.eval_step = parallel.compile_eval_step(step_lib.make_eval_step(
         student_apply=parts.student_apply,
-        teacher_apply=parts.teacher_apply,  # Loaded only when used (or an LM's, for eval).
-        metrics=tuple(eval_metrics.CLASSIFICATION_METRICS) + tuple(parts.method.eval_metrics()),
-        self_teacher=(parts.method.teacher_variables_from_state
-                      if parts.method.self_teacher else None),
-        stacked_teachers=parts.method.multiple_teachers))
+        teacher=parts.eval_teacher,
+        metrics=tuple(eval_metrics.CLASSIFICATION_METRICS) + tuple(parts.method.eval_metrics())))
 
   def train_steps(self, num_steps: int):
     """The compiled function running `num_steps` steps a call (1: the plain step). Calls of
@@ -272,7 +273,8 @@ class _Run:
         if done % c.eval_every_steps == 0 and done != c.num_steps:
           evaluation = self.evaluate(self.selection_split)
           self.writer.write(done, self.selection_split, evaluation)
-          if self.parts.method.reacts_to_evaluation:  # DistiLLM's adaptive schedule.
+          # DistiLLM's adaptive schedule (no host round trip for methods without one).
+          if method_base.overrides(self.parts.method, "after_evaluation"):
             self.update_method_state(evaluation)
           throughput.exclude_since_mark()  # Evaluation is not training throughput.
         if is_checkpoint and not stopping:
@@ -283,7 +285,7 @@ class _Run:
   def summarize(self, last_train_scalars: Optional[dict], throughput: Throughput) -> dict:
     c = self.config
     if last_train_scalars is None:  # Restored a finished run whose summary was lost.
-      last_train_scalars = _last_logged(self.writer.path)
+      last_train_scalars = _last_logged(self.run_dir)
     final_eval = self.evaluate()
     self.writer.write(c.num_steps, "eval", final_eval)
     split = self.selection_split
@@ -319,9 +321,12 @@ class _Run:
       if name not in ("accuracy", "cross_entropy", "teacher_agreement", "teacher_accuracy",
                       "teacher_cross_entropy"):
         summary[f"eval_{name}"] = value
-    if is_language_model_run(c):
+    if self.parts.plan.language_model:
       summary.update(self.language_model_metrics(final_eval))
     summary["provenance"] = provenance.run_provenance(self.parts.pipeline, c)
+    if self.parts.teacher_checkpoints:  # Which teacher, at which step, with which weights.
+      summary["provenance"]["teachers"] = provenance.teacher_provenance(
+          self.parts.teacher_checkpoints)
     return summary
 
   def update_method_state(self, evaluation: dict):
@@ -342,14 +347,13 @@ class _Run:
     if not self.config.lm.eval_prompts:
       return metrics
     from kdjax.lm import evaluation  # pylint: disable=g-import-not-at-top
-    method = self.parts.method
-    # The speculative target is the run's one live teacher (not a self-teacher or an ensemble).
-    has_teacher = (not method.self_teacher and not method.multiple_teachers and
-                   self.parts.teacher_apply is not None)
+    # The speculative target is the run's one loaded teacher (not a self-teacher or an ensemble).
+    teacher = self.parts.eval_teacher
+    has_teacher = teacher.source == "checkpoint" and teacher.apply is not None
     metrics.update(evaluation.generation_metrics(
         student_apply=self.parts.student_apply,
         student_variables=self.parts.parallel.to_host(student_variables(self.state)),
-        teacher_apply=self.parts.teacher_apply if has_teacher else None,
+        teacher_apply=teacher.apply if has_teacher else None,
         teacher_variables=self.parts.teacher_variables if has_teacher else None,
         pipeline=self.parts.pipeline, lm_config=self.config.lm, seed=self.config.seed))
     return metrics
@@ -368,7 +372,5 @@ def best_eval(lines, split: str = "eval") -> tuple:
   return int(best["step"]), float(best["accuracy"])
 
 
-def _last_logged(metrics_path: str) -> dict:
-  with open(metrics_path) as f:
-    lines = [json.loads(l) for l in f if l.strip()]
-  return [l for l in lines if l["split"] == "train"][-1]
+def _last_logged(run_dir: str) -> dict:
+  return [l for l in metrics_lib.read_metrics(run_dir) if l["split"] == "train"][-1]

@@ -21,17 +21,16 @@ Both give the same numbers as a single device (up to float summation order). Mul
 import functools
 from typing import Callable, Optional, Tuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from kdjax.methods.base import BatchOps, single_device_ops
+from kdjax.train.config_syntax import MESH_AXES, PARALLEL_KINDS, mesh_shape
 from kdjax.train import sharding_rules
 
-PARALLEL_KINDS = ("jit", "pmap", "jit_2d", "jit_2d_fsdp")
-MESH_KINDS = ("jit_2d", "jit_2d_fsdp")  # The kinds that read `config.mesh`.
-MESH_AXES = ("data", "model")
 PMAP_AXIS = "batch"
 
 
@@ -139,43 +138,6 @@ class JitParallel:
     return self.put_replicated(state)
 
 
-def mesh_shape(kind: str, mesh: str, num_devices: int) -> Tuple[int, int]:
-  """`config.mesh` ('data=2,model=4', or 'model=4' with data = the remaining devices) as
-  (data, model) sizes for a `MESH_KINDS` strategy; (num_devices, 1) for the others.
-
-  Raises:
-    ValueError: one line naming config.mesh and what is allowed.
-  """
-  mesh = (mesh or "").strip()
-  example_model = 2 if num_devices % 2 == 0 else 1
-  example = f"e.g. 'data={num_devices // example_model},model={example_model}'"
-  if kind not in MESH_KINDS:
-    if mesh:
-      raise ValueError(f"config.mesh={mesh!r} applies only to config.parallel in {MESH_KINDS}, "
-                       f"not {kind!r}; leave it empty.")
-    return num_devices, 1
-  if not mesh:
-    raise ValueError(f"config.parallel={kind!r} needs config.mesh, the sizes of the axes "
-                     f"{MESH_AXES} over {num_devices} devices, {example}.")
-  sizes = {}
-  for part in mesh.split(","):
-    axis, equals, size = part.strip().partition("=")
-    axis = axis.strip()
-    if not equals or axis not in MESH_AXES or axis in sizes or not size.strip().isdigit() or (
-        int(size) < 1):
-      raise ValueError(f"config.mesh={mesh!r} must read 'data=<n>,model=<m>' (positive sizes, "
-                       f"each axis once, {MESH_AXES} only), {example}.")
-    sizes[axis] = int(size)
-  if "model" not in sizes:
-    raise ValueError(f"config.mesh={mesh!r} must give the 'model' axis size, {example}.")
-  model = sizes["model"]
-  data = sizes.get("data", num_devices // model)
-  if data * model != num_devices:
-    raise ValueError(f"config.mesh={mesh!r} has {data} x {model} = {data * model} devices but "
-                     f"there are {num_devices}; the sizes must multiply to {num_devices}.")
-  return data, model
-
-
 class Jit2DParallel(JitParallel):
   """`jax.jit` over a ('data', 'model') mesh: batch on 'data', teacher (and, with
   `shard_student`, the student's parameters and optimizer state) split on 'model' by
@@ -276,7 +238,9 @@ def _pmap_ops() -> BatchOps:
     return scaled_local + jax.lax.stop_gradient(global_mean - scaled_local)
 
   gather = lambda x: jax.lax.all_gather(x, PMAP_AXIS, tiled=True)
-  return BatchOps(mean=mean, gather=gather)
+  # A method's own BatchNorm (FitNets' ConvReg) takes cross-replica statistics, as models do.
+  batch_norm = functools.partial(nn.BatchNorm, axis_name=PMAP_AXIS)
+  return BatchOps(mean=mean, gather=gather, batch_norm=batch_norm)
 
 
 class PmapParallel:
@@ -343,11 +307,13 @@ def first_local_replica(x) -> np.ndarray:
   return shard[0] if shard.ndim == x.ndim else shard
 
 
-def get_parallel(kind: str, mesh: str = ""):
-  """The strategy `config.parallel` names; `mesh` is `config.mesh` (only for MESH_KINDS)."""
+def get_parallel(kind: str, mesh=""):
+  """The strategy `config.parallel` names; `mesh` is `config.mesh` (only for the 2-D kinds):
+  its text, or the (data, model) sizes a `RunPlan` parsed from it."""
   if kind not in PARALLEL_KINDS:
     raise ValueError(f"config.parallel={kind!r} is not valid; choose one of {PARALLEL_KINDS}.")
-  data, model = mesh_shape(kind, mesh, jax.device_count())
+  data, model = (mesh if isinstance(mesh, tuple) else
+                 mesh_shape(kind, mesh, jax.device_count()))
   if kind == "jit":
     return JitParallel()
   if kind == "pmap":

@@ -8,6 +8,7 @@ field, both shapes and what would fix it, before the suite's first run starts.
 
 import dataclasses
 import functools
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -15,10 +16,10 @@ import numpy as np
 
 from kdjax import models as models_lib
 from kdjax.data.catalog import get_dataset_spec
-from kdjax.methods.base import Batch, single_device_ops
+from kdjax.methods.base import (STUDENT_VIEW_PREFIX, TEACHER_VIEW_PREFIX, Batch, RunFacts,
+                                single_device_ops)
 from kdjax.methods.registry import build_method
 from kdjax.train.run_setup import sample_inputs
-from kdjax.train.teachers import teacher_specs
 from kdjax.train.validate import ConfigError
 
 _SAMPLE_BATCH = 2
@@ -50,47 +51,74 @@ def _sample_data(method) -> dict:
   return data
 
 
+def _view_outputs(method, config, inputs: jax.ShapeDtypeStruct, *,
+                  teacher_model: Optional[str]) -> dict:
+  """`Batch.data` entries of the method's extra views (`Method.views`), as shapes: the
+  student's Output on each view, and the teacher's on those `teacher_needs.views` names."""
+  views = jax.eval_shape(
+      method.views, {"inputs": inputs, "index": jax.ShapeDtypeStruct((_SAMPLE_BATCH,), jnp.int32)},
+      jax.ShapeDtypeStruct((2,), jnp.uint32))
+  data = {}
+  for name, view in views.items():
+    shape, dtype = tuple(view.shape[1:]), view.dtype
+    data[STUDENT_VIEW_PREFIX + name] = abstract_model(config.student.model, config.num_classes,
+                                                      shape, dtype)[1]
+    if teacher_model and name in method.teacher_needs.views:
+      data[TEACHER_VIEW_PREFIX + name] = abstract_model(teacher_model, config.num_classes,
+                                                        shape, dtype)[1]
+  return data
+
+
 def check_method_fits_models(config) -> None:
   """Raises ConfigError when `config.method` cannot run on the configured models: its `init`
-  and one `loss` are traced on the models' abstract outputs."""
+  and one `loss` are traced on the models' abstract outputs (the main teacher,
+  `config.teacher.model`)."""
+  teacher_model = config.teacher.model
   spec = get_dataset_spec(config.dataset)
   # A dataset of unknown size: any size will do for shapes; the run checks the real one.
   num_examples = spec.train_examples or 2**20
-  method = build_method(config, num_train_examples=num_examples)
-  if method.needs_train_labels:  # Any labels of the right size will do for shapes.
-    method.train_labels = np.arange(num_examples) % config.num_classes
+  # Any labels of the right size will do for shapes.
+  method = build_method(config, RunFacts(
+      num_train_examples=num_examples, teacher_model=config.teacher.model,
+      train_labels=lambda: np.arange(num_examples) % config.num_classes))
   if method.sampler == "class_pairs" and config.global_batch_size % 2:
     raise ConfigError(f"Method {config.method!r} trains on class pairs (half the batch are the "
                       f"partners of the other half): config.global_batch_size="
                       f"{config.global_batch_size} must be even.")
-  if method.multiple_teachers:  # Logits only: stacked teachers are checked when loaded.
+  needs = method.teacher_needs
+  if needs.ensemble:  # Logits only: stacked teachers are checked when loaded.
     return
   sample = sample_inputs(config)  # Token windows for text: their length is a config field.
   input_shape, input_dtype = tuple(sample.shape[1:]), sample.dtype
   student_variables, student = abstract_model(config.student.model, config.num_classes,
                                               input_shape, input_dtype)
-  if method.self_teacher:  # The student's own apply, on variables from the method state.
+  if needs.self_teacher:  # The student's own apply, on variables from the method state.
     teacher_variables, teacher = student_variables, student
-  elif method.needs_teacher:
-    teacher_variables, teacher = abstract_model(teacher_specs(config)[0].model,
+  elif needs.checkpoint:
+    teacher_variables, teacher = abstract_model(teacher_model,
                                                 config.num_classes, input_shape, input_dtype)
   else:
     teacher_variables, teacher = None, None
+  view_data = _view_outputs(method, config, jax.ShapeDtypeStruct(
+      (_SAMPLE_BATCH,) + input_shape, input_dtype), teacher_model=(
+          config.student.model if needs.self_teacher else
+          teacher_model if needs.checkpoint else None))
 
-  def init_and_loss(student, teacher, teacher_variables, student_variables):
+  def init_and_loss(student, teacher, teacher_variables, student_variables, view_data):
     label_shape = student.logits.shape[:-1]  # [b] for classifiers, [b, T] for LMs.
     sample = Batch(student=student, teacher=teacher,
                    labels=jnp.zeros(label_shape, jnp.int32),
                    where=jnp.ones(label_shape, bool), step=jnp.zeros((), jnp.int32),
                    rng=jax.random.PRNGKey(0),
-                   data=_sample_data(method),
+                   data={**_sample_data(method), **view_data},
                    teacher_variables=teacher_variables)
     params, state = method.init(jax.random.PRNGKey(0),
                                 dataclasses.replace(sample, student_variables=student_variables))
     return method.loss(params, state, sample, single_device_ops())
 
   try:
-    jax.eval_shape(init_and_loss, student, teacher, teacher_variables, student_variables)
+    jax.eval_shape(init_and_loss, student, teacher, teacher_variables, student_variables,
+                   view_data)
   except ValueError as error:
     raise ConfigError(f"{error} (student {config.student.model!r}, teacher "
-                      f"{teacher_specs(config)[0].model!r})") from None
+                      f"{teacher_model!r})") from None

@@ -89,7 +89,7 @@ def fingerprint_arrays(arrays: Dict[str, np.ndarray]) -> str:
       for value in array.ravel():
         digest.update(value if isinstance(value, bytes) else repr(value).encode())
     else:
-      digest.update(memoryview(array).cast("B"))
+      digest.update(array.reshape(-1).view(np.uint8))  # bfloat16-safe
   return digest.hexdigest()
 
 

@@ -29,7 +29,7 @@ def _training_fields(config) -> dict:
   data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
   other_methods = set(methods_lib.METHODS) - {data.get("method")}
   method = methods_lib.METHODS.get(data.get("method"))
-  if isinstance(data.get("teacher"), dict) and (method is None or not method.needs_teacher):
+  if isinstance(data.get("teacher"), dict) and (method is None or not method.teacher_needs.checkpoint):
     # A teacher-output cache changes nothing for a run without a teacher (teacher, scratch).
     data["teacher"] = {k: v for k, v in data["teacher"].items()
                        if k not in ("cache", "cache_topk")}

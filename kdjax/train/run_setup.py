@@ -3,7 +3,7 @@ pipeline, the parallel strategy, the method, the student and teacher apply funct
 teacher's variables, the optimizer and the initial train state (on the host)."""
 
 import dataclasses
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -15,26 +15,28 @@ from kdjax import data as data_lib
 from kdjax import paths
 from kdjax import methods as methods_lib
 from kdjax import models as models_lib
-from kdjax.data import teacher_cache as teacher_cache_lib
-from kdjax.lm import teacher_logits as teacher_logits_lib
-from kdjax.methods.base import Batch, Method
+from kdjax.methods.base import Batch, Method, RunFacts
 from kdjax.models import precision as precision_lib
 from kdjax.models.apply import ApplyFn
-from kdjax.models.output import Output
+from kdjax.teachers import choose as teachers_choose, disk_cache, live
+from kdjax.teachers.teacher import Teacher
 from kdjax.train import optimizer as optimizer_lib
 from kdjax.train import parallel as parallel_lib, state as state_lib
-from kdjax.train import teachers as teachers_lib
+from kdjax.train.plan import RunPlan
 from kdjax.train.state import TrainState
 
 
 @dataclasses.dataclass
 class RunParts:
+  plan: RunPlan
   pipeline: data_lib.InputPipeline
   parallel: Any  # parallel_lib.JitParallel | parallel_lib.PmapParallel
   method: Method
   student_apply: ApplyFn
-  teacher_apply: Optional[ApplyFn]
-  teacher_variables: Any  # None without a teacher; a list for multi-teacher methods.
+  teacher: Teacher  # What the train step sees (`kdjax.teachers.choose`).
+  eval_teacher: Teacher  # What the eval step compares the student with.
+  teacher_variables: Any  # None without a loaded teacher; a list for ensembles.
+  teacher_checkpoints: Tuple[str, ...]  # The checkpoints the loaded teacher(s) came from.
   optimizer: optax.GradientTransformation
   initial_state: TrainState  # Host arrays.
 
@@ -46,17 +48,6 @@ def model_kwargs(name: str, parallel) -> dict:
   return {}
 
 
-def uses_teacher_cache(config) -> bool:
-  """True when the run reads its teacher's outputs from `config.teacher.cache`."""
-  return bool(config.teacher.get("cache", "")) and methods_lib.get_method_class(
-      config.method).needs_teacher
-
-
-def is_language_model_run(config: ml_collections.ConfigDict) -> bool:
-  """True when `config.dataset` is a text dataset (token windows, next-token prediction)."""
-  return data_lib.get_dataset_spec(config.dataset).input_kind == "tokens"
-
-
 def sample_inputs(config: ml_collections.ConfigDict, batch_size: int = 2) -> np.ndarray:
   """Zeros shaped like `batch_size` model inputs of the config's dataset (token windows of
   `config.lm.sequence_length` for text), without opening the data."""
@@ -66,14 +57,15 @@ def sample_inputs(config: ml_collections.ConfigDict, batch_size: int = 2) -> np.
   return np.zeros((batch_size,) + tuple(spec.input_shape), np.float32)
 
 
-def build_pipeline(config: ml_collections.ConfigDict, *, teacher_cache=None):
+def build_pipeline(plan: RunPlan, *, teacher_cache=None):
   """The run's input pipeline: token windows for a text dataset (`config.lm`), else examples
   (with cached teacher outputs joining the training batches when `teacher_cache` is given)."""
+  config = plan.config
   common = dict(global_batch_size=config.global_batch_size, seed=config.seed,
                 data_dir=config.data_dir or None, process_index=jax.process_index(),
                 process_count=jax.process_count(),
                 validation_examples=config.validation_examples)
-  if is_language_model_run(config):
+  if plan.language_model:
     if teacher_cache is not None:
       raise ValueError("config.teacher.cache is for classification datasets; a language "
                        "model's teacher runs live.")
@@ -83,72 +75,66 @@ def build_pipeline(config: ml_collections.ConfigDict, *, teacher_cache=None):
         vocab_size=lm.vocab_size or None, tokenizer_dir=lm.tokenizer_dir or None, **common)
   return data_lib.InputPipeline(
       config.dataset, augment=config.augment, teacher_cache=teacher_cache,
-      sampler=methods_lib.get_method_class(config.method).sampler, **common)
+      sampler=plan.method.sampler, **common)
 
 
-def build_run(config: ml_collections.ConfigDict,
-              teacher_checkpoints: Sequence[str]) -> RunParts:
-  """Builds the parts of one run; the teacher is loaded when the method needs one."""
-  parallel = parallel_lib.get_parallel(config.parallel, config.get("mesh", ""))
-  method_class = methods_lib.get_method_class(config.method)
+def _loaded(checkpoints: Sequence[str], variables) -> Tuple[str, ...]:
+  """The checkpoints a loaded teacher came from: each of an ensemble's (variables: a list),
+  the first alone, or none."""
+  if variables is None:
+    return ()
+  return tuple(checkpoints[:len(variables) if isinstance(variables, list) else 1])
+
+
+def build_run(plan: RunPlan, teacher_checkpoints: Sequence[str]) -> RunParts:
+  """Builds the parts of one run from its plan; the teacher is chosen by
+  `kdjax.teachers.choose`."""
+  config, method_class = plan.config, plan.method
+  parallel = parallel_lib.get_parallel(plan.parallel, plan.mesh)
   # Cached teacher outputs (`config.teacher.cache`) join the batches; the teacher is not built.
-  teacher_cache = (teacher_cache_lib.open_checked(config, sampler=method_class.sampler)
-                   if uses_teacher_cache(config) else None)
-  pipeline = build_pipeline(config, teacher_cache=teacher_cache)
-  method = methods_lib.build_method(config, num_train_examples=pipeline.num_train_examples)
+  teacher_cache = (disk_cache.open_checked(config, sampler=method_class.sampler)
+                   if config.teacher.get("cache", "") and method_class.teacher_needs.checkpoint
+                   else None)
+  pipeline = build_pipeline(plan, teacher_cache=teacher_cache)
   sample = sample_inputs(config)
-  reference_field = getattr(method, "reference_field", None)
-  if reference_field:  # A frozen model of the student's architecture (AdaSPEC, MiniPLM).
-    _, (method.reference_variables,) = teachers_lib.load_models(
-        [config.student.model], [paths.resolve(config[method.name][reference_field])],
-        num_classes=config.num_classes, sample_inputs=sample,
-        model_kwargs=lambda name: model_kwargs(name, parallel))
-  method.batch_norm_axis_name = parallel.batch_norm_axis_name
-  if method.needs_train_labels:
-    method.train_labels = pipeline.train_labels()
+  kwargs = lambda name: model_kwargs(name, parallel)
+  reference_variables = None
+  if method_class.reference_field:  # A frozen model of the student's architecture.
+    _, (reference_variables,) = live.load_models(
+        [config.student.model],
+        [paths.resolve(config[method_class.name][method_class.reference_field])],
+        num_classes=config.num_classes, sample_inputs=sample, model_kwargs=kwargs)
+  method = methods_lib.build_method(config, facts=RunFacts(
+      num_train_examples=pipeline.num_train_examples, train_labels=pipeline.train_labels,
+      teacher_model=config.teacher.model, reference_variables=reference_variables))
 
   # `config.dtype`: the student computes in it (train and eval); parameters stay float32.
   student_model = precision_lib.model_fns(
       config.student.model, num_classes=config.num_classes, dtype=config.get("dtype", "float32"),
-      **model_kwargs(config.student.model, parallel))
+      **kwargs(config.student.model))
   student_apply = student_model.apply
   init_rng, method_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
-  student_variables = jax.device_get(
-      student_model.init(init_rng, sample))
-
-  teacher_apply, teacher_variables, teacher_sample = None, None, None
-  if teacher_cache is not None:  # Zeros of the cached shapes, for the method's init.
-    teacher_sample = Output(*teacher_cache.sample_outputs(2))
-  elif method.needs_teacher or (is_language_model_run(config) and teacher_checkpoints):
-    # A language model's teacher is also loaded for evaluation alone (scratch's agreement and
-    # speculative acceptance); the train step runs it only for methods that need it.
-    teacher_apply, teacher_variables = teachers_lib.load_teachers(
-        config, method, teacher_checkpoints, sample,
-        model_kwargs=lambda name: model_kwargs(name, parallel))
-    teacher_sample, _ = teacher_apply(teacher_variables, sample, train=False)
-  if getattr(method, "selects_examples", False):  # MiniPLM's difference sampling, offline.
-    pipeline.restrict_training(method.select_examples(
-        pipeline, teacher_apply=teacher_apply, teacher_variables=teacher_variables,
-        reference_apply=student_apply))
-
-  if is_language_model_run(config):  # `config.lm.teacher_logits`: computed once, gathered.
-    teacher_logits_lib.attach(config, method, pipeline, teacher_apply, teacher_variables)
+  student_variables = jax.device_get(student_model.init(init_rng, sample))
+  teacher = teachers_choose.choose_teacher(
+      config, method, specs=plan.teachers, checkpoints=teacher_checkpoints,
+      cache=teacher_cache, pipeline=pipeline, sample_inputs=sample,
+      student_apply=student_apply, model_kwargs=kwargs, language_model=plan.language_model)
 
   student_sample, _ = student_apply(student_variables, sample, train=False)
   label_shape = student_sample.logits.shape[:-1]  # [2] for classifiers, [2, T] for LMs.
   method_params, method_state = method.init(method_rng, Batch(
-      student=student_sample, teacher=teacher_sample, labels=np.zeros(label_shape, np.int32),
+      student=student_sample, teacher=teacher.sample, labels=np.zeros(label_shape, np.int32),
       where=np.ones(label_shape, bool), step=jnp.zeros((), jnp.int32),
-      teacher_variables=teacher_variables, student_variables=student_variables))
-  if getattr(method, "pregenerates", False):  # Sequence-level KD's teacher continuations.
-    method_state = method.pregenerate(jax.device_get(method_state), pipeline,
-                                      teacher_apply=teacher_apply,
-                                      teacher_variables=teacher_variables, seed=config.seed)
+      teacher_variables=teacher.variables, student_variables=student_variables))
+  method_state = method.pregenerate(jax.device_get(method_state), pipeline,
+                                    teacher_apply=teacher.train.apply,
+                                    teacher_variables=teacher.variables, seed=config.seed)
   optimizer = optimizer_lib.build_optimizer(config.optimizer, config.num_steps)
   initial_state = jax.device_get(state_lib.create(
       student_variables=student_variables, method_params=method_params,
       method_state=method_state, optimizer=optimizer, rng=train_rng))
-  return RunParts(pipeline=pipeline, parallel=parallel, method=method,
-                  student_apply=student_apply, teacher_apply=teacher_apply,
-                  teacher_variables=teacher_variables, optimizer=optimizer,
-                  initial_state=initial_state)
+  return RunParts(plan=plan, pipeline=pipeline, parallel=parallel, method=method,
+                  student_apply=student_apply, teacher=teacher.train,
+                  eval_teacher=teacher.eval, teacher_variables=teacher.variables,
+                  teacher_checkpoints=_loaded(teacher_checkpoints, teacher.variables),
+                  optimizer=optimizer, initial_state=initial_state)

@@ -1,5 +1,6 @@
 """Pure train and eval steps. Parallelism is applied to them in `parallel.py`."""
 
+import dataclasses
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -11,17 +12,10 @@ from kdjax.methods.base import (STUDENT_VIEW_PREFIX, TEACHER_VIEW_PREFIX, Batch,
 from kdjax.methods.eval_metrics import (CLASSIFICATION_METRICS, TEACHER_METRICS, EvalBatch,
                                         EvalMetric)
 from kdjax.models.apply import ApplyFn
-from kdjax.models.output import Output
+from kdjax.teachers import choose as teachers_choose
+from kdjax.teachers import keys as teacher_keys
+from kdjax.teachers.teacher import NO_TEACHER, Teacher
 from kdjax.train.state import TrainState, student_variables
-
-# Cached teacher outputs in a batch replace running the teacher: all logits, or the top-k
-# logits and their class ids, and feature taps under 'teacher_features/<tap>'.
-TEACHER_LOGITS_KEY = "teacher_logits"
-TEACHER_TOPK_LOGITS_KEY = "teacher_topk_logits"
-TEACHER_TOPK_INDICES_KEY = "teacher_topk_indices"
-TEACHER_FEATURES_PREFIX = "teacher_features/"
-_CACHE_KEYS = (TEACHER_LOGITS_KEY, TEACHER_TOPK_LOGITS_KEY, TEACHER_TOPK_INDICES_KEY)
-
 
 # A language-model batch names its inputs and labels `tokens` [b, T] and `targets` [b, T]
 # (DESIGN.md); a classifier's are `inputs` [b, ...] and `labels` [b].
@@ -31,8 +25,7 @@ _LABEL_KEYS = ("labels", "targets")
 
 def _is_step_key(key: str) -> bool:
   """Batch entries the step consumes itself; every other one reaches the method's Batch.data."""
-  return key in _INPUT_KEYS + _LABEL_KEYS + ("mask",) + _CACHE_KEYS or key.startswith(
-      TEACHER_FEATURES_PREFIX)
+  return key in _INPUT_KEYS + _LABEL_KEYS + ("mask",) or teacher_keys.is_teacher_key(key)
 
 
 def batch_inputs(batch: dict) -> jax.Array:
@@ -45,47 +38,27 @@ def batch_labels(batch: dict) -> jax.Array:
   return batch["labels"] if "labels" in batch else batch["targets"]
 
 
-def topk_to_logits(topk_logits: jax.Array, topk_indices: jax.Array,
-                   num_classes: int) -> jax.Array:
-  """[..., k] logits at class ids [..., k] -> [..., num_classes] logits, -inf elsewhere: the
-  softmax of the result is the renormalised top-k distribution (`losses.sparse_kd`'s target),
-  so a KD-like method learns from a top-k cache unchanged."""
-  dense = jnp.full(topk_logits.shape[:-1] + (num_classes,), -jnp.inf, topk_logits.dtype)
-  return jnp.put_along_axis(dense, topk_indices, topk_logits, axis=-1, inplace=False)
+def _with_num_classes(teacher: Teacher, student_apply: ApplyFn, state: TrainState,
+                      batch: dict) -> Teacher:
+  """`teacher`, knowing the number of classes when the batch carries a top-k cache (from the
+  student's output shape: no computation)."""
+  if teacher.num_classes is not None or teacher_keys.TOPK_LOGITS_KEY not in batch:
+    return teacher
+  num_classes = jax.eval_shape(lambda: student_apply(
+      student_variables(state), batch_inputs(batch), train=False, rng=None)[0].logits).shape[-1]
+  return dataclasses.replace(teacher, num_classes=num_classes)
 
 
-def _num_classes(student_apply: ApplyFn, state: TrainState, inputs) -> int:
-  """The student's number of classes, from shapes only (no computation)."""
-  return jax.eval_shape(lambda: student_apply(student_variables(state), inputs, train=False,
-                                              rng=None)[0].logits).shape[-1]
-
-
-def teacher_outputs(teacher_apply: Optional[ApplyFn], teacher_variables, batch: dict, *,
-                    num_classes: Optional[int] = None):
-  """The teacher's Output for a batch, in eval mode, without gradient.
-
-  When the batch carries cached teacher outputs the teacher is not run at all (a top-k cache
-  needs `num_classes`).
-  """
-  features = {key[len(TEACHER_FEATURES_PREFIX):]: value for key, value in batch.items()
-              if key.startswith(TEACHER_FEATURES_PREFIX)}
-  if TEACHER_LOGITS_KEY in batch:
-    return jax.lax.stop_gradient(Output(batch[TEACHER_LOGITS_KEY], features))
-  if TEACHER_TOPK_LOGITS_KEY in batch:
-    logits = topk_to_logits(batch[TEACHER_TOPK_LOGITS_KEY], batch[TEACHER_TOPK_INDICES_KEY],
-                            num_classes)
-    return jax.lax.stop_gradient(Output(logits, features))
-  if teacher_apply is None:
-    return None
-  output, _ = teacher_apply(teacher_variables, batch_inputs(batch), train=False, rng=None)
-  return jax.lax.stop_gradient(output)
-
-
-def make_train_step(*, student_apply: ApplyFn, teacher_apply: Optional[ApplyFn],
-                    method: Method, optimizer: optax.GradientTransformation,
+def make_train_step(*, student_apply: ApplyFn, method: Method,
+                    optimizer: optax.GradientTransformation,
+                    teacher: Optional[Teacher] = None, teacher_apply: Optional[ApplyFn] = None,
                     reduce_gradients: Callable = lambda g: g,
                     skip_nonfinite: bool = False) -> Callable:
   """Builds `train_step(state, teacher_variables, batch, ops) -> (state, metrics)`.
+
+  `teacher` is the run's `kdjax.teachers.Teacher` (chosen by `kdjax.teachers.choose`); code
+  that builds a step by hand may give the loaded teacher's `teacher_apply` instead (or neither,
+  for methods without a teacher), and the method's `teacher_needs` make the `Teacher`.
 
   `batch` is {'inputs': [b, ...], 'labels': [b], optional 'mask': [b] bool, optional cached
   teacher outputs ('teacher_logits' [b, C], or 'teacher_topk_logits' / 'teacher_topk_indices'
@@ -98,38 +71,34 @@ def make_train_step(*, student_apply: ApplyFn, teacher_apply: Optional[ApplyFn],
   which drives the learning-rate schedule, does not advance on a skipped step.)
   """
 
+  if teacher is None:
+    teacher = teachers_choose.for_method(method, teacher_apply=teacher_apply,
+                                         student_apply=student_apply)
+
   def train_step(state: TrainState, teacher_variables, batch: dict, ops: BatchOps):
     rng = jax.random.fold_in(state.rng, state.step)
     model_rng, method_rng = jax.random.split(rng)
-    if method.rewrites_batch:  # On-policy continuations (GKD), teacher generations (SeqKD).
-      batch, method_state = method.rewrite_batch(
-          state.method_state, batch, StepModels(
-              student_apply=student_apply,
-              student_variables=jax.lax.stop_gradient(student_variables(state)),
-              teacher_apply=teacher_apply if method.needs_teacher else None,
-              teacher_variables=teacher_variables),
-          jax.random.fold_in(method_rng, 1), ops, state.step)
-      state = state.replace(method_state=method_state)
+    run_teacher = _with_num_classes(teacher, student_apply, state, batch)
+    teacher_variables = run_teacher.variables(teacher_variables, state.method_state)
+    # On-policy continuations (GKD), teacher generations (SeqKD); identity for most methods.
+    batch, method_state = method.rewrite_batch(
+        state.method_state, batch, StepModels(
+            student_apply=student_apply,
+            student_variables=jax.lax.stop_gradient(student_variables(state)),
+            teacher_apply=run_teacher.apply if run_teacher.present else None,
+            teacher_variables=teacher_variables),
+        jax.random.fold_in(method_rng, 1), ops, state.step)
+    state = state.replace(method_state=method_state)
     inputs, labels = batch_inputs(batch), batch_labels(batch)
     where = batch.get("mask", jnp.ones(labels.shape, bool))
-    num_classes = (_num_classes(student_apply, state, inputs)
-                   if TEACHER_TOPK_LOGITS_KEY in batch else None)
-    if method.self_teacher:  # The student's apply on variables the method keeps (EMA, DINO).
-      teacher_variables = method.teacher_variables_from_state(state.method_state)
-      teacher = teacher_outputs(student_apply, teacher_variables, batch)
-      view_teacher_apply = student_apply
-    else:
-      teacher = teacher_outputs(teacher_apply if method.needs_teacher else None,
-                                teacher_variables, batch, num_classes=num_classes)
-      cached = any(key in batch for key in _CACHE_KEYS)
-      view_teacher_apply = teacher_apply if method.needs_teacher and not cached else None
-    # A method's extra input views (multi-crop): the teacher sees those it names.
+    teacher_output = run_teacher.outputs(teacher_variables, batch, inputs)
+    # A method's extra input views (multi-crop): the teacher sees those it names, when it can
+    # run (not from a cache).
     views = method.views(batch, method_rng)
     view_data = {}
-    if view_teacher_apply is not None:
-      for name in method.teacher_views:
-        view_data[TEACHER_VIEW_PREFIX + name] = teacher_outputs(
-            view_teacher_apply, teacher_variables, {"inputs": views[name]})
+    if run_teacher.apply is not None and not teacher_keys.holds_outputs(batch):
+      for name in method.teacher_needs.views:
+        view_data[TEACHER_VIEW_PREFIX + name] = run_teacher.run(teacher_variables, views[name])
 
     def loss_fn(params):
       variables = {"params": params["student"], **state.model_state}
@@ -145,10 +114,10 @@ def make_train_step(*, student_apply: ApplyFn, teacher_apply: Optional[ApplyFn],
         new_model_state = {**new_model_state, **view_model_state}
       loss, metrics, new_method_state = method.loss(
           params["method"], state.method_state,
-          Batch(student=student, teacher=teacher, labels=labels, where=where, step=state.step,
-                rng=method_rng, data=data,
+          Batch(student=student, teacher=teacher_output, labels=labels, where=where,
+                step=state.step, rng=method_rng, data=data,
                 teacher_variables=(jax.lax.stop_gradient(teacher_variables)
-                                   if teacher is not None else None)), ops)
+                                   if teacher_output is not None else None)), ops)
       return loss, (metrics, new_model_state, new_method_state)
 
     grads, (metrics, new_model_state, new_method_state) = jax.grad(
@@ -160,7 +129,7 @@ def make_train_step(*, student_apply: ApplyFn, teacher_apply: Optional[ApplyFn],
     model_state = {**state.model_state, **new_model_state}
     new_method_state = method.update_after_step(
         new_method_state, {"params": params["student"], **model_state}, state.step,
-        **({"method_params": params["method"]} if method.update_reads_method_params else {}))
+        method_params=params["method"])
     new_state = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state,
         model_state=model_state, method_state=new_method_state)
@@ -177,32 +146,30 @@ def make_train_step(*, student_apply: ApplyFn, teacher_apply: Optional[ApplyFn],
   return train_step
 
 
-def make_eval_step(*, student_apply: ApplyFn, teacher_apply: Optional[ApplyFn],
-                   metrics: Sequence[EvalMetric] = CLASSIFICATION_METRICS,
-                   self_teacher: Optional[Callable] = None,
-                   stacked_teachers: bool = False) -> Callable:
+def make_eval_step(*, student_apply: ApplyFn, teacher: Optional[Teacher] = None,
+                   teacher_apply: Optional[ApplyFn] = None,
+                   metrics: Sequence[EvalMetric] = CLASSIFICATION_METRICS) -> Callable:
   """Builds `eval_step(state, teacher_variables, batch) -> sums`.
 
   Returns `{'count': unmasked rows, **each metric's sums}` for one batch (the caller adds them
-  up and divides by the count). With a teacher, `TEACHER_METRICS` run as well. `self_teacher`
-  (a method's `teacher_variables_from_state`) makes the teacher the student's apply function
-  on variables from the method state. `stacked_teachers`: the teacher's logits are several
-  teachers' stacked on a leading axis (`Method.multiple_teachers`).
+  up and divides by the count). With a teacher (`teacher`, from
+  `kdjax.teachers.choose.for_evaluation`, or a loaded `teacher_apply`), `TEACHER_METRICS` run
+  as well; a stacked (ensemble) teacher's metrics read the teachers' mean.
   """
-  has_teacher = teacher_apply is not None or self_teacher is not None
-  metrics = tuple(metrics) + (TEACHER_METRICS if has_teacher else ())
+  if teacher is None:
+    teacher = (Teacher(source="checkpoint", apply=teacher_apply) if teacher_apply is not None
+               else NO_TEACHER)
+  metrics = tuple(metrics) + (TEACHER_METRICS if teacher.present else ())
 
   def eval_step(state: TrainState, teacher_variables, batch: dict):
     where = batch["mask"].astype(jnp.float32)
-    student, _ = student_apply(student_variables(state), batch_inputs(batch), train=False,
-                               rng=None)
-    if self_teacher is not None:
-      teacher = teacher_outputs(student_apply, self_teacher(state.method_state), batch)
-    else:
-      teacher = teacher_outputs(teacher_apply, teacher_variables, batch)
-    eval_batch = EvalBatch(student=student, teacher=teacher, labels=batch_labels(batch),
+    inputs = batch_inputs(batch)
+    student, _ = student_apply(student_variables(state), inputs, train=False, rng=None)
+    teacher_output = teacher.outputs(teacher.variables(teacher_variables, state.method_state),
+                                     batch, inputs)
+    eval_batch = EvalBatch(student=student, teacher=teacher_output, labels=batch_labels(batch),
                            where=where, method_params=state.params["method"],
-                           method_state=state.method_state, stacked_teachers=stacked_teachers)
+                           method_state=state.method_state, stacked_teachers=teacher.stacked)
     sums = {"count": jnp.sum(where)}
     for metric in metrics:
       for name, value in metric(eval_batch).items():

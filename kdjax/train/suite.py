@@ -35,14 +35,15 @@ from kdjax import data as data_lib
 from kdjax import paths, validation
 from kdjax.methods.registry import get_method_class
 from kdjax.train import files, provenance
-from kdjax.train import teachers as teachers_lib
+from kdjax.teachers import live as teachers_lib  # Ensembles of finished runs.
 from kdjax.train.checkpoint import CheckpointError, saved_model_name
 from kdjax.train.loop import RUN_SUMMARY, train_checked_run
 from kdjax.train.config_paths import resolve_config_paths
 from kdjax.train.preflight import check_method_fits_models
 from kdjax.train.run_dir import check_run_dir
-from kdjax.train.validate import (ConfigError, parse_sweep, suite_runs, suite_seeds,
-                                  validate_config)
+from kdjax.train.config_syntax import checkpoint_dirs, teacher_specs
+from kdjax.train.plan import RunPlan
+from kdjax.train.validate import ConfigError, validate_config
 from kdjax.train.workdir import WorkdirLock, prepare_workdir
 
 SUMMARY = "summary.json"
@@ -58,10 +59,12 @@ def _run_dict(config: ml_collections.ConfigDict) -> dict:
   return data
 
 
-def run_config(config: ml_collections.ConfigDict, run: str) -> ml_collections.ConfigDict:
-  """The single-run config for suite entry `run` (a teacher run or a method name)."""
+def run_config(config: ml_collections.ConfigDict, run: str,
+               specs=None) -> ml_collections.ConfigDict:
+  """The single-run config for suite entry `run` (a teacher run or a method name); `specs`:
+  the suite's `TeacherSpec`s (from its plan; parsed from `config` when not given)."""
   run_cfg = ml_collections.ConfigDict(_run_dict(config))
-  specs = {spec.run: spec for spec in teachers_lib.teacher_specs(config)}
+  specs = {spec.run: spec for spec in (teacher_specs(config) if specs is None else specs)}
   if run in specs:  # teacher, teacher_1, ...: trained from scratch, each with its own seed.
     index = list(specs).index(run)
     run_cfg.method = "scratch"
@@ -83,6 +86,7 @@ class SuiteRun:
   teacher_checkpoints: Tuple[str, ...]  # The checkpoints/ directories it distils from.
   seed: Optional[int]  # From config.seeds; None for teacher runs and single-seed suites.
   is_teacher: bool  # A teacher run, trained from scratch.
+  plan: Optional[RunPlan] = None  # Its config checked (`plan_suite`); None until then.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +145,7 @@ def _with_reference(config, cls, workdir: str, seed: Optional[int], rows: List[s
   resolved: a row of the suite that runs before this one becomes that row's checkpoint of the
   same seed; anything else must be a checkpoint directory or exported model file."""
   config = _seeded(config, seed)
-  field = getattr(cls, "reference_field", None)
+  field = cls.reference_field
   if not field:
     return config
   reference = str(config[cls.name][field] or "")
@@ -159,28 +163,26 @@ def _with_reference(config, cls, workdir: str, seed: Optional[int], rows: List[s
   return _with(config, **{f"{cls.name}.{field}": path})
 
 
-def expand_suite(config: ml_collections.ConfigDict, workdir: str):
+def expand_suite(plan: RunPlan, workdir: str):
   """(runs, ensembles) of a suite: its rows expanded by sweep, generations and seeds. Pure:
-  reads nothing from disk. `config` is checked (`validate_config`) and its paths absolute."""
-  specs = teachers_lib.teacher_specs(config)
+  reads nothing from disk. `plan` is the suite config's (`validate_config`)."""
+  config, specs, sweep, rows = plan.config, plan.teachers, plan.sweep, list(plan.rows)
   teacher_names = [spec.run for spec in specs]
-  teacher_dirs = tuple(teachers_lib.checkpoint_dirs(config, workdir))
-  seeds = suite_seeds(config) or (None,)
-  sweep = parse_sweep(config)
-  language_model = data_lib.get_dataset_spec(config.dataset).input_kind == "tokens"
+  teacher_dirs = tuple(checkpoint_dirs(specs, workdir))
+  seeds = plan.seeds or (None,)
+  language_model = plan.language_model
   runs, ensembles = [], []
-  for name in suite_runs(config) or [config.method]:
+  for name in rows or [config.method]:
     if name in teacher_names:
-      runs.append(SuiteRun(name, name, run_config(config, name), (), None, True))
+      runs.append(SuiteRun(name, name, run_config(config, name, specs), (), None, True))
       continue
-    base = run_config(config, name)
+    base = run_config(config, name, specs)
     cls = get_method_class(name)
     # A language model's rows all see the teacher at evaluation (agreement and speculative
     # decoding with the student as draft), scratch included; it trains only those that use it.
-    rows = suite_runs(config)
     teacher_ready = specs[0].checkpoint or (
         specs[0].run in rows and name in rows and rows.index(specs[0].run) < rows.index(name))
-    teachers = teacher_dirs if cls.needs_teacher else (
+    teachers = teacher_dirs if cls.teacher_needs.checkpoint else (
         teacher_dirs[:1] if language_model and teacher_ready else ())
 
     if cls.generations_field:  # A chain: generation k teaches generation k + 1 (born-again).
@@ -209,7 +211,7 @@ def expand_suite(config: ml_collections.ConfigDict, workdir: str):
     for row, cfg in variants:
       for seed in seeds:
         runs.append(SuiteRun(row, run_directory(row, seed),
-                             _with_reference(cfg, cls, workdir, seed, suite_runs(config)),
+                             _with_reference(cfg, cls, workdir, seed, rows),
                              teachers, seed, False))
   return runs, ensembles
 
@@ -223,17 +225,18 @@ def plan_suite(config: ml_collections.ConfigDict, workdir: str, *,
   """
   config = resolve_config_paths(config)
   workdir = paths.resolve(workdir)
-  names = suite_runs(config) or [config.method]
-  validate_config(config, num_devices=num_devices)
-  runs, ensembles = expand_suite(config, workdir)
-  for run in runs:  # Every run is checked before the first one starts.
-    validate_config(run.config, num_devices=num_devices)
-  specs = teachers_lib.teacher_specs(config)
-  teacher_dirs = teachers_lib.checkpoint_dirs(config, workdir)
+  suite = validate_config(config, num_devices=num_devices)
+  names = list(suite.rows) or [config.method]
+  runs, ensembles = expand_suite(suite, workdir)
+  # Every run is checked, and its plan made, once, before the first one starts.
+  runs = [dataclasses.replace(run, plan=validate_config(run.config, num_devices=num_devices))
+          for run in runs]
+  specs = list(suite.teachers)
+  teacher_dirs = checkpoint_dirs(specs, workdir)
   teacher_runs = [spec.run for spec in specs]
-  students = [r for r in names if r not in teacher_runs and get_method_class(r).needs_teacher]
+  students = [r for r in names if r not in teacher_runs and get_method_class(r).teacher_needs.checkpoint]
   for name in students:  # The suite's teachers (a chained run's teacher is an earlier run).
-    count = len(specs) if get_method_class(name).multiple_teachers else 1
+    count = len(specs) if get_method_class(name).teacher_needs.ensemble else 1
     for spec, directory in zip(specs[:count], teacher_dirs[:count]):
       if spec.run in names:
         if names.index(spec.run) > names.index(name):
@@ -261,13 +264,15 @@ def plan_suite(config: ml_collections.ConfigDict, workdir: str, *,
   checked = set()
   for run in runs:  # Taps and feature shapes, traced without compiling (once per config).
     key = run.config.to_json()
-    if not run.is_teacher and get_method_class(run.config.method).needs_teacher \
+    if not run.is_teacher and get_method_class(run.config.method).teacher_needs.checkpoint \
         and key not in checked:
       checked.add(key)
-      check_method_fits_models(run.config)
-  for run in runs:  # Refuse a changed config before any run starts.
-    check_run_dir(run.config, os.path.join(workdir, run.directory), run.directory,
-                  move_aside=False)
+      check_method_fits_models(run.plan.config)
+  for run in runs:  # Refuse a changed config, or a damaged summary, before any run starts.
+    run_dir = os.path.join(workdir, run.directory)
+    check_run_dir(run.config, run_dir, run.directory, move_aside=False)
+    if os.path.exists(os.path.join(run_dir, RUN_SUMMARY)):
+      files.read_json(os.path.join(run_dir, RUN_SUMMARY))  # One line naming it if damaged.
   return SuitePlan(config=config, workdir=workdir, runs=runs, ensembles=ensembles,
                    teacher_runs=teacher_runs, teacher_dirs=teacher_dirs)
 
@@ -380,7 +385,7 @@ def run_suite(config: ml_collections.ConfigDict, workdir: str, *, num_devices: i
   with WorkdirLock(plan.workdir, enabled=is_writer):
     for run in plan.runs:
       results[run.directory] = train_checked_run(
-          run.config, os.path.join(plan.workdir, run.directory),
+          run.plan, os.path.join(plan.workdir, run.directory),
           teacher_checkpoints=run.teacher_checkpoints, name=run.directory)
       summary["runs"] = summarize_runs(plan, results)
       summary["provenance"] = provenance.suite_provenance(results.values())

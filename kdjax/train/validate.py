@@ -1,10 +1,12 @@
 """Whole-config validation, run before any data is prepared or any model compiled.
 
-Every error names the config field, the value given and what is allowed.
+Every error names the config field, the value given and what is allowed. `validate_config`
+returns the run's `RunPlan` (`kdjax.train.plan`): the config's strings parsed once
+(`config_syntax`), for everything downstream to read.
 """
 
 import os
-from typing import Iterable, NamedTuple, Optional, Tuple
+from typing import Iterable
 
 import ml_collections
 
@@ -12,16 +14,21 @@ from kdjax import validation
 from kdjax.names import did_you_mean
 from kdjax.validation import ConfigError
 from kdjax.data.catalog import DATASETS, get_dataset_spec
+from kdjax.data.sources import default_data_dir
 from kdjax.data.text_catalog import TEXT_DATASETS
 from kdjax.data import device_batches as device_batches_lib
-from kdjax.data import teacher_cache as teacher_cache_lib
-from kdjax.methods.base import check_teacher_cache
+from kdjax.teachers import disk_cache as teacher_cache_lib
+from kdjax.methods.base import check_teacher_cache, overrides
 from kdjax.methods.registry import METHODS
 from kdjax.models.precision import DTYPES
 from kdjax.models.registry import BUILT_IN, MODELS, USES_BATCH_NORM, model_input_kind
 from kdjax.train import optimizer as optimizer_lib
-from kdjax.train.parallel import PARALLEL_KINDS, check_batch_divisible, mesh_shape
-from kdjax.train.teachers import teacher_specs
+from kdjax.train.config_syntax import (PARALLEL_KINDS, mesh_shape, parse_sweep, suite_runs,
+                                       suite_seeds, teacher_specs)
+from kdjax.train.parallel import check_batch_divisible
+from kdjax.train import files
+from kdjax.train.checkpoint import checkpoint_path_problem
+from kdjax.train.plan import RunPlan
 
 ON_NONFINITE = ("stop", "skip")
 
@@ -37,115 +44,21 @@ def _positive_int(config, field: str):
   validation.require(value, validation.POSITIVE_INT, f"config.{field}")
 
 
-def suite_runs(config) -> list:
-  """The run names of `config.suite` ('teacher,scratch,kd'), in order."""
-  return [name.strip() for name in str(config.suite).split(",") if name.strip()]
 
 
-def suite_seeds(config) -> Tuple[int, ...]:
-  """`config.seeds`: the seeds every student row of the suite runs with, in order; empty (or
-  no such field) means the one run with `config.seed`."""
-  seeds = config.get("seeds", ()) or ()
-  if isinstance(seeds, (str, bytes)) or not isinstance(seeds, (list, tuple)):
-    raise ConfigError(f"config.seeds must be a list of non-negative integers (on the command "
-                      f"line --config.seeds=0,1,2), got {seeds!r}.")
-  for seed in seeds:
-    validation.require(seed, validation.NON_NEGATIVE_INT, "every entry of config.seeds")
-  if len(set(seeds)) != len(seeds):
-    raise ConfigError(f"config.seeds={tuple(seeds)!r} repeats a seed; each seed runs once.")
-  return tuple(int(seed) for seed in seeds)
-
-
-class Sweep(NamedTuple):
-  """`config.sweep = '<method>.<field>=<v1>,<v2>,...'`: the suite row `<method>` runs once per
-  value, as the rows `<method>@<field>=<v>` (`texts`: each value as written)."""
-  method: str
-  field: str
-  values: tuple
-  texts: Tuple[str, ...]
-
-  def row(self, text: str) -> str:
-    return f"{self.method}@{self.field}={text}"
-
-
-_SWEEP_FORM = ("must read '<method>.<field>=<v1>,<v2>,...' (a method of config.suite and one "
-               "of its fields), e.g. 'kd.temperature=1,2,4,8'")
-
-
-def _sweep_value(text: str, current, where: str):
-  """`text` as the type of the field's current value."""
-  if isinstance(current, bool):
-    if text.lower() not in ("true", "false"):
-      raise ConfigError(f"{where}: {text!r} is not a bool; write true or false.")
-    return text.lower() == "true"
-  try:
-    if isinstance(current, int):
-      return int(text)
-    if isinstance(current, float):
-      return float(text)
-  except ValueError:
-    raise ConfigError(f"{where}: {text!r} is not a {type(current).__name__}.") from None
-  if isinstance(current, str) or current is None:
-    return text
-  raise ConfigError(f"{where}: a {type(current).__name__} field cannot be swept; sweep a "
-                    "number, bool or string field.")
-
-
-def parse_sweep(config) -> Optional[Sweep]:
-  """`config.sweep` parsed and checked against the config, or None when empty (or absent)."""
-  spec = str(config.get("sweep", "") or "").strip()
-  if not spec:
-    return None
-  target, equals, values_text = spec.partition("=")
-  method, dot, field = target.strip().partition(".")
-  method, field = method.strip(), field.strip()
-  if not equals or not dot or not method or not field:
-    raise ConfigError(f"config.sweep={spec!r} {_SWEEP_FORM}.")
-  runs = suite_runs(config) or [config.method]
-  if method not in runs:
-    raise ConfigError(f"config.sweep={spec!r} sweeps {method!r}, which is not a run of "
-                      f"config.suite={config.suite!r}; sweep one of: {', '.join(runs)}.")
-  if method in METHODS and METHODS[method].generations_field:
-    raise ConfigError(f"config.sweep={spec!r}: {method} cannot be swept (its generations are "
-                      "chained runs); sweep another method or run one suite per value.")
-  if method not in METHODS or method not in config or not config[method].keys():
-    raise ConfigError(f"config.sweep={spec!r}: run {method!r} has no hyper-parameters "
-                      f"(no config.{method} block) to sweep.")
-  block = config[method]
-  if field not in block:
-    raise ConfigError(f"config.sweep={spec!r}: config.{method} has no field {field!r}"
-                      f"{did_you_mean(field, list(block.keys()))}; its fields: "
-                      f"{', '.join(sorted(block.keys()))}.")
-  texts = tuple(text.strip() for text in values_text.split(","))
-  if not all(texts):
-    raise ConfigError(f"config.sweep={spec!r} has an empty value; {_SWEEP_FORM}.")
-  if len(set(texts)) != len(texts):
-    raise ConfigError(f"config.sweep={spec!r} repeats a value; each value is one row.")
-  for text in texts:
-    if "/" in text or text in (".", ".."):  # The value names the row's directory.
-      raise ConfigError(f"config.sweep={spec!r}: value {text!r} cannot name a run directory.")
-  values = tuple(_sweep_value(text, block[field], f"config.sweep={spec!r} ({method}.{field})")
-                 for text in texts)
-  return Sweep(method, field, values, texts)
-
-
-def validate_suite_fields(config) -> None:
-  """The suite-only fields, `config.seeds` and `config.sweep` (absent from a run's config)."""
-  suite_seeds(config)
-  parse_sweep(config)
-
-
-def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
-  """Raises ConfigError for the first problem found in the run configuration."""
+def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> RunPlan:
+  """Returns the run's plan; raises ConfigError for the first problem found in the run
+  configuration. `config`'s paths must be absolute (`config_paths.resolve_config_paths`)."""
   _one_of("dataset", config.dataset, list(DATASETS) + list(TEXT_DATASETS))
   _one_of("method", config.method, METHODS)
   _one_of("student.model", config.student.model, MODELS)
   _one_of("teacher.model", config.teacher.model, MODELS)
   _one_of("parallel", config.parallel, PARALLEL_KINDS)
   try:
-    mesh_shape(config.parallel, config.get("mesh", ""), num_devices)
+    mesh = mesh_shape(config.parallel, config.get("mesh", ""), num_devices)
   except ValueError as error:
     raise ConfigError(str(error)) from None
+  specs = teacher_specs(config)
   _one_of("on_nonfinite", config.on_nonfinite, ON_NONFINITE)
   _one_of("optimizer.name", config.optimizer.name, optimizer_lib.OPTIMIZERS)
   _one_of("optimizer.schedule", config.optimizer.schedule, optimizer_lib.SCHEDULES)
@@ -167,7 +80,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
   dataset = get_dataset_spec(config.dataset)
   roles = [("student.model", config.student.model)] + [
       ("teacher.model" if i == 0 else "teacher.extra", teacher.model)
-      for i, teacher in enumerate(teacher_specs(config))]
+      for i, teacher in enumerate(specs)]
   for field, name in roles:
     _one_of(field, name, MODELS)
     if model_input_kind(name) != dataset.input_kind:
@@ -194,13 +107,12 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
       except ValueError as error:
         raise ConfigError(str(error)) from None
 
-  specs = teacher_specs(config)
   for spec in specs[1:]:
     if spec.checkpoint and not os.path.isdir(spec.checkpoint):
       raise ConfigError(f"config.teacher.extra names checkpoint {spec.checkpoint!r}, which does "
                         "not exist.")
   teacher_runs = tuple(spec.run for spec in specs)
-  runs = suite_runs(config)
+  runs = tuple(suite_runs(config))
   valid_runs = teacher_runs + tuple(sorted(METHODS))
   for run in runs:
     if run not in METHODS and run not in teacher_runs:
@@ -208,25 +120,40 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
                         f"teacher run{did_you_mean(run, valid_runs)}; valid runs: "
                         f"{', '.join(valid_runs)}.")
 
-  validate_suite_fields(config)
+  # The suite-only fields (absent from a run's own config).
+  seeds, sweep = suite_seeds(config), parse_sweep(config)
 
   validation.require(config.get("prefetch", 0), validation.NON_NEGATIVE_INT, "config.prefetch")
-  validate_precision(config)
+  validate_precision(config, specs)
   validate_teacher_cache(config)
-  validate_device_batches(config)
+  validate_device_batches(config, runs)
   validate_steps_per_call(config)
 
   teacher_checkpoint = config.teacher.checkpoint
   exported = str(teacher_checkpoint or "").endswith(".msgpack")
-  if teacher_checkpoint and not (os.path.isfile(teacher_checkpoint) if exported
-                                 else os.path.isdir(teacher_checkpoint)):
-    raise ConfigError(f"config.teacher.checkpoint={teacher_checkpoint!r} does not exist; give a "
+  problem = None
+  if teacher_checkpoint:
+    problem = (("does not exist" if not os.path.isfile(teacher_checkpoint) else None)
+               if exported else checkpoint_path_problem(teacher_checkpoint))
+  if problem:
+    raise ConfigError(f"config.teacher.checkpoint={teacher_checkpoint!r} {problem}; give a "
                       "kdjax run's checkpoints/ directory, an exported model file (.msgpack, "
                       "experiments/export_model.py) or leave it empty to use the suite's "
                       "teacher run.")
+  # HOME or KDJAX_DATA_DIR set to a regular file: one line here, not a traceback in TFDS.
+  try:
+    files.check_directory_path(
+        config.data_dir or default_data_dir(),
+        "config.data_dir" if config.data_dir else "the data directory ($KDJAX_DATA_DIR, "
+        "$TFDS_DATA_DIR or ~/tensorflow_datasets)")
+  except files.WorkdirError as error:
+    raise ConfigError(str(error)) from None
+  return RunPlan(config=config, method=METHODS[config.method], teachers=tuple(specs),
+                 rows=runs, seeds=seeds, sweep=sweep, parallel=config.parallel, mesh=mesh,
+                 language_model=dataset.input_kind == "tokens", num_devices=num_devices)
 
 
-def validate_precision(config) -> None:
+def validate_precision(config, specs) -> None:
   """`config.dtype`, `config.teacher.dtype` and `config.teacher.fold_batch_norm` (every
   built-in teacher must then be a model with BatchNorm; a registered one is checked when it
   is loaded, `kdjax.models.fold.fold_model`)."""
@@ -235,7 +162,7 @@ def validate_precision(config) -> None:
   fold = config.teacher.get("fold_batch_norm", False)
   if not isinstance(fold, bool):
     raise ConfigError(f"config.teacher.fold_batch_norm must be true or false, got {fold!r}.")
-  for i, spec in enumerate(teacher_specs(config) if fold else ()):
+  for i, spec in enumerate(specs if fold else ()):
     if spec.model in BUILT_IN and spec.model not in USES_BATCH_NORM:
       field = "teacher.model" if i == 0 else "teacher.extra"
       raise ConfigError(
@@ -244,7 +171,7 @@ def validate_precision(config) -> None:
           f"{', '.join(sorted(USES_BATCH_NORM & BUILT_IN))}.")
 
 
-def validate_device_batches(config) -> None:
+def validate_device_batches(config, runs) -> None:
   """`config.device_batches`: a bool; when True, every run of the suite must be one whose
   batches can be made on the devices (`kdjax.data.device_batches.check_supported`)."""
   on = config.get("device_batches", False)
@@ -252,7 +179,7 @@ def validate_device_batches(config) -> None:
     raise ConfigError(f"config.device_batches must be true or false, got {on!r}.")
   if not on:
     return
-  for run in suite_runs(config) or [config.method]:
+  for run in runs or [config.method]:
     sampler = METHODS[run].sampler if run in METHODS else "uniform"  # Teacher runs: uniform.
     try:
       device_batches_lib.check_supported(dataset=config.dataset, sampler=sampler,
@@ -293,10 +220,10 @@ def validate_teacher_cache(config) -> None:
   validation.require(config.teacher.get("cache_topk", 0), validation.NON_NEGATIVE_INT,
                      "config.teacher.cache_topk")
   method_class = METHODS[config.method]
-  if not directory or not method_class.needs_teacher:
+  needs = method_class.teacher_needs
+  if not directory or not needs.checkpoint:
     return
-  if (method_class.self_teacher or method_class.multiple_teachers or method_class.teacher_views
-      or getattr(method_class, "rewrites_batch", False)):
+  if needs.ensemble or needs.views or overrides(method_class, "rewrite_batch"):
     raise ConfigError(
         f"config.teacher.cache is set, but method {config.method!r} cannot learn from cached "
         "teacher outputs (its teacher is the student itself, an ensemble, runs on extra views "

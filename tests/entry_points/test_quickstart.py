@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,8 +68,9 @@ def test_eight_devices_give_the_single_device_numbers(reference_run, tmp_path, d
     assert abs(run["eval_accuracy"] - expected["eval_accuracy"]) <= 0.01, (name, run, expected)
 
 
-def test_rerun_of_a_finished_suite_trains_nothing(reference_run, data_dir):
-  workdir, _ = reference_run
+def test_rerun_of_a_finished_suite_trains_nothing(reference_run, data_dir, tmp_path):
+  workdir = str(tmp_path / "copy")  # The shared reference is never changed.
+  shutil.copytree(reference_run[0], workdir)
   before = _summary(workdir)
   result = run_python(SMOKE + [f"--workdir={workdir}", f"--config.data_dir={data_dir}"])
   assert "step " not in result.stdout  # No progress lines: nothing was trained.

@@ -13,7 +13,7 @@ from kdjax.train.validate import validate_config
 
 class HalfCE(base.Method):
   name = "half_ce_for_test"
-  needs_teacher = False
+  teacher_needs = base.TeacherNeeds(kind="none")
   positive_fields = ("scale",)
 
   @classmethod

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from kdjax import losses, methods
-from kdjax.methods import Batch
+from kdjax.methods import Batch, base
 from kdjax.models.output import Output
 from methods_helpers import PMAP_AXIS, build, simulated_pmap_ops
 
@@ -63,7 +63,7 @@ def _method(**fields):
   config = cls.default_config()
   config.update(dict(dict(nce_k=K, feat_dim=FEAT, negatives="uniform"), **fields))
   method = cls(config)
-  method.num_train_examples = NUM_DATA
+  method.prepare(base.RunFacts(num_train_examples=NUM_DATA))
   return method
 
 
@@ -140,7 +140,7 @@ def test_bank_size_and_negatives_are_checked():
   with pytest.raises(ValueError, match=r"config.crd.nce_k=6 negatives need a training split "
                                        r"larger than that; this one has 5 examples"):
     small = _method()
-    small.num_train_examples = 5
+    small.prepare(base.RunFacts(num_train_examples=5))
     small.init(jax.random.PRNGKey(0), crd_batch(0))
   with pytest.raises(ValueError, match=r"config.crd.nce_momentum must be a number in \[0.0, "
                                        r"1.0\)"):
@@ -170,7 +170,7 @@ def test_other_class_negatives_are_uniform_over_the_other_classes_only():
 
 def test_queue_memory_has_a_fixed_size_and_contrasts_against_the_current_other_side():
   method = _method(memory="queue", queue_size=12, ce_weight=0.0, feature_weight=1.0)
-  method.num_train_examples = 10**9  # The queue does not grow with the dataset.
+  method.prepare(base.RunFacts(num_train_examples=10**9))  # The queue does not grow with it.
   batch = crd_batch(4)
   params, state = method.init(jax.random.PRNGKey(1), batch)
   assert state["queue_student"].shape == (12, FEAT) and "memory_student" not in state

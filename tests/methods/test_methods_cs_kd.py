@@ -158,7 +158,7 @@ def test_defaults_and_the_batch_key_agree_with_the_pipeline():
   config = build("cs_kd").config
   assert (config.ce_weight, config.kd_weight, config.temperature) == (1.0, 1.0, 4.0)
   assert cs_kd.PARTNER_ROW_KEY == pairing.PARTNER_ROW_KEY
-  assert cs_kd.CSKD.sampler in pairing.SAMPLERS and not cs_kd.CSKD.needs_teacher
+  assert cs_kd.CSKD.sampler in pairing.SAMPLERS and cs_kd.CSKD.teacher_needs.kind == "none"
 
 
 @pytest.mark.slow  # 40 compiled steps on MNIST-1D: about 3 s alone, more on a busy machine.

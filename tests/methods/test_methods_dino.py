@@ -12,6 +12,7 @@ from kdjax import methods, models
 from kdjax.methods import Batch, base
 from kdjax.methods import dino as dino_lib
 from kdjax.models.output import Output
+from kdjax.teachers import choose as teachers_choose
 from kdjax.train import state as state_lib, step as step_lib
 from methods_helpers import PMAP_AXIS, build, simulated_pmap_ops
 
@@ -258,9 +259,9 @@ def test_train_step_runs_views_moves_the_ema_teacher_and_eval_scores_knn():
   jax.tree.map(ema, new_state.method_state["teacher_head"],
                train_state.method_state["teacher_head"], new_state.params["method"]["head"])
   assert int(new_state.method_state["bank_position"]) == 8
-  eval_step = step_lib.make_eval_step(student_apply=apply, teacher_apply=None,
-                                      metrics=method.eval_metrics(),
-                                      self_teacher=method.teacher_variables_from_state)
+  eval_step = step_lib.make_eval_step(
+      student_apply=apply, metrics=method.eval_metrics(),
+      teacher=teachers_choose.for_evaluation(method, student_apply=apply))
   sums = jax.jit(eval_step)(new_state, None, dict(batch, mask=np.ones(8, bool)))
   # The bank holds these very examples (by the teacher before the step): nearly all right.
   assert 6 <= float(sums["knn_accuracy"]) <= 8 and float(sums["count"]) == 8

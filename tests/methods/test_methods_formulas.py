@@ -81,8 +81,8 @@ def _padding(shape, seed):
 
 def test_every_new_method_is_registered():
   assert set(NAMES) <= set(methods.METHODS)
-  assert methods.METHODS["multi_teacher_kd"].multiple_teachers
-  several = {name for name, cls in methods.METHODS.items() if cls.multiple_teachers}
+  assert methods.METHODS["multi_teacher_kd"].teacher_needs.ensemble
+  several = {name for name, cls in methods.METHODS.items() if cls.teacher_needs.ensemble}
   assert several == {"multi_teacher_kd", "meal_v2"}
 
 

@@ -36,7 +36,7 @@ def lm():
 
 
 def _state(method, apply, student, teacher, num_train_examples=BATCH):
-  method.num_train_examples = num_train_examples
+  method.prepare(base.RunFacts(num_train_examples=num_train_examples))
   logits, _ = apply(student, jnp.zeros((2, LENGTH), jnp.int32), train=False)
   sample = base.Batch(student=logits, teacher=logits, labels=jnp.zeros((2, LENGTH), jnp.int32),
                       where=jnp.ones((2, LENGTH), bool), step=jnp.zeros((), jnp.int32),

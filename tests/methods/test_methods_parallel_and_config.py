@@ -98,7 +98,7 @@ BAD_CONFIGS = [
     ("kd_std", "temperature", -2.0), ("kd_std", "kd_weight", -9.0),
     ("nkd", "gamma", -1.5), ("nkd", "temperature", 0.0), ("nkd", "nkd_weight", -1.0),
     ("ctkd", "temperature_range", 0.0), ("ctkd", "temperature_min", -1.0),
-    ("ctkd", "curriculum_steps", 0), ("ctkd", "curriculum_steps", 2.5),
+    ("ctkd", "curriculum_steps", -1), ("ctkd", "curriculum_steps", 2.5),
     ("ctkd", "lambda_max", -1.0), ("ctkd", "temperature_logit_init", float("nan")),
     ("taid", "t_start", 1.0), ("taid", "t_start", -0.1), ("taid", "t_end", 0.0),
     ("taid", "t_end", 1.5), ("taid", "alpha", 2.0), ("taid", "beta", 1.0),

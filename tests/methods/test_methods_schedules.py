@@ -37,6 +37,14 @@ def test_ctkd_lambda_follows_cosine_curriculum():
   assert float(method.grl_lambda(jnp.asarray(50))) == pytest.approx(1.125)
 
 
+def test_ctkd_without_curriculum_uses_lambda_max_from_the_first_step():
+  """curriculum_steps=0 (a derived value for a short run) means no curriculum, not 0/0."""
+  method = build("ctkd", lambda_min=0.25, lambda_max=2.0, curriculum_steps=0)
+  for step in (0, 7):
+    _, metrics, _, _ = run(method, random_batch(0, step=step))
+    assert float(metrics["ctkd_lambda"]) == 2.0
+
+
 @pytest.mark.parametrize("step", [0, 300, 2000])
 def test_ctkd_temperature_gradient_is_reversed(step):
   """d loss / d theta == -lambda(step) * (the plain KD gradient w.r.t. theta), while the

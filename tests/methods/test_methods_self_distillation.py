@@ -29,7 +29,7 @@ def _loss(method, state, batch, ops=OPS):
 def _ps_kd(**overrides):
   method = build("ps_kd", **dict(dict(alpha_T=0.8, num_steps=30, steps_per_epoch=3),
                                  **overrides))
-  method.num_train_examples = N
+  method.prepare(methods.base.RunFacts(num_train_examples=N))
   return method
 
 
@@ -189,9 +189,9 @@ def test_tf_kd_reversed_is_the_official_loss_kd():
 
 def test_which_methods_load_a_teacher():
   get = methods.get_method_class
-  assert not get("ps_kd").needs_teacher and not get("tf_kd").needs_teacher
-  assert get("tf_kd_reversed").needs_teacher
-  assert get("ema_teacher").self_teacher and not get("ema_teacher").needs_teacher
+  assert get("ps_kd").teacher_needs.kind == get("tf_kd").teacher_needs.kind == "none"
+  assert get("tf_kd_reversed").teacher_needs.kind == "one"
+  assert get("ema_teacher").teacher_needs.kind == "self"
 
 
 def _linear_apply(variables, inputs, *, train, rng=None):

@@ -17,7 +17,7 @@ from kdjax import methods, models
 from kdjax.models import fold, precision, registry
 from kdjax.models.output import Output
 from kdjax.train import state as state_lib, step as step_lib
-from kdjax.train import teachers as teachers_lib
+from kdjax.teachers import live as teachers_lib
 from kdjax.train.validate import ConfigError, validate_config
 from configs import common, quickstart
 

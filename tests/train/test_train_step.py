@@ -10,6 +10,8 @@ import optax
 import pytest
 
 from kdjax import methods, models
+from kdjax.teachers import choose as teachers_choose
+from kdjax.teachers import keys as teacher_keys
 from kdjax.train import state as state_lib, step as step_lib
 
 
@@ -119,7 +121,7 @@ def _as_scratch(config):
 class _SeesData(methods.Method):
   """Reports what the step hands a method beyond the outputs: data['index'] and rng."""
   name = "sees_data"
-  needs_teacher = False
+  teacher_needs = methods.base.TeacherNeeds(kind="none")
 
   def loss(self, params, state, batch, ops):
     ce = methods.base.cross_entropy(batch, ops)
@@ -222,7 +224,7 @@ def test_a_topk_cache_trains_kd_as_sparse_kd_and_feature_taps_come_from_the_cach
   _, metrics = step(train_state, None, cached, ops)
   assert np.isfinite(metrics["loss"]) and metrics["kd"] > 0
   assert seen == {"features": {"embedding"}, "data": set()}
-  output = step_lib.teacher_outputs(None, None, cached, num_classes=10)
+  output = teacher_keys.outputs_from_batch(cached, num_classes=10)
   student_logits = jax.random.normal(jax.random.key(5), (8, 10))
   np.testing.assert_allclose(losses.kd(student_logits, output.logits, temperature=4.0),
                              losses.sparse_kd(student_logits, values, indices, temperature=4.0),
@@ -240,7 +242,7 @@ def test_a_topk_cache_trains_kd_as_sparse_kd_and_feature_taps_come_from_the_cach
 
 
 def test_several_teachers_carry_every_teachers_features():
-  from kdjax.train.teachers import ensemble_apply_fn
+  from kdjax.teachers.live import ensemble_apply_fn
   inputs = jnp.ones((3, 40))
   teachers = [models.get_model(name, num_classes=10) for name in ("mlp", "cnn1d")]
   variables = [models.init_variables(m, jax.random.key(i), inputs)
@@ -259,8 +261,7 @@ class _HalfwayTeacher(methods.Method):
   """A self-teacher kept in method state, moved halfway to the student after every step: the
   hooks an EMA teacher uses (teacher variables from state, update after the optimizer step)."""
   name = "halfway_teacher"
-  needs_teacher = False
-  self_teacher = True
+  teacher_needs = methods.base.TeacherNeeds(kind="self")
 
   def init(self, rng, sample):
     return {}, {"teacher": sample.student_variables}
@@ -268,7 +269,7 @@ class _HalfwayTeacher(methods.Method):
   def teacher_variables_from_state(self, state):
     return state["teacher"]
 
-  def update_after_step(self, state, student_variables, step):
+  def update_after_step(self, state, student_variables, step, *, method_params):
     return {"teacher": jax.tree.map(lambda t, s: 0.5 * t + 0.5 * s, state["teacher"],
                                     student_variables)}
 
@@ -297,7 +298,7 @@ def test_a_self_teacher_runs_from_method_state_and_moves_after_the_step():
   new_student = state_lib.student_variables(new_state)
   jax.tree.map(lambda t, old, s: np.testing.assert_allclose(t, 0.5 * old + 0.5 * s, rtol=1e-6),
                new_state.method_state["teacher"], teacher, new_student)
-  sums = step_lib.make_eval_step(student_apply=apply, teacher_apply=None,
-                                 self_teacher=method.teacher_variables_from_state)(
+  sums = step_lib.make_eval_step(
+      student_apply=apply, teacher=teachers_choose.for_evaluation(method, student_apply=apply))(
                                      new_state, None, dict(batch, mask=np.ones(8, bool)))
   assert "teacher_agreement" in sums

@@ -1,57 +1,38 @@
-"""Teachers of a run: one, or several for methods that distil from an ensemble.
+"""Live teachers: trained checkpoints, one or several (ensembles), as they run in a step.
 
-`config.teacher.model` is the main teacher; `config.teacher.extra` lists more as
-comma-separated `model` or `model:checkpoint_dir` entries. In a suite, an extra teacher
-without a checkpoint is trained by the run `teacher_<i>` (i = 1, 2, ...; seed + i).
-A suite run can also be taught by another suite run (born-again generations, `suite.py`): its
-teacher is then that run's checkpoint, and `load_models` loads any such list of checkpoints.
+The run's teachers are `config.teacher.model` and the models of `config.teacher.extra`
+(parsed once into `TeacherSpec`s, `kdjax.train.config_syntax.teacher_specs`). A suite run can
+also be taught by another suite run (born-again generations): its teacher is then that run's
+checkpoint, and `load_models` loads any such list of checkpoints.
 """
 
-import os
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 
 from kdjax import models as models_lib
-from kdjax import paths
 from kdjax.models import fold as fold_lib, precision as precision_lib
 from kdjax.models.output import Output
-from kdjax.train.checkpoint import CheckpointError, load_model_variables
 
 
-class TeacherSpec(NamedTuple):
-  run: str  # The suite run that trains it ('teacher', 'teacher_1', ...).
-  model: str
-  checkpoint: Optional[str]  # Given explicitly in the config, else the run's checkpoints/.
-
-
-def teacher_specs(config) -> List[TeacherSpec]:
-  specs = [TeacherSpec("teacher", config.teacher.model,
-                       paths.resolve(config.teacher.checkpoint) or None)]
-  for i, entry in enumerate(e.strip() for e in str(config.teacher.extra).split(",")):
-    if not entry:
-      continue
-    model, _, checkpoint = entry.partition(":")
-    specs.append(TeacherSpec(f"teacher_{len(specs)}", model.strip(),
-                             paths.resolve(checkpoint.strip()) or None))
-  return specs
-
-
-def checkpoint_dirs(config, workdir: str) -> List[str]:
-  return [spec.checkpoint or os.path.join(workdir, spec.run, "checkpoints")
-          for spec in teacher_specs(config)]
-
-
-def load_teachers(config, method, checkpoint_dirs: Sequence[str], sample_inputs, *,
-                  model_kwargs: Callable[[str], dict]):
+def load_teachers(config, specs: Sequence, checkpoint_dirs: Sequence[str], sample_inputs, *,
+                  ensemble: bool, model_kwargs: Callable[[str], dict]):
   """Builds the teacher apply function and loads its variables.
 
-  Methods with `multiple_teachers` get every teacher of `teacher_specs(config)` as one
-  ensemble apply (variables: a list); the others get the first teacher alone.
+  Args:
+    config: the run's config (`num_classes`, `teacher.dtype`, `teacher.fold_batch_norm`).
+    specs: the run's teachers (`TeacherSpec`s: `.model`), the main one first.
+    checkpoint_dirs: their checkpoints, in the same order.
+    sample_inputs: two model inputs (zeros), for the variables' expected shapes.
+    ensemble: every teacher, as one apply function whose logits are stacked [N, ...]
+      (variables: a list); otherwise the first teacher alone.
+    model_kwargs: model name -> extra factory arguments.
   """
-  specs = teacher_specs(config)
-  if not method.multiple_teachers:
+  # The run's checkpoint format (orbax) is the train package's; imported here, where used,
+  # so that `kdjax.train` may import this package.
+  from kdjax.train.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
+  if not ensemble:
     specs = specs[:1]
   if len(checkpoint_dirs) < len(specs):
     raise CheckpointError(f"Method {config.method!r} needs {len(specs)} teacher checkpoints, "
@@ -63,7 +44,7 @@ def load_teachers(config, method, checkpoint_dirs: Sequence[str], sample_inputs,
       frozen_teacher(spec.model, apply, teacher_variables, config=config,
                      sample_inputs=sample_inputs, model_kwargs=model_kwargs(spec.model))
       for spec, apply, teacher_variables in zip(specs, applies, variables)]))
-  if method.multiple_teachers:
+  if ensemble:
     return ensemble_apply_fn(applies), variables
   return applies[0], variables[0]
 
@@ -94,6 +75,7 @@ def load_models(models: Sequence[str], checkpoint_dirs: Sequence[str], *, num_cl
                 sample_inputs, model_kwargs: Callable[[str], dict]) -> Tuple[list, list]:
   """Each trained model's apply function and variables (host arrays), from the run
   checkpoint directory of the same position; the checkpoint must hold that architecture."""
+  from kdjax.train.checkpoint import load_model_variables  # pylint: disable=g-import-not-at-top
   applies, variables = [], []
   for model, directory in zip(models, checkpoint_dirs, strict=True):
     fns = models_lib.get_model_fns(model, num_classes=num_classes, **model_kwargs(model))

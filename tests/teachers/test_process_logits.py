@@ -1,4 +1,4 @@
-"""Cached LM teacher logits (`kdjax.lm.teacher_logits`): what the train and eval steps read from
+"""Cached LM teacher logits (`kdjax.teachers.process_logits`): what the train and eval steps read from
 the cache equals what the live teacher computes, the rows of a process share one cache, and only
 the methods whose teacher sees the batch's own tokens train from it."""
 
@@ -12,8 +12,8 @@ import pytest
 from kdjax import methods as methods_lib
 from kdjax import models as models_lib
 from kdjax.data import lm_pipeline, sources, text_catalog
-from kdjax.lm import teacher_logits
-from kdjax.methods.base import Batch, single_device_ops
+from kdjax.teachers import process_logits as teacher_logits
+from kdjax.methods.base import Batch, RunFacts, single_device_ops
 from kdjax.methods.eval_metrics import CLASSIFICATION_METRICS
 from kdjax.train import state as state_lib
 from kdjax.train import step as step_lib
@@ -59,10 +59,10 @@ def _live(teacher, tokens):
 @pytest.fixture
 def fresh_pipeline(pipeline):
   """The module's pipeline with nothing attached before and after the test."""
-  pipeline.attach_teacher_logits(None, train=False, evaluate=False)
+  pipeline.attach_teacher_logits(None, key="teacher_logits", train=False, evaluate=False)
   teacher_logits._SHARED.clear()
   yield pipeline
-  pipeline.attach_teacher_logits(None, train=False, evaluate=False)
+  pipeline.attach_teacher_logits(None, key="teacher_logits", train=False, evaluate=False)
   teacher_logits._SHARED.clear()
 
 
@@ -70,11 +70,11 @@ def test_methods_that_train_from_the_cache():
   """The teacher must see the batch's own tokens: not DistiLLM's student samples, not SeqKD's
   teacher continuations; AdaSPEC only adds its reference's logits, GKD replaces the cached
   logits on its on-policy steps."""
-  trains = {name: teacher_logits.trains_from_cache(_method(name))
+  trains = {name: teacher_logits.trains_from_cache(_method(name).teacher_needs)
             for name in ("kd", "fkl", "jsd", "adaspec", "scratch", "gkd", "seq_kd", "distillm")}
   assert trains == {"kd": True, "fkl": True, "jsd": True, "adaspec": True, "scratch": False,
                     "gkd": True, "seq_kd": False, "distillm": False}
-  assert all(teacher_logits.evaluates_from_cache(_method(name)) for name in trains)
+  assert all(teacher_logits.evaluates_from_cache(_method(name).teacher_needs) for name in trains)
 
 
 @pytest.mark.parametrize("storage, atol", [("float32", 1e-5), ("bfloat16", 0.05)])
@@ -141,12 +141,12 @@ def test_a_cached_step_equals_the_live_step(fresh_pipeline, teacher, name):
   logits give the live teacher's loss, metrics and updated parameters."""
   config = _config(method=name)
   config.gkd.lmbda = 1.0  # Every step on-policy: the teacher must see the student's samples.
-  method = methods_lib.build_method(config, num_train_examples=100)
   student = models_lib.get_model_fns("lm_tiny", num_classes=259)
   student_variables = jax.device_get(student.init(jax.random.PRNGKey(2),
                                                   np.zeros((2, T), np.int32)))
-  if name == "adaspec":
-    method.reference_variables = jax.tree.map(lambda x: x * 0.9, student_variables)
+  method = methods_lib.build_method(config, RunFacts(
+      num_train_examples=100, reference_variables=(
+          jax.tree.map(lambda x: x * 0.9, student_variables) if name == "adaspec" else None)))
   apply, variables = teacher
   out, _ = student.apply(student_variables, np.zeros((2, T), np.int32), train=False)
   method_params, method_state = method.init(jax.random.PRNGKey(0), Batch(

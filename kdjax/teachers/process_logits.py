@@ -4,8 +4,8 @@ With `config.lm.teacher_logits = 'float32'` (or 'bfloat16' / 'float16': half the
 run with a live language-model teacher does not run the teacher in its train and eval steps:
 the teacher's logits on every window those steps read are computed before the first step, in
 batches, held in host memory, and joined to the batches as `teacher_logits` [b, T, V]
-(`kdjax.train.step.teacher_outputs` then uses them instead of running the teacher). This is the
-language-model counterpart of the classifiers' on-disk cache (`kdjax.data.teacher_cache`,
+(`kdjax.teachers.teacher.Teacher.outputs` then uses them instead of running the teacher). This
+is the language-model counterpart of the classifiers' on-disk cache (`disk_cache`,
 FKD, Shen & Xing 2022), kept in memory: batch `step` is a pure function of (seed, step), so
 the rows of a suite (kd, fkl, jsd, adaspec; scratch's and every row's evaluations) read the
 same windows, and the one process that runs them computes each window's logits once
@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kdjax.teachers import keys
 from kdjax.validation import ConfigError
 
 # The field of `config.lm` that turns the cache on, and its valid values ('' = off).
@@ -39,8 +40,6 @@ STORAGE_DTYPES = ("", "float32", "bfloat16", "float16")
 DEFAULT_BATCH_SIZE = 16
 # Refuse caches larger than this (host memory); a larger dataset keeps the live teacher.
 MAX_BYTES = 8 * 1024 ** 3
-# The key of the cached logits in a batch (`kdjax.train.step.TEACHER_LOGITS_KEY`).
-BATCH_KEY = "teacher_logits"
 
 
 def storage_dtype(config) -> str:
@@ -52,23 +51,20 @@ def storage_dtype(config) -> str:
   return value
 
 
-def trains_from_cache(method) -> bool:
-  """True when `method`'s train step may read the teacher's logits from the cache: it needs
-  one live teacher's logits only (no taps, no ensemble, no self-teacher, no extra views), on
-  the batch's own tokens, unless its batch rewrite keeps the cached logits right
-  (`teacher_logits_survive_rewrite`: AdaSPEC only adds its reference's logits; GKD's on-policy
-  branch puts the teacher's logits on its samples in their place). SeqKD and DistiLLM, whose
-  rewrites replace the tokens, keep the live teacher."""
-  return (method.needs_teacher and not method.self_teacher and not method.multiple_teachers
-          and not method.teacher_views and method.teacher_cache_needs != "features"
-          and (not method.rewrites_batch or
-               getattr(method, "teacher_logits_survive_rewrite", False)))
+def trains_from_cache(needs) -> bool:
+  """True when a method with these `TeacherNeeds` may read the teacher's logits from the cache
+  in its train step: one loaded teacher's logits only (no taps, no ensemble, no self-teacher,
+  no extra views), on the batch's own tokens (`on_batch_inputs`: AdaSPEC only adds its
+  reference's logits; GKD's on-policy branch puts the teacher's logits on its samples in their
+  place). SeqKD and DistiLLM, whose rewrites replace the tokens, keep the live teacher."""
+  return (needs.kind == "one" and not needs.views and needs.cache != "features"
+          and needs.on_batch_inputs)
 
 
-def evaluates_from_cache(method) -> bool:
-  """True when `method`'s eval step may read the cached logits: its teacher is the run's one
+def evaluates_from_cache(needs) -> bool:
+  """True when the eval step may read the cached logits: the method's teacher is the run's one
   loaded teacher (not the student on state variables, not an ensemble)."""
-  return not method.self_teacher and not method.multiple_teachers
+  return needs.kind in ("none", "one")
 
 
 def _digest(*arrays) -> str:
@@ -157,7 +153,8 @@ def attach(config, method, pipeline, teacher_apply, teacher_variables,
   """
   if not storage_dtype(config) or teacher_apply is None:
     return None
-  train, evaluate = trains_from_cache(method), evaluates_from_cache(method)
+  train = trains_from_cache(method.teacher_needs)
+  evaluate = evaluates_from_cache(method.teacher_needs)
   if not (train or evaluate):
     return None
   num_steps = config.num_steps if num_steps is None else num_steps
@@ -176,5 +173,6 @@ def attach(config, method, pipeline, teacher_apply, teacher_variables,
   cache = shared_cache(config, teacher_apply, teacher_variables, pipeline)
   for split, indices in needed.items():
     cache.ensure(split, indices)
-  pipeline.attach_teacher_logits(cache.gather, train=train, evaluate=evaluate)
+  pipeline.attach_teacher_logits(cache.gather, key=keys.LOGITS_KEY, train=train,
+                                 evaluate=evaluate)
   return cache

@@ -1,7 +1,8 @@
 """Teacher outputs cached on disk, read back into the training batches: the teacher never runs.
 
-Written by `python -m experiments.cache_teacher` into `<workdir>/teacher_cache/`, read by a run
-with `config.teacher.cache=<that directory>`.
+Written by `write_cache` (the entry point `python -m experiments.cache_teacher`) into
+`<workdir>/teacher_cache/`, read by a run with `config.teacher.cache=<that directory>`
+(`TeacherCache`, opened by `open_checked`): the writer and the reader of one format, together.
 
 Augmentation replay, as in FKD (Shen & Xing 2022, "A Fast Knowledge Distillation Framework
 for Visual Recognition"): FKD stores each crop's coordinates and flip with the teacher's soft
@@ -30,6 +31,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from kdjax.teachers import keys
 from kdjax.validation import ConfigError
 
 CACHE_DIRNAME = "teacher_cache"
@@ -49,12 +51,6 @@ IDENTITY_FIELDS = (
     ("teacher_model", "teacher.model"),
 )
 
-# Batch keys the train step reads (`kdjax.train.step`); repeated here because `data` does not
-# import `train`.
-TEACHER_LOGITS_KEY = "teacher_logits"
-TEACHER_TOPK_LOGITS_KEY = "teacher_topk_logits"
-TEACHER_TOPK_INDICES_KEY = "teacher_topk_indices"
-TEACHER_FEATURES_PREFIX = "teacher_features/"
 
 
 class TeacherCacheError(ConfigError):
@@ -242,18 +238,18 @@ class TeacherCache:
             f"Teacher cache {self.directory!r} step {step}: the augmented inputs differ from "
             "those the teacher saw (other augmentation code or data); write the cache again.")
       self._digests_checked = True
-    out = {TEACHER_FEATURES_PREFIX + tap: record["features/" + tap][local]
+    out = {keys.FEATURES_PREFIX + tap: record["features/" + tap][local]
            for tap in self.feature_taps}
     if self.topk is None:
-      out[TEACHER_LOGITS_KEY] = record["logits"][local]
+      out[keys.LOGITS_KEY] = record["logits"][local]
       return out
     if "logits" in record:  # All logits stored, fewer asked for.
       logits_k, indices_k = top_k(record["logits"][local], self.topk)
     else:
       logits_k = record["topk_logits"][local, :self.topk]
       indices_k = record["topk_indices"][local, :self.topk]
-    out[TEACHER_TOPK_LOGITS_KEY] = logits_k
-    out[TEACHER_TOPK_INDICES_KEY] = indices_k.astype(np.int32)
+    out[keys.TOPK_LOGITS_KEY] = logits_k
+    out[keys.TOPK_INDICES_KEY] = indices_k.astype(np.int32)
     return out
 
   def sample_outputs(self, batch: int = 2):
@@ -279,9 +275,111 @@ def top_k(logits: np.ndarray, k: int):
 def open_checked(config, *, sampler: str) -> TeacherCache:
   """The cache of `config.teacher.cache`, checked against the run's config (one-line
   TeacherCacheError naming the first mismatch). Whether the method can learn from it is the
-  caller's check (`kdjax.methods.base.check_teacher_cache`: data knows no methods)."""
+  caller's check (`kdjax.methods.base.check_teacher_cache`)."""
   directory = config.teacher.cache
   meta = read_meta(directory)
   check_cache_matches(meta, config, sampler=sampler, num_steps=config.num_steps,
                       directory=directory)
   return TeacherCache(directory, topk=int(config.teacher.get("cache_topk", 0) or 0))
+
+
+def teacher_digest(variables) -> str:
+  """sha256 of the teacher's variables (which weights wrote the cache), 16 hex digits."""
+  import jax  # pylint: disable=g-import-not-at-top
+  digest = hashlib.sha256()
+  for leaf in jax.tree.leaves(variables):
+    digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+  return digest.hexdigest()[:16]
+
+
+def write_cache(config, pipeline, *, directory: str, checkpoint_dir: str, num_steps: int,
+                topk: Optional[int], features=(), epochs: int = 0,
+                progress=None) -> dict:
+  """Runs the teacher of `config` (from `checkpoint_dir`, as a live run would: dtype and
+  BatchNorm folding from `config.teacher`) on the first `num_steps` training batches of
+  `pipeline` and writes its outputs to `directory` (replaced if it exists).
+
+  Args:
+    config: the run's config (checked by the caller).
+    pipeline: the run's `InputPipeline` (the batches the student will see).
+    topk: logits kept per example (None: all).
+    features: teacher feature taps to store as well.
+    epochs: recorded in the metadata (the steps cover this many epochs; 0: config.num_steps).
+    progress: called as `progress(done_steps, num_steps)` after each step, or None.
+
+  Returns:
+    {'directory', 'steps', 'topk', 'features', 'bytes', 'seconds'}.
+
+  Raises:
+    ConfigError: an unknown feature tap (one line naming the teacher's taps).
+    CheckpointError: a missing or mismatched teacher checkpoint.
+  """
+  import shutil  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from kdjax.data.prefetch import Prefetcher  # pylint: disable=g-import-not-at-top
+  from kdjax.teachers import live  # pylint: disable=g-import-not-at-top
+
+  sample = np.zeros((2,) + tuple(pipeline.spec.input_shape), np.float32)
+  (apply,), (variables,) = live.load_models(
+      [config.teacher.model], [checkpoint_dir], num_classes=config.num_classes,
+      sample_inputs=sample, model_kwargs=lambda name: {})
+  digest = teacher_digest(variables)  # Of the trained weights, before any folding.
+  apply, variables = live.frozen_teacher(config.teacher.model, apply, variables, config=config,
+                                         sample_inputs=sample, model_kwargs={})
+  sample_output = jax.eval_shape(lambda: apply(variables, sample, train=False)[0])
+  taps = list(features)
+  unknown = [tap for tap in taps if tap not in sample_output.features]
+  if unknown:
+    raise ConfigError(
+        f"--features={','.join(taps)}: teacher {config.teacher.model!r} has no tap "
+        f"{', '.join(map(repr, unknown))}; its taps: {', '.join(sorted(sample_output.features))}.")
+
+  @jax.jit
+  def teacher_outputs(variables, inputs):
+    output, _ = apply(variables, inputs, train=False, rng=None)
+    out = {f"features/{tap}": output.features[tap].astype(jnp.float32) for tap in taps}
+    logits = output.logits.astype(jnp.float32)
+    if topk is None:
+      out["logits"] = logits
+    else:
+      out["topk_logits"], out["topk_indices"] = jax.lax.top_k(logits, topk)
+    return out
+
+  from kdjax.methods.registry import get_method_class  # pylint: disable=g-import-not-at-top
+  sampler = get_method_class(config.method).sampler
+  meta = dict(cache_identity(config, sampler=sampler), topk=topk, feature_taps=taps,
+              feature_shapes={tap: list(sample_output.features[tap].shape[1:]) for tap in taps},
+              teacher_checkpoint=checkpoint_dir, teacher_digest=digest,
+              teacher_dtype=config.teacher.get("dtype", "float32"),
+              teacher_fold_batch_norm=config.teacher.get("fold_batch_norm", False),
+              epochs=epochs or None)
+  variables = jax.device_put(variables)
+  if os.path.exists(directory):
+    shutil.rmtree(directory)
+  writer = TeacherCacheWriter(directory, meta)
+  start = time.perf_counter()
+
+  def write(step, pending):
+    host, outputs = pending
+    writer.write(step, dict(host, **jax.device_get(outputs)))
+    if progress is not None:
+      progress(step + 1, num_steps)
+
+  with Prefetcher(pipeline.train_batch, start=0, stop=num_steps, depth=2) as batches:
+    pending = None  # The previous step's outputs, fetched while this step's teacher runs.
+    for step in range(num_steps):
+      batch = batches.get(step)
+      outputs = teacher_outputs(variables, batch["inputs"])
+      if pending is not None:
+        write(step - 1, pending)
+      pending = ({"index": batch["index"].astype(np.int32),
+                  "input_digest": input_digests(batch["inputs"])}, outputs)
+    if pending is not None:
+      write(num_steps - 1, pending)
+  writer.close()
+  seconds = time.perf_counter() - start
+  size = sum(os.path.getsize(os.path.join(directory, name)) for name in os.listdir(directory))
+  return {"directory": directory, "steps": num_steps, "topk": topk, "features": taps,
+          "bytes": size, "seconds": round(seconds, 2)}

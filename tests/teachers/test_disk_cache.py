@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import common
-from kdjax.data import teacher_cache as cache_lib
+from kdjax.teachers import disk_cache as cache_lib
 from kdjax.validation import ConfigError
 
 
@@ -141,7 +141,7 @@ def test_cached_run_equals_live_run_and_never_builds_the_teacher(tmp_path, data_
   from configs import quickstart
   from experiments import cache_teacher, cli
   from kdjax import train
-  from kdjax.train import teachers
+  from kdjax.teachers import live as teachers
 
   config = quickstart.get_config("smoke")
   config.data_dir, config.progress = data_dir, False
