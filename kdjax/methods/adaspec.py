@@ -47,6 +47,14 @@ def masked_quantile(values: jax.Array, where: jax.Array, q: float) -> jax.Array:
 class AdaSPEC(base.Method):
   """Selective forward KL on the top `keep_fraction` tokens by `delta` (module docstring)."""
   name = "adaspec"
+  family = "language model"
+  paper = "Hu et al. 2025"
+  field_help = {
+      "keep_fraction": "fraction of the batch's tokens trained on (largest KL gap to the "
+                       "reference)",
+      "reference": "the reference model: a suite row that runs earlier, or a checkpoint path",
+      "temperature": "softmax temperature of the forward KL",
+  }
   # The rewrite only adds the reference's logits: the teacher sees the batch's own tokens, so
   # its logits may come from a cache (`kdjax.teachers.process_logits`): the default needs.
   # The config field naming the reference model (resolved by the suite and the run setup).

@@ -9,7 +9,7 @@ over the global batch and whose `gather` returns the global batch for relational
 
 import abc
 import dataclasses
-from typing import Any, Callable, ClassVar, Dict, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, ClassVar, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -168,6 +168,28 @@ class RunFacts:
   reference_variables: Any = None
 
 
+# The families `Method.family` names, in the order the reference pages list them.
+FAMILIES = ("baseline", "logit", "feature", "self", "language model")
+
+# One-line meanings of the hyper-parameters many methods share; a method's own `field_help`
+# wins where the same name means something else there.
+COMMON_FIELD_HELP: Mapping[str, str] = {
+    "ce_weight": "weight of the cross-entropy on the labels",
+    "kd_weight": "weight of the KD term (0: none)",
+    "temperature": "softmax temperature T of the KD term",
+    "feature_weight": "weight of the method's feature term",
+    "student_tap": "the student's feature tap(s), comma-separated, paired in order with "
+                   "teacher_tap",
+    "teacher_tap": "the teacher's feature tap(s), comma-separated",
+    "warmup_steps": "steps over which the distillation term's weight ramps from 0 to 1 "
+                    "(0: none)",
+    "num_train_steps": "the run's length in steps, for schedules (set to config.num_steps)",
+    "num_steps": "the run's length in steps, for schedules (set to config.num_steps)",
+    "max_new_tokens": "tokens sampled after the prompt (0: the rest of the window)",
+    "prompt_length": "tokens of each window kept as the prompt (0: half the window)",
+}
+
+
 class Method(abc.ABC):
   """Base class. Subclasses set `name` and implement `loss`; they are constructed from their
   hyper-parameters `config[name]`, which `__init__` checks and keeps as `self.config`.
@@ -208,6 +230,13 @@ class Method(abc.ABC):
   # reference): the name of its config field holding that model's checkpoint directory. The
   # run loads it and hands its variables over in `RunFacts.reference_variables`.
   reference_field: ClassVar[Optional[str]] = None
+  # What the reference pages and `--help` say about the method (`kdjax.reference`): its family
+  # (one of `FAMILIES`), the paper it implements ('Hinton et al. 2015'), and one line per
+  # hyper-parameter of `default_config` saying what it does. Fields not named here fall back
+  # to a base class's `field_help`, then to `COMMON_FIELD_HELP` (ce_weight, temperature, ...).
+  family: ClassVar[str] = ""
+  paper: ClassVar[str] = ""
+  field_help: ClassVar[Mapping[str, str]] = {}
 
   @classmethod
   def default_config(cls) -> "ml_collections.ConfigDict":

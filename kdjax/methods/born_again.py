@@ -39,6 +39,11 @@ class BornAgain(logit.KD):
   """
   generations_field = "generations"  # The suite expands the row into chained generations.
   name = "born_again"
+  family = "self"
+  paper = "Furlanello et al. 2018"
+  field_help = {
+      "generations": "in a suite, how many generations to train (each the next one's teacher)",
+  }
 
   @classmethod
   def default_config(cls):

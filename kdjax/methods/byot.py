@@ -91,6 +91,15 @@ def _numbered(features, pattern: str) -> List[str]:
 class BYOT(base.Method):
   """Be your own teacher: the student's deepest exit distils into its auxiliary exits."""
   name = "byot"
+  family = "self"
+  paper = "Zhang et al. 2019"
+  field_help = {
+      "exit_taps": "the student's taps that get auxiliary exits ('auto': every stage but the "
+                   "deepest)",
+      "feature_weight": "weight of the exits' feature (hint) term",
+      "kd_weight": "weight of the deepest exit's KD into every shallower exit",
+      "ce_weight": "weight of the cross-entropy of every exit",
+  }
   teacher_needs = base.TeacherNeeds(kind="none")
   non_negative_fields = ("ce_weight", "kd_weight", "feature_weight")
   positive_fields = ("temperature",)

@@ -34,6 +34,13 @@ from kdjax.methods import base, feature
 class CATKD(feature.FeatureMethod):
   """Class attention transfer on the last feature maps (`stage3` of the CIFAR ResNets)."""
   name = "cat_kd"
+  family = "feature"
+  paper = "Guo et al. 2023"
+  field_help = {
+      "resolution": "side of the pooled class activation maps",
+      "normalize": "l2-normalise each CAM before the MSE",
+      "teacher_classifier": "name of the teacher's classifier in its params (its CAM weights)",
+  }
   default_student_tap = "stage3"
   default_teacher_tap = "stage3"
   default_feature_weight = 15.0

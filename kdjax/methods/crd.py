@@ -46,6 +46,17 @@ class CRD(base.Method):
   `nce_k` 16384, `nce_t` 0.07, `nce_m` 0.5) on the embedding taps.
   """
   name = "crd"
+  family = "feature"
+  paper = "Tian et al. 2020"
+  field_help = {
+      "feat_dim": "width of the linear heads the embeddings are projected to",
+      "nce_k": "negatives per example",
+      "nce_t": "temperature of the NCE scores",
+      "nce_momentum": "momentum of the memory rows' update",
+      "negatives": "'other_class' (negatives from other classes) or 'uniform' (any example)",
+      "memory": "'bank' (one row per training example) or 'queue' (FIFO of queue_size rows)",
+      "queue_size": "rows of the 'queue' memory",
+  }
   teacher_needs = base.TeacherNeeds(cache="features")
   non_negative_fields = ("ce_weight", "kd_weight", "feature_weight")
   positive_fields = ("temperature", "nce_t")

@@ -49,6 +49,11 @@ class CSKD(base.Method):
   Defaults: alinlab/cs-kd train.py@b706db95 (`--lamda 1.0`, `--temp 4.0`, CE weight 1).
   """
   name = "cs_kd"
+  family = "self"
+  paper = "Yun et al. 2020"
+  field_help = {
+      "kd_weight": "weight of the KL between the partner's and the anchor's predictions",
+  }
   teacher_needs = base.TeacherNeeds(kind="none")
   non_negative_fields = ("ce_weight", "kd_weight")
   positive_fields = ("temperature",)

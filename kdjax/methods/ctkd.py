@@ -62,6 +62,17 @@ class CTKD(base.Method):
   (782 steps each). Set it to about 1/24 of the run (10 of 240 epochs) for other recipes.
   """
   name = "ctkd"
+  family = "logit"
+  paper = "Li et al. 2023"
+  field_help = {
+      "curriculum_steps": "steps of the cosine curriculum of the gradient-reversal scale lambda",
+      "lambda_min": "gradient-reversal scale at step 0",
+      "lambda_max": "gradient-reversal scale at the end of the curriculum",
+      "temperature_logit_init": "initial value of the learnable temperature logit theta",
+      "temperature_min": "lowest temperature: T = temperature_min + temperature_range * "
+                         "sigmoid(theta)",
+      "temperature_range": "width of the temperature's range above temperature_min",
+  }
   teacher_needs = base.TeacherNeeds(cache="topk")
 
   @classmethod

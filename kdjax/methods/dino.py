@@ -136,6 +136,27 @@ def random_resized_crop(inputs, draws, scale) -> jax.Array:
 class DINO(base.Method):
   """DINO with an EMA teacher of the student, multi-crop, centring and sharpening."""
   name = "dino"
+  family = "self"
+  paper = "Caron et al. 2021"
+  field_help = {
+      "out_dim": "width of the projection head's output",
+      "hidden_dim": "hidden width of the projection head",
+      "bottleneck_dim": "width of the head's l2-normalised bottleneck",
+      "tap": "the feature tap the head reads",
+      "local_crops": "number of small crops per example",
+      "global_crops_scale": "(min, max) area fraction of the two global crops",
+      "local_crops_scale": "(min, max) area fraction of the local crops",
+      "student_temperature": "temperature of the student's softmax",
+      "teacher_temperature_start": "teacher temperature at step 0",
+      "teacher_temperature": "teacher temperature after the warm-up",
+      "teacher_warmup_steps": "steps of the teacher temperature's linear warm-up",
+      "center_momentum": "momentum of the centre of the teacher's outputs",
+      "momentum_start": "EMA momentum of the teacher at step 0",
+      "momentum_end": "EMA momentum of the teacher at the last step",
+      "knn_k": "neighbours of the k-NN evaluation",
+      "knn_temperature": "temperature of the k-NN vote",
+      "knn_bank_size": "training embeddings kept for the k-NN evaluation",
+  }
   teacher_needs = base.TeacherNeeds(kind="self", views=("global0", "global1"))
   positive_fields = ("student_temperature", "teacher_temperature",
                      "teacher_temperature_start", "knn_temperature")

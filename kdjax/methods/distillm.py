@@ -36,6 +36,17 @@ _FRESH, _REPLAY, _DATA = 0, 1, 2
 class DistiLLM(base.Method):
   """Skew KL + adaptive off-policy student-generated outputs (module docstring)."""
   name = "distillm"
+  family = "language model"
+  paper = "Ko et al. 2024"
+  field_help = {
+      "divergence": "'skew_fkl' or 'skew_rkl'",
+      "alpha": "skew of the divergence",
+      "temperature": "softmax temperature of the divergence",
+      "init_threshold": "initial probability of training on student samples",
+      "threshold_step": "raise of that probability when the eval loss rises",
+      "loss_eps": "eval-loss rise that triggers the raise",
+      "capacity": "sequences kept in the replay buffer",
+  }
   # Its rewrite replaces the tokens the teacher sees (the student's samples).
   teacher_needs = base.TeacherNeeds(on_batch_inputs=False)
   non_negative_fields = ("loss_eps", "threshold_step")

@@ -33,6 +33,13 @@ class EMATeacher(base.Method):
   Set `num_steps` to the run's `config.num_steps`.
   """
   name = "ema_teacher"
+  family = "self"
+  paper = "Tarvainen & Valpola 2017"
+  field_help = {
+      "momentum": "EMA momentum at step 0",
+      "momentum_end": "EMA momentum at num_steps (schedule 'cosine')",
+      "schedule": "'cosine' (momentum -> momentum_end) or 'constant'",
+  }
   teacher_needs = base.TeacherNeeds(kind="self")
   non_negative_fields = ("ce_weight", "kd_weight")
   positive_fields = ("temperature",)

@@ -157,6 +157,11 @@ class FitNet(FeatureMethod):
   embeddings, which every model has, with a linear connector (`connector='linear'`: a dense
   layer on the channel axis, no normalisation)."""
   name = "fitnet"
+  family = "feature"
+  paper = "Romero et al. 2015"
+  field_help = {
+      "connector": "the student-side map to the teacher's width: 'linear' or 'conv_reg'",
+  }
   default_feature_weight = 100.0
   CONNECTORS = ("linear", "conv_reg")
 
@@ -233,6 +238,11 @@ class AT(FeatureMethod):
   maps of different sizes the larger is average-pooled to the smaller (RepDistiller's
   `at_loss`)."""
   name = "at"
+  family = "feature"
+  paper = "Zagoruyko & Komodakis 2017"
+  field_help = {
+      "p": "the power of the attention map sum_c |f|^p (no abs, as the official code)",
+  }
   default_student_tap = "stage1,stage2,stage3"
   default_teacher_tap = "stage1,stage2,stage3"
   default_feature_weight = 1000.0
@@ -265,6 +275,8 @@ class SP(FeatureMethod):
   the global batch. RepDistiller: `-b 3000`, the last feature map (`stage3` of the CIFAR
   ResNets; the embedding here by default)."""
   name = "sp"
+  family = "feature"
+  paper = "Tung & Mori 2019"
   default_feature_weight = 3000.0
 
   def term(self, params, pairs, batch, ops):
@@ -276,6 +288,12 @@ class RKD(FeatureMethod):
   angle_weight * losses.rkd_angle` on the global batch of embeddings. RepDistiller: `-b 1`
   with the paper's weights 25 and 50 (RKD-DA); a zero weight gives RKD-D or RKD-A."""
   name = "rkd"
+  family = "feature"
+  paper = "Park et al. 2019"
+  field_help = {
+      "distance_weight": "weight of the distance term (0: RKD-A)",
+      "angle_weight": "weight of the angle term, O(B^3) work (0: RKD-D)",
+  }
 
   @classmethod
   def extra_config(cls):
@@ -303,6 +321,8 @@ class PKT(FeatureMethod):
   """Probabilistic knowledge transfer (Passalis & Tefas, ECCV 2018): `losses.pkt` on the
   global batch of embeddings. RepDistiller: `-b 30000`."""
   name = "pkt"
+  family = "feature"
+  paper = "Passalis & Tefas 2018"
   default_feature_weight = 30000.0
 
   def term(self, params, pairs, batch, ops):

@@ -39,6 +39,13 @@ class CC(feature.FeatureMethod):
   Taylor `order` 2). RepDistiller's 0.02 weighted its own (different) correlation; it is kept
   as the recipe's weight, not re-tuned for the paper's kernel."""
   name = "cc"
+  family = "feature"
+  paper = "Peng et al. 2019"
+  field_help = {
+      "embed_dim": "width of the linear heads before the correlation",
+      "gamma": "width parameter of the Gaussian-RBF kernel",
+      "order": "order of the kernel's Taylor series",
+  }
   default_feature_weight = 0.02
   positive_fields = ("temperature", "gamma")
 
@@ -80,6 +87,8 @@ class NST(feature.FeatureMethod):
   """Neuron selectivity transfer (Huang & Wang 2017): `losses.nst` summed over the stage
   pairs. RepDistiller's CIFAR-100 run: `-r 1 -a 0 -b 50`, every stage (`feat[1:-1]`)."""
   name = "nst"
+  family = "feature"
+  paper = "Huang & Wang 2017"
   default_student_tap = "stage1,stage2,stage3"
   default_teacher_tap = "stage1,stage2,stage3"
   default_feature_weight = 50.0

@@ -11,6 +11,7 @@ from kdjax.methods import base
 class Scratch(base.Method):
   """Cross-entropy on the labels only; trains a teacher or a no-distillation baseline."""
   name = "scratch"
+  family = "baseline"
   teacher_needs = base.TeacherNeeds(kind="none")
 
   def loss(self, params, state, batch, ops):
@@ -24,6 +25,8 @@ class KD(base.Method):
   Defaults follow mdistiller's CIFAR-100 recipe: CE 0.1, KD 0.9, T = 4.
   """
   name = "kd"
+  family = "logit"
+  paper = "Hinton et al. 2015"
   teacher_needs = base.TeacherNeeds(cache="topk")
 
   @classmethod
@@ -56,6 +59,13 @@ class DKD(base.Method):
   configs/cifar100_resnet32x4_resnet8x4.py.
   """
   name = "dkd"
+  family = "logit"
+  paper = "Zhao et al. 2022"
+  field_help = {
+      "alpha": "weight of TCKD, the target vs non-target binary KL",
+      "beta": "weight of NCKD, the KL over the non-target classes",
+      "warmup_steps": "steps over which the DKD term ramps from 0 to 1 (0: none)",
+  }
 
   @classmethod
   def default_config(cls):
@@ -89,6 +99,11 @@ class KDStd(KD):
   compensates for standardized logits having unit variance, so `p = softmax(z / 2)` is soft.
   """
   name = "kd_std"
+  family = "logit"
+  paper = "Sun et al. 2024"
+  field_help = {
+      "temperature": "softmax temperature of the KD term on the standardised logits",
+  }
 
   @classmethod
   def default_config(cls):
@@ -110,6 +125,13 @@ class NKD(base.Method):
   (`res34_distill_res18_cifar.py`) uses `temp=3.0, gamma=3.5` instead.
   """
   name = "nkd"
+  family = "logit"
+  paper = "Yang et al. 2023"
+  field_help = {
+      "nkd_weight": "weight of the NKD term",
+      "gamma": "weight of NKD's non-target term",
+      "temperature": "softmax temperature of the non-target term",
+  }
 
   @classmethod
   def default_config(cls):

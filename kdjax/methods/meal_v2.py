@@ -46,6 +46,15 @@ class Discriminator(nn.Module):
 class MealV2(base.Method):
   """`ce_weight * CE + kd_weight * KL(mean_n p_t_n || p_s) + discriminator_weight * D-loss`."""
   name = "meal_v2"
+  family = "logit"
+  paper = "Shen & Savvides 2020"
+  field_help = {
+      "kd_weight": "weight of the KL to the teachers' averaged probabilities",
+      "discriminator_weight": "weight of the discriminator's loss",
+      "discriminator_reduction": "K: the discriminator's widths are C/K and C/K^2",
+      "min_width": "floor on the discriminator's hidden widths",
+      "reverse_gradient": "True: the student gets the discriminator's gradient reversed",
+  }
   teacher_needs = base.TeacherNeeds(kind="ensemble")
   non_negative_fields = ("ce_weight", "kd_weight", "discriminator_weight")
 

@@ -39,6 +39,14 @@ class MiniLM(base.Method):
   """MiniLM v1 / v2 on one (student, teacher) layer pair; see the module docstring."""
 
   name = "minilm"
+  family = "feature"
+  paper = "Wang et al. 2020, 2021"
+  field_help = {
+      "version": "'v1' (attention and value relations) or 'v2' (Q-Q, K-K, V-V relations)",
+      "num_relation_heads": "relation heads of v2",
+      "student_layer": "the student's layer, 1..depth or negative from the end",
+      "teacher_layer": "the teacher's layer, 1..depth or negative from the end",
+  }
   non_negative_fields = ("ce_weight", "kd_weight", "feature_weight")
   positive_fields = ("temperature",)
 

@@ -35,6 +35,14 @@ def mean_token_log_likelihood(logits: jax.Array, targets: jax.Array,
 class MiniPLM(base.Method):
   """Plain next-token cross-entropy on the examples difference sampling keeps."""
   name = "miniplm"
+  family = "language model"
+  paper = "Gu et al. 2025"
+  field_help = {
+      "ce_weight": "weight of the next-token cross-entropy",
+      "keep_fraction": "fraction of the training windows kept by difference sampling",
+      "reference": "the reference LM: a suite row that runs earlier, or a checkpoint path",
+      "score_batch_size": "windows scored together when choosing the data",
+  }
   reference_field = "reference"
   positive_fields = ("ce_weight",)
 

@@ -27,6 +27,12 @@ class MultiTeacherKD(base.Method):
   T 4), uniform weights. Their lengths are checked against N when the loss first runs.
   """
   name = "multi_teacher_kd"
+  family = "logit"
+  paper = "You et al. 2017"
+  field_help = {
+      "weights": "one weight per teacher, or () for uniform 1/N",
+      "temperatures": "one temperature for all teachers, or one per teacher",
+  }
   teacher_needs = base.TeacherNeeds(kind="ensemble")
 
   @classmethod

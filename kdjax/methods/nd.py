@@ -34,6 +34,11 @@ class ND(feature.FeatureMethod):
   """KD++: defaults from the official CIFAR-100 script (`CIFAR/train_cifar.sh` @ `505de84`,
   resnet56 -> resnet20: `1.0*cls + 1.0*kd + 2.0*nd`, T 4) on the embeddings."""
   name = "nd"
+  family = "feature"
+  paper = "Wang et al. 2023"
+  field_help = {
+      "feature_weight": "weight of the norm-and-direction term",
+  }
   default_feature_weight = 2.0
 
   @classmethod

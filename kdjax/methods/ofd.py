@@ -108,6 +108,14 @@ class OFD(base.Method):
   taps of both models.
   """
   name = "ofd"
+  family = "feature"
+  paper = "Heo et al. 2019"
+  field_help = {
+      "connector_kernel_size": "kernel size of the connector's convolution",
+      "teacher_bn": "the teacher's BatchNorm paths, one per teacher tap ('' : from teacher_model)",
+      "teacher_model": "model whose BN_BEFORE_RELU table gives the margins ('': "
+                       "config.teacher.model)",
+  }
   non_negative_fields = ("ce_weight", "kd_weight", "feature_weight")
   positive_fields = ("temperature",)
 

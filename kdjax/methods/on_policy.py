@@ -83,6 +83,15 @@ class GKD(base.Method):
   Defaults: TRL's `GKDConfig` (lmbda 0.5, beta 0.5, temperature 0.9, top-k off).
   """
   name = "gkd"
+  family = "language model"
+  paper = "Agarwal et al. 2024"
+  field_help = {
+      "lmbda": "probability that a step trains on the student's own samples",
+      "beta": "generalized JSD mixture weight (0 forward KL, 1 reverse KL)",
+      "temperature": "sampling temperature of the student's continuations",
+      "top_k": "top-k of the sampling (0: off)",
+      "top_p": "nucleus top-p of the sampling (1: off)",
+  }
   # Cached teacher logits (`kdjax.teachers.process_logits`) stay right through the rewrite:
   # the off-policy batch keeps its windows, and the on-policy one gets the teacher's logits on
   # the student's samples (`rewrite_batch`), so the step never runs the teacher itself.
@@ -163,6 +172,16 @@ class SeqKD(base.Method):
   the same continuations.
   """
   name = "seq_kd"
+  family = "language model"
+  paper = "Kim & Rush 2016"
+  field_help = {
+      "ce_weight": "weight of the cross-entropy on the teacher's continuations",
+      "kd_weight": "weight of word-level KD on those continuations (0: none)",
+      "greedy": "True: greedy continuations; False: sampled at sample_temperature",
+      "sample_temperature": "sampling temperature when greedy is False",
+      "pregenerate": "generate every window's continuation before the first step",
+      "pregenerate_batch_size": "windows decoded together when pregenerating",
+  }
   # The student trains on the teacher's generations, not on the batch's own tokens.
   teacher_needs = base.TeacherNeeds(on_batch_inputs=False)
   non_negative_fields = ("ce_weight", "kd_weight")

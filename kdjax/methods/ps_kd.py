@@ -48,6 +48,12 @@ class PSKD(base.Method):
   over the global batch size (the quickstart: 4000 / 128 -> 32).
   """
   name = "ps_kd"
+  family = "self"
+  paper = "Kim et al. 2021"
+  field_help = {
+      "alpha_T": "weight of the previous epoch's predictions in the target at the last step",
+      "steps_per_epoch": "steps per epoch (training examples / global batch size, rounded up)",
+  }
   teacher_needs = base.TeacherNeeds(kind="none")
 
   @classmethod

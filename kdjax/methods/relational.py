@@ -23,6 +23,13 @@ class DIST(base.Method):
   `beta = gamma = 1`, `temperature = 1`.
   """
   name = "dist"
+  family = "logit"
+  paper = "Huang et al. 2022"
+  field_help = {
+      "beta": "weight of the inter-class (per-example) correlation term",
+      "gamma": "weight of the intra-class (per-class, over the batch) correlation term",
+      "temperature": "softmax temperature T; the loss is multiplied by T^2",
+  }
 
   @classmethod
   def default_config(cls):

@@ -136,6 +136,12 @@ class ReviewKD(base.Method):
   resnet32; its `--use-kl` adds KD (here `kd_weight`).
   """
   name = "review_kd"
+  family = "feature"
+  paper = "Chen et al. 2021"
+  field_help = {
+      "max_mid_channels": "upper bound on the ABF fusion width",
+      "warmup_steps": "steps over which the HCL term ramps from 0 to 1",
+  }
   non_negative_fields = ("ce_weight", "kd_weight", "feature_weight")
   positive_fields = ("temperature",)
 

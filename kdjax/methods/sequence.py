@@ -17,6 +17,10 @@ from kdjax.methods import base
 
 class _Divergence(base.Method):
   """Shared body: subclasses name the loss function and its extra hyper-parameters."""
+  field_help = {
+      "kd_weight": "weight of the divergence term",
+      "temperature": "softmax temperature of both distributions (no T^2 factor)",
+  }
   divergence: ClassVar[Callable]
   # field -> (default, low, high, high_inclusive): the loss's own hyper-parameters.
   extra_fields: ClassVar[Dict[str, Tuple[float, float, float, bool]]] = {}
@@ -50,6 +54,7 @@ class _Divergence(base.Method):
 class ForwardKL(_Divergence):
   """`KL(p_t || p_s)` per token (`losses.forward_kl`): mean-seeking, as in word-level KD."""
   name = "fkl"
+  family = "language model"
   teacher_needs = base.TeacherNeeds(cache="topk")
   divergence = staticmethod(losses.forward_kl)
 
@@ -57,6 +62,7 @@ class ForwardKL(_Divergence):
 class ReverseKL(_Divergence):
   """`KL(p_s || p_t)` per token (`losses.reverse_kl`): mode-seeking (MiniLLM, GKD)."""
   name = "rkl"
+  family = "language model"
   divergence = staticmethod(losses.reverse_kl)
 
 
@@ -64,6 +70,11 @@ class JSD(_Divergence):
   """Generalized JSD with mixture weight `beta` (`losses.generalized_jsd`, GKD / TRL);
   `beta` 0 is forward KL, 1 reverse KL."""
   name = "jsd"
+  family = "language model"
+  paper = "Agarwal et al. 2024"
+  field_help = {
+      "beta": "mixture weight: 0 is forward KL, 1 reverse KL (TRL's convention)",
+  }
   divergence = staticmethod(losses.generalized_jsd)
   extra_fields = {"beta": (0.5, 0.0, 1.0, True)}
 
@@ -71,6 +82,11 @@ class JSD(_Divergence):
 class SkewForwardKL(_Divergence):
   """`KL(p_t || alpha p_t + (1 - alpha) p_s)` (`losses.skew_forward_kl`, DistiLLM)."""
   name = "skew_fkl"
+  family = "language model"
+  paper = "Ko et al. 2024"
+  field_help = {
+      "alpha": "skew: the student side is alpha*p_t + (1-alpha)*p_s",
+  }
   divergence = staticmethod(losses.skew_forward_kl)
   extra_fields = {"alpha": (0.1, 0.0, 1.0, False)}
 
@@ -78,6 +94,11 @@ class SkewForwardKL(_Divergence):
 class SkewReverseKL(_Divergence):
   """`KL(p_s || alpha p_s + (1 - alpha) p_t)` (`losses.skew_reverse_kl`, DistiLLM)."""
   name = "skew_rkl"
+  family = "language model"
+  paper = "Ko et al. 2024"
+  field_help = {
+      "alpha": "skew: the teacher side is alpha*p_s + (1-alpha)*p_t",
+  }
   divergence = staticmethod(losses.skew_reverse_kl)
   extra_fields = {"alpha": (0.1, 0.0, 1.0, False)}
 
@@ -85,6 +106,7 @@ class SkewReverseKL(_Divergence):
 class TotalVariation(_Divergence):
   """`0.5 * sum |p_t - p_s|` per token (`losses.total_variation`)."""
   name = "tvd"
+  family = "language model"
   divergence = staticmethod(losses.total_variation)
 
 

@@ -70,6 +70,16 @@ class TAID(base.Method):
   the trainer's `estimated_stepping_batches`): set it to `config.num_steps`.
   """
   name = "taid"
+  family = "language model"
+  paper = "Shing et al. 2025"
+  field_help = {
+      "taid_weight": "weight of the TAID term",
+      "t_start": "interpolation coefficient t at step 0 (0: student, 1: teacher)",
+      "t_end": "the value t moves towards",
+      "alpha": "step size of t's adaptive update",
+      "beta": "momentum of t's adaptive update",
+      "adaptive": "True: TAID's adaptive schedule; False: linear from t_start to t_end",
+  }
 
   @classmethod
   def default_config(cls):

@@ -40,6 +40,12 @@ class TFKDVirtual(base.Method):
   The student is at temperature 1 and there is no `T**2`, as there.
   """
   name = "tf_kd"
+  family = "self"
+  paper = "Yuan et al. 2020"
+  field_help = {
+      "correct_prob": "the virtual teacher's probability of the true class",
+      "temperature": "temperature of the virtual teacher",
+  }
   teacher_needs = base.TeacherNeeds(kind="none")
   non_negative_fields = ("ce_weight", "kd_weight")
   positive_fields = ("temperature",)
@@ -74,6 +80,8 @@ class TFKDReversed(base.Method):
   `temperature` 20) through `loss_kd`: `(1 - alpha) * CE + alpha * T**2 * KLDiv`.
   """
   name = "tf_kd_reversed"
+  family = "self"
+  paper = "Yuan et al. 2020"
   teacher_needs = base.TeacherNeeds(cache="topk")
   non_negative_fields = ("ce_weight", "kd_weight")
   positive_fields = ("temperature",)

@@ -40,6 +40,12 @@ class VID(feature.FeatureMethod):
   """Variational information distillation. RepDistiller's CIFAR-100 run: `-r 1 -a 0 -b 1`,
   every stage (`stage1..3`), `init_variance` 5, `eps` 1e-5."""
   name = "vid"
+  family = "feature"
+  paper = "Ahn et al. 2019"
+  field_help = {
+      "init_variance": "initial per-channel variance of the Gaussian",
+      "eps": "floor added to the variance",
+  }
   default_student_tap = "stage1,stage2,stage3"
   default_teacher_tap = "stage1,stage2,stage3"
   default_feature_weight = 1.0
