@@ -5,9 +5,11 @@
     out.log_probs  # [B, N] each new token's log-probability under the sampling distribution
 
 Two paths give the same tokens (up to float rounding in the logits):
-  * cached: when `use_cache` and `apply_fn.module` is a `TransformerLM` (as
-    `kdjax.models.apply_fn` sets it), the prompt is prefilled into a KV cache of length P + N
-    and each step runs the model on one token: O(P + N) work per token.
+  * cached: when `use_cache` and `apply_fn.module` has a KV cache (a Flax module with
+    `decode(tokens, cache)`, `init_cache(batch, length)` and `max_length`: kdjax's
+    `TransformerLM` as `kdjax.models.apply_fn` sets it, and every pretrained family's
+    `DecoderLM`), the prompt is prefilled into a KV cache of length P + N and each step runs
+    the model on one token: O(P + N) work per token.
   * uncached: any apply function of the kdjax contract (`apply(variables, tokens, *, train,
     rng) -> (Output, state)`, e.g. an NNX model through `kdjax.models.adapters`) that is causal
     (position t's logits depend on tokens <= t only): each step runs the full model on a
@@ -29,7 +31,6 @@ import jax.numpy as jnp
 
 from kdjax import validation
 from kdjax.lm.sampling import check_sampling, sample_token
-from kdjax.models.transformer import TransformerLM
 
 
 class GenerateOutput(NamedTuple):
@@ -48,10 +49,18 @@ def check_prompts(prompts, where: str) -> None:
                      f"{tuple(prompts.shape)} dtype {prompts.dtype}.")
 
 
-def cached_module(apply_fn, use_cache: bool) -> Optional[TransformerLM]:
-  """The TransformerLM behind `apply_fn` when the KV-cache path applies, else None."""
+# What a module needs for the cached path (the KV-cache contract of `kdjax.models.transformer`
+# and `kdjax.models.pretrained.decoder`).
+CACHE_METHODS = ("decode", "init_cache", "max_length")
+
+
+def cached_module(apply_fn, use_cache: bool):
+  """The module behind `apply_fn` when the KV-cache path applies (it has `CACHE_METHODS`),
+  else None."""
   module = getattr(apply_fn, "module", None)
-  return module if use_cache and isinstance(module, TransformerLM) else None
+  if not use_cache or module is None:
+    return None
+  return module if all(hasattr(module, name) for name in CACHE_METHODS) else None
 
 
 def generate_fn(apply_fn, variables, prompts: jax.Array, *, max_new_tokens: int,
@@ -68,7 +77,7 @@ def generate_fn(apply_fn, variables, prompts: jax.Array, *, max_new_tokens: int,
     max_new_tokens: N, a positive Python int.
     rng: a PRNG key; required unless `greedy`.
     temperature, top_k, top_p, greedy: sampling settings (`kdjax.lm.sampling`).
-    use_cache: use the KV cache when `apply_fn` is a TransformerLM's.
+    use_cache: use the KV cache when `apply_fn.module` has one (`CACHE_METHODS`).
 
   Returns:
     GenerateOutput(tokens [B, P + N] int32, log_probs [B, N] float32).

@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 
 from kdjax import losses, validation
-from kdjax.methods import base, on_policy
+from kdjax.methods import base, lm_fused, on_policy
 
 DIVERGENCES = {"skew_fkl": losses.skew_forward_kl, "skew_rkl": losses.skew_reverse_kl}
 _FRESH, _REPLAY, _DATA = 0, 1, 2
@@ -46,6 +46,7 @@ class DistiLLM(base.Method):
       "threshold_step": "raise of that probability when the eval loss rises",
       "loss_eps": "eval-loss rise that triggers the raise",
       "capacity": "sequences kept in the replay buffer",
+      "fused": lm_fused.FIELD_HELP,
   }
   # Its rewrite replaces the tokens the teacher sees (the student's samples).
   teacher_needs = base.TeacherNeeds(on_batch_inputs=False)
@@ -57,7 +58,7 @@ class DistiLLM(base.Method):
     return ml_collections.ConfigDict(dict(
         divergence="skew_fkl", alpha=0.1, init_threshold=0.0, loss_eps=0.1, threshold_step=0.1,
         capacity=1000, temperature=1.0, prompt_length=0, max_new_tokens=0,
-        num_train_steps=1000))
+        num_train_steps=1000, fused="auto"))
 
   def __init__(self, config):
     super().__init__(config)
@@ -68,6 +69,7 @@ class DistiLLM(base.Method):
       base.check_positive_int(config, self.name, field)
     for field in ("prompt_length", "max_new_tokens"):
       validation.require(config[field], validation.NON_NEGATIVE_INT, f"config.distillm.{field}")
+    lm_fused.check_mode(config, self.name)
 
   def init(self, rng, sample):
     del rng
@@ -144,15 +146,16 @@ class DistiLLM(base.Method):
 
   def loss(self, params, state, batch, ops):
     c = self.config
-    divergence = ops.mean(DIVERGENCES[c.divergence](
-        batch.student.logits, batch.teacher.logits, alpha=c.alpha, where=batch.where),
-        batch.where)
+    fused = lm_fused.use_fused(c.fused, batch, self.name)
+    divergence = ops.mean(lm_fused.divergence(DIVERGENCES[c.divergence], batch, fused=fused,
+                                              alpha=c.alpha), batch.where)
     source = batch.data.get("distillm_source", jnp.full((1,), _DATA))
+    # Fused, the accuracy would cost a pass over the vocabulary of its own: not reported.
+    accuracy = {} if fused else {"accuracy": base.accuracy(batch, ops)}
     return divergence, {"loss": divergence, c.divergence: divergence,
                         "fresh_samples": jnp.mean(source == _FRESH),
                         "replayed": jnp.mean(source == _REPLAY),
-                        "threshold": state["threshold"],
-                        "accuracy": base.accuracy(batch, ops)}, state
+                        "threshold": state["threshold"], **accuracy}, state
 
 
 METHODS = (DistiLLM,)

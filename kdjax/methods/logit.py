@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from kdjax import losses
-from kdjax.methods import base
+from kdjax.methods import base, lm_fused
 
 
 class Scratch(base.Method):
@@ -22,19 +22,30 @@ class Scratch(base.Method):
 class KD(base.Method):
   """`ce_weight * CE + kd_weight * losses.kd` (Hinton et al. 2015).
 
-  Defaults follow mdistiller's CIFAR-100 recipe: CE 0.1, KD 0.9, T = 4.
+  Defaults follow mdistiller's CIFAR-100 recipe: CE 0.1, KD 0.9, T = 4. `fused` ('auto')
+  computes the KD term of a language model from hidden states (`kdjax.methods.lm_fused`).
   """
   name = "kd"
   family = "logit"
   paper = "Hinton et al. 2015"
   teacher_needs = base.TeacherNeeds(cache="topk")
+  field_help = {"fused": lm_fused.FIELD_HELP}
 
   @classmethod
   def default_config(cls):
-    return ml_collections.ConfigDict(dict(ce_weight=0.1, kd_weight=0.9, temperature=4.0))
+    return ml_collections.ConfigDict(dict(ce_weight=0.1, kd_weight=0.9, temperature=4.0,
+                                          fused="auto"))
 
   non_negative_fields = ("ce_weight", "kd_weight")
   positive_fields = ("temperature",)
+  # The KD term compares the models' own logits, so it may be computed from hidden states;
+  # subclasses that transform the logits (`kd_logits`) set False.
+  fusable = True
+
+  def __init__(self, config):
+    super().__init__(config)
+    if self.fusable:
+      lm_fused.check_mode(config, self.name)
 
   def kd_logits(self, batch):
     """The (student, teacher) logits the KD term compares; subclasses transform them."""
@@ -42,12 +53,16 @@ class KD(base.Method):
 
   def loss(self, params, state, batch, ops):
     c = self.config
-    ce = base.cross_entropy(batch, ops)
-    student, teacher = self.kd_logits(batch)
-    kd = ops.mean(losses.kd(student, teacher, temperature=c.temperature, where=batch.where),
-                  batch.where)
+    fused = self.fusable and lm_fused.use_fused(c.fused, batch, self.name)
+    ce, ce_metrics = lm_fused.ce_and_accuracy(batch, ops, fused=fused, ce_weight=c.ce_weight)
+    if fused:
+      per_token = lm_fused.divergence(losses.kd, batch, fused=True, temperature=c.temperature)
+    else:
+      student, teacher = self.kd_logits(batch)
+      per_token = losses.kd(student, teacher, temperature=c.temperature, where=batch.where)
+    kd = ops.mean(per_token, batch.where)
     loss = c.ce_weight * ce + c.kd_weight * kd
-    return loss, {"loss": loss, "ce": ce, "kd": kd, "accuracy": base.accuracy(batch, ops)}, state
+    return loss, {"loss": loss, "kd": kd, **ce_metrics}, state
 
 
 class DKD(base.Method):
@@ -101,6 +116,7 @@ class KDStd(KD):
   name = "kd_std"
   family = "logit"
   paper = "Sun et al. 2024"
+  fusable = False
   field_help = {
       "temperature": "softmax temperature of the KD term on the standardised logits",
   }

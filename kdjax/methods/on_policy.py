@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 
 from kdjax import losses, validation
-from kdjax.methods import base
+from kdjax.methods import base, lm_fused
 from kdjax.teachers import keys as teacher_keys
 
 
@@ -91,6 +91,7 @@ class GKD(base.Method):
       "temperature": "sampling temperature of the student's continuations",
       "top_k": "top-k of the sampling (0: off)",
       "top_p": "nucleus top-p of the sampling (1: off)",
+      "fused": lm_fused.FIELD_HELP,
   }
   # Cached teacher logits (`kdjax.teachers.process_logits`) stay right through the rewrite:
   # the off-policy batch keeps its windows, and the on-policy one gets the teacher's logits on
@@ -103,7 +104,7 @@ class GKD(base.Method):
   def default_config(cls):
     return ml_collections.ConfigDict(dict(
         lmbda=0.5, beta=0.5, temperature=0.9, top_k=0, top_p=1.0, prompt_length=0,
-        max_new_tokens=0, ce_weight=0.0, kd_weight=1.0))
+        max_new_tokens=0, ce_weight=0.0, kd_weight=1.0, fused="auto"))
 
   def __init__(self, config):
     super().__init__(config)
@@ -112,6 +113,7 @@ class GKD(base.Method):
     base.check_interval(config, self.name, "top_p", 0.0, 1.0, low_inclusive=False)
     for field in ("top_k", "prompt_length", "max_new_tokens"):
       validation.require(config[field], validation.NON_NEGATIVE_INT, f"config.gkd.{field}")
+    lm_fused.check_mode(config, self.name)
 
   def rewrite_batch(self, state, batch, models, rng, ops, step):
     del step
@@ -145,15 +147,14 @@ class GKD(base.Method):
 
   def loss(self, params, state, batch, ops):
     c = self.config
-    ce = base.cross_entropy(batch, ops)
-    jsd = ops.mean(losses.generalized_jsd(batch.student.logits, batch.teacher.logits,
-                                          beta=c.beta, temperature=1.0, where=batch.where),
-                   batch.where)
+    fused = lm_fused.use_fused(c.fused, batch, self.name)
+    ce, ce_metrics = lm_fused.ce_and_accuracy(batch, ops, fused=fused, ce_weight=c.ce_weight)
+    jsd = ops.mean(lm_fused.divergence(losses.generalized_jsd, batch, fused=fused, beta=c.beta,
+                                       temperature=1.0), batch.where)
     loss = c.ce_weight * ce + c.kd_weight * jsd
     # Set by `rewrite_batch` (absent when the loss is traced alone, e.g. by shape checks).
     on_policy = jnp.mean(batch.data.get("on_policy", jnp.zeros(())))
-    return loss, {"loss": loss, "ce": ce, "jsd": jsd, "on_policy": on_policy,
-                  "accuracy": base.accuracy(batch, ops)}, state
+    return loss, {"loss": loss, "jsd": jsd, "on_policy": on_policy, **ce_metrics}, state
 
 
 class SeqKD(base.Method):

@@ -4,7 +4,8 @@ Each is `ce_weight * CE + kd_weight * divergence(s, t, temperature, ...)` averag
 selected tokens: logits `[b, T, V]` with labels and `where` `[b, T]` (or `[b, C]` with `[b]`).
 Defaults: `ce_weight` 0 (pure distillation, as GKD and DistiLLM train), `kd_weight` 1,
 `temperature` 1; `jsd` `beta` 0.5 (TRL's `GKDTrainer` default); skew `alpha` 0.1 (DistiLLM's
-default skew, also SakanaAI/TAID's `--skew_beta`).
+default skew, also SakanaAI/TAID's `--skew_beta`); `fused` 'auto' (from hidden states with the
+vocabulary-chunked losses on large vocabularies, `kdjax.methods.lm_fused`).
 """
 
 from typing import Callable, ClassVar, Dict, Tuple
@@ -12,7 +13,7 @@ from typing import Callable, ClassVar, Dict, Tuple
 import ml_collections
 
 from kdjax import losses
-from kdjax.methods import base
+from kdjax.methods import base, lm_fused
 
 
 class _Divergence(base.Method):
@@ -20,6 +21,7 @@ class _Divergence(base.Method):
   field_help = {
       "kd_weight": "weight of the divergence term",
       "temperature": "softmax temperature of both distributions (no T^2 factor)",
+      "fused": lm_fused.FIELD_HELP,
   }
   divergence: ClassVar[Callable]
   # field -> (default, low, high, high_inclusive): the loss's own hyper-parameters.
@@ -27,7 +29,7 @@ class _Divergence(base.Method):
 
   @classmethod
   def default_config(cls):
-    config = dict(ce_weight=0.0, kd_weight=1.0, temperature=1.0)
+    config = dict(ce_weight=0.0, kd_weight=1.0, temperature=1.0, fused="auto")
     config.update({field: spec[0] for field, spec in cls.extra_fields.items()})
     return ml_collections.ConfigDict(config)
 
@@ -38,17 +40,18 @@ class _Divergence(base.Method):
     super().__init__(config)
     for field, (_, low, high, high_inclusive) in self.extra_fields.items():
       base.check_interval(config, self.name, field, low, high, high_inclusive=high_inclusive)
+    lm_fused.check_mode(config, self.name)
 
   def loss(self, params, state, batch, ops):
     c = self.config
     extra = {field: c[field] for field in self.extra_fields}
-    ce = base.cross_entropy(batch, ops)
-    divergence = ops.mean(type(self).divergence(
-        batch.student.logits, batch.teacher.logits, temperature=c.temperature,
-        where=batch.where, **extra), batch.where)
+    fused = lm_fused.use_fused(c.fused, batch, self.name)
+    ce, ce_metrics = lm_fused.ce_and_accuracy(batch, ops, fused=fused, ce_weight=c.ce_weight)
+    divergence = ops.mean(lm_fused.divergence(
+        type(self).divergence, batch, fused=fused, temperature=c.temperature, **extra),
+        batch.where)
     loss = c.ce_weight * ce + c.kd_weight * divergence
-    return loss, {"loss": loss, "ce": ce, self.name: divergence,
-                  "accuracy": base.accuracy(batch, ops)}, state
+    return loss, {"loss": loss, self.name: divergence, **ce_metrics}, state
 
 
 class ForwardKL(_Divergence):

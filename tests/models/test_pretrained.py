@@ -79,7 +79,12 @@ def test_round_trip_gives_equal_logits(family):
   got = forward(loaded.variables, tokens)
   np.testing.assert_array_equal(got.logits, want.logits)
   assert got.logits.shape == (2, 9, VOCAB)
-  assert set(got.features) == {"block1", "block2", "hidden", "embedding"}
+  taps = {"block1", "block2", "hidden", "embedding"}
+  if config.final_logit_softcapping is None:  # The fused losses' input (none when capped).
+    taps.add("unembedding")
+    np.testing.assert_array_equal(got.features["unembedding"],
+                                  unembedding_matrix(loaded.variables["params"]))
+  assert set(got.features) == taps
   assert got.features["hidden"].shape == (2, 9, config.hidden_size)
   logits = got.features["hidden"] @ unembedding_matrix(loaded.variables["params"])
   np.testing.assert_allclose(layers.soft_cap(logits, config.final_logit_softcapping),

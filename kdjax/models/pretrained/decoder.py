@@ -9,7 +9,12 @@ scaling) and `_logits` (soft-capping). The LM contract of `kdjax.models.transfor
                            (`hidden @ unembedding_matrix(params)` are the logits before any
                            final soft-capping);
     'embedding' [B, T, D]  the same array (kdjax's pre-logit tap);
-    'block{i}'  [B, T, D]  the residual stream after block i (i = 1..num_layers).
+    'block{i}'  [B, T, D]  the residual stream after block i (i = 1..num_layers);
+    'unembedding' [D, V]   `unembedding_matrix(params)` itself (not a per-token tap), so that
+                           a loss holding only the Output computes the logits block by block
+                           (`kdjax.losses.fused_*`, `kdjax.methods.lm_fused`); absent when the
+                           logits are soft-capped (Gemma 2's `final_logit_softcapping`),
+                           which those losses do not compute.
   init_cache(batch_size, max_length) -> KVCache with per layer [B, K, L, d] keys and values;
   decode(tokens [B, T], cache) -> (logits [B, T, V] float32, cache with index + T), equal to
     the full forward's logits at positions index .. index + T - 1.
@@ -78,7 +83,11 @@ class DecoderLM(nn.Module):
       features[f"block{i}"] = x
     hidden = self.final_norm(x)
     features["hidden"] = features["embedding"] = hidden
-    return Output(self._logits(hidden), features)
+    logits = self._logits(hidden)  # Creates the unembedding's parameters first, at init.
+    if self.config.final_logit_softcapping is None:
+      features["unembedding"] = (self.embed.embedding.T if self.config.tie_embeddings
+                                 else self.unembed.variables["params"]["kernel"])
+    return Output(logits, features)
 
   def decode(self, tokens, cache: KVCache) -> Tuple[jax.Array, KVCache]:
     """Runs tokens [B, T] at positions cache.index .. cache.index + T - 1.
