@@ -16,6 +16,15 @@ fine. No loss stops the teacher's gradient; the train step does that.
 
 Notation in the docstrings: `p = softmax(z / T)`,
 `KL(a || b) = sum_c a_c (log a_c - log b_c)`, `s` student, `t` teacher.
+
+Conventions differ by family, each as its reference code has it (docs/losses.md tabulates
+them): the classifier losses `kd`, `dkd`, `dist`, `sparse_kd`, `multi_teacher_kd` (and NKD's
+non-target term) multiply by `T**2` and default to their papers' temperatures (`kd` T 4); the
+token-level divergences `forward_kl`, `reverse_kl`, `generalized_jsd`, `skew_*`,
+`total_variation` have no `T**2` and default to T 1 (GKD / TRL / DistiLLM). So
+`forward_kl(s, t, temperature=T) * T**2 == kd(s, t, temperature=T)`. A method's defaults
+(`kdjax.methods`, e.g. DIST's CIFAR recipe beta = gamma = 2, T 4) may differ from its loss
+function's (DIST's ImageNet setting beta = gamma = T = 1).
 """
 
 from __future__ import annotations

@@ -187,6 +187,8 @@ COMMON_FIELD_HELP: Mapping[str, str] = {
     "num_steps": "the run's length in steps, for schedules (set to config.num_steps)",
     "max_new_tokens": "tokens sampled after the prompt (0: the rest of the window)",
     "prompt_length": "tokens of each window kept as the prompt (0: half the window)",
+    "fused": "'auto', 'on' or 'off': the token-level divergence from hidden states, "
+             "vocabulary-chunked (kdjax.methods.lm_fused)",
 }
 
 

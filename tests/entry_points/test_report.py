@@ -1,4 +1,5 @@
-"""experiments.report: tables, curves and the command line, on hand-written workdirs."""
+"""kdjax.report (and its command line, experiments.report): tables, curves, the figure, on
+hand-written workdirs."""
 
 import csv
 import io
@@ -10,6 +11,7 @@ import pytest
 
 from conftest import run_python
 from experiments import report, report_plots
+from kdjax.report import plots
 
 
 def _write_run(directory, lines, summary=None):
@@ -155,3 +157,60 @@ def test_language_model_suites_report_perplexity_and_acceptance(tmp_path):
   assert steps == [20] and mean == pytest.approx([np.exp(1.5)])
   report_plots.plot_report(rows, str(tmp_path / "results.png"))
   assert os.path.getsize(tmp_path / "results.png") > 10_000
+
+
+def test_experiments_report_is_kdjax_report():
+  import kdjax.report  # pylint: disable=g-import-not-at-top
+  assert report.write_report is kdjax.report.write_report
+  assert report_plots.plot_report is plots.plot_report
+
+
+def _rows_with_a_longer_teacher(workdir):
+  """A teacher of 40 steps and students of 20, like the quickstart's 4000 and 2000."""
+  _write_run(os.path.join(workdir, "teacher"),
+             [_train(20, loss=1.0), _eval(20, 0.8), _train(40, loss=0.5), _eval(40, 0.9)])
+  names = ("kd", "kd_std", "crd", "nkd", "dkd")
+  results = {"teacher": {"eval_accuracy": 0.9, "method": "scratch", "student": "cnn1d"}}
+  for i, name in enumerate(names):  # Near-equal points: their names would collide.
+    _write_run(os.path.join(workdir, name),
+               [_train(10, loss=2.0, ce=1.0), _train(20, loss=1.0, ce=0.5), _eval(20, 0.7)])
+    results[name] = {"eval_accuracy": 0.795 + 0.001 * i, "teacher_agreement": 0.783 + 0.002 * i,
+                     "method": name, "student": "mlp"}
+  _write_run(os.path.join(workdir, "fitnet"), [_train(20, loss=1.0, ce=0.5), _eval(20, 0.84)])
+  results["fitnet"] = {"eval_accuracy": 0.845, "teacher_agreement": 0.838, "method": "fitnet",
+                       "student": "mlp"}  # Far from the others: they crowd in a corner.
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump({"runs": results}, f)
+  return report.workdir_rows([str(workdir)])
+
+
+def test_figure_shows_whole_curves_and_labels_that_do_not_overlap(tmp_path):
+  rows = _rows_with_a_longer_teacher(tmp_path)
+  figure = plots.draw_figure(rows)
+  try:
+    bars, scatter, train, evals = figure.axes[:4]
+    # Runs of 40 and 20 steps: both drawn against the fraction of their own steps, whole.
+    teacher_eval = [line for line in evals.get_lines() if line.get_linestyle() == "--"][0]
+    assert list(teacher_eval.get_xdata()) == [0.5, 1.0]
+    assert evals.get_xlim()[1] >= 1.0 and "fraction" in evals.get_xlabel()
+    assert any("teacher 40; the other runs 20" in t.get_text() for t in evals.texts)
+    renderer = figure.canvas.get_renderer()
+    labels = [t for t in scatter.texts if t.get_text() in ("kd", "kd_std", "crd", "nkd", "dkd")]
+    assert len(labels) == 5
+    boxes = [t.get_window_extent(renderer) for t in labels]
+    for i, a in enumerate(boxes):
+      for b in boxes[i + 1:]:
+        assert not a.overlaps(b), (a, b)
+  finally:
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+    plt.close(figure)
+
+
+def test_equal_lengths_keep_the_step_axis(tmp_path):
+  make_suite(tmp_path)
+  figure = plots.draw_figure(report.workdir_rows([str(tmp_path)]))
+  try:
+    assert figure.axes[3].get_xlabel() == "step"
+  finally:
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+    plt.close(figure)
