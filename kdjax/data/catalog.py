@@ -66,6 +66,21 @@ def _mnist1d_preprocess(signals, rng, rows=None):
   return signals if rng is None else augment.random_shift_and_scale(signals, rng, rows=rows)
 
 
+def _digits_builder():
+  from kdjax.data.digits_tfds import SklearnDigits
+  return SklearnDigits
+
+
+def _diffusion_preprocess(scale):
+  """Pixels to [−1, 1] (`scale`: the raw maximum / 2; 1.0 for records already scaled), no
+  augmentation: diffusion models learn the data distribution as it is."""
+  def preprocess(images, rng, rows=None):
+    del rng, rows
+    images = np.asarray(images, np.float32)
+    return images if scale == 1.0 else images / scale - 1.0
+  return preprocess
+
+
 def _cifar_preprocess(mean, std):
   def preprocess(images, rng, rows=None):
     images = np.asarray(images, np.float32) / 255.0
@@ -95,6 +110,16 @@ DATASETS = {
         input_shape=(40,), input_kind="signal1d", train_examples=4000,
         local_builder=_mnist1d_builder,
         preprocess=_mnist1d_preprocess),
+    # Diffusion data (kdjax/diffusion): images in [−1, 1]; digits generated offline from
+    # scikit-learn, mnist from a TFDS preparation (`tfds build mnist --file_format=array_record`).
+    "digits": DatasetSpec(
+        tfds_name="sklearn_digits", input_key="image", label_key="label", num_classes=10,
+        input_shape=(8, 8, 1), input_kind="image8", train_examples=1497,
+        local_builder=_digits_builder, preprocess=_diffusion_preprocess(1.0)),
+    "mnist": DatasetSpec(
+        tfds_name="mnist", input_key="image", label_key="label", num_classes=10,
+        input_shape=(28, 28, 1), input_kind="image28", train_examples=60000,
+        preprocess=_diffusion_preprocess(127.5)),
     "cifar100": DatasetSpec(
         tfds_name="cifar100", input_key="image", label_key="label", num_classes=100,
         input_shape=(32, 32, 3), train_examples=50000,

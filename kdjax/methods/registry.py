@@ -6,6 +6,9 @@ from typing import Dict, Optional, Type
 
 import ml_collections
 
+from kdjax.diffusion.methods import consistency as diffusion_consistency
+from kdjax.diffusion.methods import dmd as diffusion_dmd
+from kdjax.diffusion.methods import progressive as diffusion_progressive
 from kdjax.methods import (adaspec, base, born_again, byot, cat_kd, crd, cs_kd, ctkd, dino,
                            distillm, miniplm, ema_teacher,
                            feature, kernel, logit, meal_v2, minilm, multi_teacher, nd, ofd,
@@ -13,7 +16,8 @@ from kdjax.methods import (adaspec, base, born_again, byot, cat_kd, crd, cs_kd, 
 
 _MODULES = (logit, relational, ctkd, taid, multi_teacher, sequence, feature, crd, kernel, vid,
             nd, cat_kd, ofd, review_kd, minilm, meal_v2, ps_kd, tf_kd, ema_teacher, byot, dino,
-            cs_kd, born_again, on_policy, adaspec, distillm, miniplm)
+            cs_kd, born_again, on_policy, adaspec, distillm, miniplm, diffusion_progressive,
+            diffusion_consistency, diffusion_dmd)
 
 METHODS: Dict[str, Type[base.Method]] = {}
 for _module in _MODULES:

@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, List, NamedTuple
 
 import flax.linen as nn
 
+from kdjax.diffusion import denoiser_model
 from kdjax.models import (adapters, cifar_resnet, imagenet_resnet, mnist1d, mobilenet, shufflenet,
                           transformer, vgg, vit, wrn)
 from kdjax.models.adapters import ModelFns
@@ -37,7 +38,7 @@ class ModelEntry(NamedTuple):
 
 
 _FAMILIES = (mnist1d, cifar_resnet, wrn, vgg, mobilenet, shufflenet, imagenet_resnet, vit,
-             transformer)
+             transformer, denoiser_model)
 
 ENTRIES: Dict[str, ModelEntry] = {}
 for _family in _FAMILIES:
