@@ -55,6 +55,14 @@ def consistency_target(teacher_denoise, target_function, x_sigma, sigma, sigma_n
 class Consistency(base.Method):
   """Consistency distillation; see the module docstring for the formulas and defaults."""
   name = "consistency"
+  family = "diffusion"
+  paper = "Song et al. 2023"
+  field_help = {
+      "num_scales": "N, the points of EDM's sigma grid the teacher's Heun steps join",
+      "target_ema": "mu, the EMA rate of the target network",
+      "distance": "'l2' or 'pseudo_huber', the distance between student and target",
+      "sample_steps": "the step counts the evaluation samples with",
+  }
   teacher_needs = base.TeacherNeeds(kind="one", on_batch_inputs=False)
 
   @classmethod

@@ -57,6 +57,18 @@ def distribution_matching_loss(x, gradient):
 class DMD(base.Method):
   """Distribution matching distillation; see the module docstring."""
   name = "dmd"
+  family = "diffusion"
+  paper = "Yin et al. 2024"
+  field_help = {
+      "dm_weight": "weight of the distribution-matching loss",
+      "regression_weight": "weight of the regression loss on the teacher's ODE pairs",
+      "fake_weight": "weight of the fake score network's denoising loss",
+      "num_pairs": "(noise, teacher ODE solution) pairs made before the first step",
+      "pair_steps": "Heun steps of the teacher's ODE solve for the pairs",
+      "num_train_timesteps": "points of the sigma grid the noise level is drawn from",
+      "min_step": "lowest grid index drawn (0.02 of the grid in DMD)",
+      "max_step": "highest grid index drawn, exclusive (0.98 of the grid in DMD)",
+  }
   teacher_needs = base.TeacherNeeds(kind="one", on_batch_inputs=False)
   non_negative_fields = ("regression_weight", "fake_weight", "dm_weight")
 

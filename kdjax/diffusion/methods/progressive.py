@@ -63,6 +63,12 @@ def progressive_target(predict_x0, z_t, t, step):
 class Progressive(base.Method):
   """Progressive distillation; see the module docstring for the formulas and defaults."""
   name = "progressive"
+  family = "diffusion"
+  paper = "Salimans & Ho 2022"
+  field_help = {
+      "teacher_steps": "DDIM steps of the first round's teacher (each round halves them)",
+      "rounds": "in a suite, how many halving rounds to train (each the next one's teacher)",
+  }
   teacher_needs = base.TeacherNeeds(kind="one", on_batch_inputs=False)
   generations_field = "rounds"
 
