@@ -57,9 +57,14 @@ FUSED: Dict[Callable, Callable] = {
 }
 
 
+def mode(config) -> str:
+  """`config.fused`; 'auto' for the config of a subclass that does not declare it."""
+  return config.get("fused", "auto")
+
+
 def check_mode(config, method: str) -> None:
   """`config.<method>.fused` is one of FUSED_MODES."""
-  validation.one_of(f"config.{method}.fused", config.fused, FUSED_MODES)
+  validation.one_of(f"config.{method}.fused", mode(config), FUSED_MODES)
 
 
 def carries_unembedding(output: Optional[Output]) -> bool:

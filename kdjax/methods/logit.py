@@ -53,7 +53,7 @@ class KD(base.Method):
 
   def loss(self, params, state, batch, ops):
     c = self.config
-    fused = self.fusable and lm_fused.use_fused(c.fused, batch, self.name)
+    fused = self.fusable and lm_fused.use_fused(lm_fused.mode(c), batch, self.name)
     ce, ce_metrics = lm_fused.ce_and_accuracy(batch, ops, fused=fused, ce_weight=c.ce_weight)
     if fused:
       per_token = lm_fused.divergence(losses.kd, batch, fused=True, temperature=c.temperature)

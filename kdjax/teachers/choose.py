@@ -8,7 +8,7 @@ benchmarks, notebooks).
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from kdjax.models.output import Output
-from kdjax.teachers import live, process_logits
+from kdjax.teachers import live, pretrained, process_logits
 from kdjax.teachers.teacher import NO_TEACHER, Teacher
 
 
@@ -75,6 +75,8 @@ def choose_teacher(config, method, *, specs: Sequence, checkpoints: Sequence[str
   In order of precedence:
   * an on-disk cache (`cache`, opened from `config.teacher.cache` before the pipeline, whose
     batches it joins): the teacher never runs, and the eval step has no teacher;
+  * a pretrained Hugging Face-format directory (`config.teacher.pretrained`,
+    `kdjax.teachers.pretrained`), for training and evaluation as a checkpoint would be;
   * the checkpoints `checkpoints` (one teacher, or every teacher of an ensemble) when the
     method needs them, or, for language models, for evaluation alone (agreement and
     speculative acceptance against the teacher even for `scratch`); with
@@ -101,7 +103,11 @@ def choose_teacher(config, method, *, specs: Sequence, checkpoints: Sequence[str
                                 stacked=needs.ensemble),
                   eval=NO_TEACHER, variables=None, sample=Output(*cache.sample_outputs(2)))
   teacher_apply, variables, sample = None, None, None
-  if needs.checkpoint or (language_model and checkpoints):
+  if pretrained.teacher_directory(config) and (needs.checkpoint or language_model):
+    # A Hugging Face-format directory (`config.teacher.pretrained`) instead of checkpoints.
+    teacher_apply, variables = pretrained.load_teacher(config)
+    sample, _ = teacher_apply(variables, sample_inputs, train=False)
+  elif needs.checkpoint or (language_model and checkpoints):
     teacher_apply, variables = live.load_teachers(config, specs, checkpoints, sample_inputs,
                                                   ensemble=needs.ensemble,
                                                   model_kwargs=model_kwargs)

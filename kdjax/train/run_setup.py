@@ -19,6 +19,7 @@ from kdjax.methods.base import Batch, Method, RunFacts
 from kdjax.models import precision as precision_lib
 from kdjax.models.apply import ApplyFn
 from kdjax.teachers import choose as teachers_choose, disk_cache, live
+from kdjax.teachers import pretrained as pretrained_lib
 from kdjax.teachers.teacher import Teacher
 from kdjax.train import optimizer as optimizer_lib
 from kdjax.train import parallel as parallel_lib, state as state_lib
@@ -70,6 +71,16 @@ def build_pipeline(plan: RunPlan, *, teacher_cache=None):
       raise ValueError("config.teacher.cache is for classification datasets; a language "
                        "model's teacher runs live.")
     lm = config.lm
+    if lm.get("data_file", ""):  # Prompt/completion rows, the teacher directory's tokenizer.
+      from kdjax.data import chat_data  # pylint: disable=g-import-not-at-top
+      return chat_data.ChatInputPipeline(
+          paths.resolve(lm.data_file), eval_file=paths.resolve(lm.get("eval_file", "")),
+          tokenizer=chat_data.ChatTokenizer.from_directory(
+              pretrained_lib.teacher_directory(config)),
+          sequence_length=lm.sequence_length, layout=lm.get("layout", "padded"),
+          prompt_length=lm.get("prompt_length", 0), global_batch_size=config.global_batch_size,
+          seed=config.seed, process_index=jax.process_index(),
+          process_count=jax.process_count(), validation_examples=config.validation_examples)
     return data_lib.LMInputPipeline(
         config.dataset, sequence_length=lm.sequence_length, tokenizer=lm.tokenizer,
         vocab_size=lm.vocab_size or None, tokenizer_dir=lm.tokenizer_dir or None, **common)
@@ -109,9 +120,11 @@ def build_run(plan: RunPlan, teacher_checkpoints: Sequence[str]) -> RunParts:
       teacher_model=config.teacher.model, reference_variables=reference_variables))
 
   # `config.dtype`: the student computes in it (train and eval); parameters stay float32.
-  student_model = precision_lib.model_fns(
+  student_model = None if pretrained_lib.student_directory(config) else precision_lib.model_fns(
       config.student.model, num_classes=config.num_classes, dtype=config.get("dtype", "float32"),
       **kwargs(config.student.model))
+  if pretrained_lib.student_directory(config):  # Starts from a pretrained directory's weights.
+    student_model, _ = pretrained_lib.student_model(config)
   student_apply = student_model.apply
   init_rng, method_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
   student_variables = jax.device_get(student_model.init(init_rng, sample))
@@ -136,5 +149,7 @@ def build_run(plan: RunPlan, teacher_checkpoints: Sequence[str]) -> RunParts:
   return RunParts(plan=plan, pipeline=pipeline, parallel=parallel, method=method,
                   student_apply=student_apply, teacher=teacher.train,
                   eval_teacher=teacher.eval, teacher_variables=teacher.variables,
-                  teacher_checkpoints=_loaded(teacher_checkpoints, teacher.variables),
+                  # A pretrained directory is no kdjax checkpoint (no step, no provenance).
+                  teacher_checkpoints=(() if pretrained_lib.teacher_directory(config) else
+                                       _loaded(teacher_checkpoints, teacher.variables)),
                   optimizer=optimizer, initial_state=initial_state)

@@ -5,6 +5,7 @@ returns the run's `RunPlan` (`kdjax.train.plan`): the config's strings parsed on
 (`config_syntax`), for everything downstream to read.
 """
 
+import math
 import os
 from typing import Iterable
 
@@ -27,7 +28,7 @@ from kdjax.train.config_syntax import (PARALLEL_KINDS, mesh_shape, parse_sweep, 
                                        suite_seeds, teacher_specs)
 from kdjax.train.parallel import check_batch_divisible
 from kdjax.train import files
-from kdjax.train.checkpoint import checkpoint_path_problem
+from kdjax.train.checkpoint import CheckpointError, checkpoint_path_problem, unfinished_run
 from kdjax.train.plan import RunPlan
 
 ON_NONFINITE = ("stop", "skip")
@@ -46,9 +47,43 @@ def _positive_int(config, field: str):
 
 
 
+def _refuse_unfinished_teachers(config, specs) -> None:
+  """A teacher checkpoint of a run killed before its last step would be distilled from
+  silently; it is refused unless `config.teacher.allow_unfinished` says so."""
+  if config.teacher.get("allow_unfinished", False):
+    return
+  for spec in specs:
+    if not spec.checkpoint or not os.path.isdir(spec.checkpoint):
+      continue
+    try:
+      unfinished = unfinished_run(spec.checkpoint)
+    except CheckpointError as error:
+      raise ConfigError(f"config.teacher: {error}") from None
+    if unfinished:
+      step, num_steps = unfinished
+      raise ConfigError(
+          f"The teacher checkpoint {spec.checkpoint!r} is at step {step} of its run's "
+          f"{num_steps}: that run has not finished. Rerun its command to finish it, or set "
+          "config.teacher.allow_unfinished=True to distil from it as it is.")
+
+
+def check_finite_numbers(config: ml_collections.ConfigDict, prefix: str = "config") -> None:
+  """Every number in the config is finite: an `inf` temperature or a `nan` learning rate
+  would otherwise pass every range check and fail as a non-finite loss at step 1."""
+  for key in config.keys():
+    value, field = config[key], f"{prefix}.{key}"
+    if isinstance(value, ml_collections.ConfigDict):
+      check_finite_numbers(value, field)
+      continue
+    for item in (value if isinstance(value, (tuple, list)) else (value,)):
+      if isinstance(item, float) and not math.isfinite(item):
+        raise ConfigError(f"{field}={value!r}: every number in a config must be finite.")
+
+
 def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> RunPlan:
   """Returns the run's plan; raises ConfigError for the first problem found in the run
   configuration. `config`'s paths must be absolute (`config_paths.resolve_config_paths`)."""
+  check_finite_numbers(config)
   _one_of("dataset", config.dataset, list(DATASETS) + list(TEXT_DATASETS))
   _one_of("method", config.method, METHODS)
   _one_of("student.model", config.student.model, MODELS)
@@ -67,6 +102,9 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> R
     _positive_int(config, field)
   validation.require(config.validation_examples, validation.NON_NEGATIVE_INT,
                      "config.validation_examples")
+  # Checked here, under its own name: the suite's teacher run copies it into its num_steps.
+  validation.require(config.teacher.get("num_steps", 0) or 0, validation.NON_NEGATIVE_INT,
+                     "config.teacher.num_steps")
   validation.require(config.optimizer.learning_rate, validation.POSITIVE,
                      "config.optimizer.learning_rate")
   validation.require(config.optimizer.weight_decay, validation.NON_NEGATIVE,
@@ -125,6 +163,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> R
 
   validation.require(config.get("prefetch", 0), validation.NON_NEGATIVE_INT, "config.prefetch")
   validate_precision(config, specs)
+  validate_pretrained(config, specs)
   validate_teacher_cache(config)
   validate_device_batches(config, runs)
   validate_steps_per_call(config)
@@ -140,6 +179,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> R
                       "kdjax run's checkpoints/ directory, an exported model file (.msgpack, "
                       "experiments/export_model.py) or leave it empty to use the suite's "
                       "teacher run.")
+  _refuse_unfinished_teachers(config, specs)
   # HOME or KDJAX_DATA_DIR set to a regular file: one line here, not a traceback in TFDS.
   try:
     files.check_directory_path(
@@ -268,3 +308,66 @@ def validate_language_model(config, models) -> None:
     if max_length is not None and lm.sequence_length > max_length:
       raise ConfigError(f"config.lm.sequence_length={lm.sequence_length} is longer than model "
                         f"{name!r} can read (max_length {max_length}); use at most {max_length}.")
+
+
+def validate_pretrained(config, specs) -> None:
+  """`config.teacher.pretrained` / `config.student.pretrained` (Hugging Face-format
+  directories, `kdjax.teachers.pretrained`) with the model name 'pretrained', the teacher's
+  `pretrained_dtype`, one vocabulary (= `config.num_classes`) for both, the window length
+  within their positions, and `config.lm.data_file` (prompt/completion rows,
+  `kdjax.data.chat_data`), tokenized by the teacher directory's tokenizer."""
+  from kdjax.data import chat_data  # pylint: disable=g-import-not-at-top
+  from kdjax.models.pretrained import directory as pretrained_dir  # pylint: disable=g-import-not-at-top
+  from kdjax.models.pretrained import model_entry  # pylint: disable=g-import-not-at-top
+  vocab = {}
+  for role in ("teacher", "student"):
+    directory = config[role].get("pretrained", "") or ""
+    named = config[role].model == model_entry.NAME
+    if role == "teacher" and named and len(specs) > 1:
+      raise ConfigError("config.teacher.extra must be empty with a pretrained teacher "
+                        "(one directory, no ensemble).")
+    if bool(directory) != named:
+      raise ConfigError(f"config.{role}.model={config[role].model!r} with "
+                        f"config.{role}.pretrained={directory!r}: a pretrained {role} needs "
+                        f"both model 'pretrained' and the directory; set both or neither.")
+    if not directory:
+      continue
+    try:
+      hf = pretrained_dir.read_config(directory)
+    except ValueError as error:
+      raise ConfigError(f"config.{role}.pretrained: {error}") from None
+    vocab[role] = hf.vocab_size
+    if hf.vocab_size != config.num_classes:
+      raise ConfigError(f"config.{role}.pretrained={directory!r} has vocab_size "
+                        f"{hf.vocab_size} but config.num_classes={config.num_classes}; set "
+                        f"config.num_classes and config.lm.vocab_size to {hf.vocab_size}.")
+    if config.lm.sequence_length > hf.max_position_embeddings:
+      raise ConfigError(f"config.lm.sequence_length={config.lm.sequence_length} is longer "
+                        f"than config.{role}.pretrained={directory!r} reads "
+                        f"(max_position_embeddings {hf.max_position_embeddings}).")
+  _one_of("teacher.pretrained_dtype", config.teacher.get("pretrained_dtype", "bfloat16"),
+          DTYPES)
+  data_file = config.get("lm", {}).get("data_file", "") if "lm" in config else ""
+  if not data_file:
+    if vocab:
+      raise ConfigError("A pretrained teacher or student reads config.lm.data_file (JSONL or "
+                        "parquet prompt/completion rows); set it.")
+    return
+  if "teacher" not in vocab:
+    raise ConfigError(f"config.lm.data_file={data_file!r} is tokenized by the teacher "
+                      "directory's tokenizer; set config.teacher.pretrained.")
+  for field in ("data_file", "eval_file"):
+    path = config.lm.get(field, "") or ""
+    if path and not os.path.isfile(path):
+      raise ConfigError(f"config.lm.{field}={path!r} does not exist; give a .jsonl or "
+                        ".parquet file.")
+    if path and not path.endswith(chat_data.EXTENSIONS):
+      raise ConfigError(f"config.lm.{field}={path!r}: valid file types: "
+                        f"{', '.join(chat_data.EXTENSIONS)}.")
+  _one_of("lm.layout", config.lm.get("layout", "padded"), chat_data.LAYOUTS)
+  prompt_length = config.lm.get("prompt_length", 0)
+  if config.lm.get("layout", "padded") == "padded" and not (
+      isinstance(prompt_length, int) and 1 <= prompt_length < config.lm.sequence_length):
+    raise ConfigError(f"config.lm.prompt_length={prompt_length!r} must be an integer in [1, "
+                      f"config.lm.sequence_length={config.lm.sequence_length}) for the "
+                      "'padded' layout (each row's prompt is left-padded to it).")

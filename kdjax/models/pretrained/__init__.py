@@ -8,7 +8,8 @@ Files: `config.py` (config.json <-> `PretrainedConfig`), `layers.py` (RMSNorm, R
 grouped-query attention, gated MLP), `decoder.py` (forward, KV cache and taps shared by every
 family), `llama.py` (Llama / Qwen2 / Qwen3), `gemma2.py`, `gpt2.py`, `names.py` (checkpoint
 tensor <-> parameter), `checkpoint.py` (safetensors, checked), `tokenizer.py` (tokenizer.json,
-chat template), `directory.py` (`load_pretrained`, `save_pretrained`).
+chat template), `directory.py` (`load_pretrained`, `save_pretrained`), `model_entry.py` (the
+model name 'pretrained' in configs).
 """
 
 from kdjax.models.pretrained.config import SUPPORTED_MODEL_TYPES, PretrainedConfig, from_hf
@@ -17,6 +18,9 @@ from kdjax.models.pretrained.directory import (Pretrained, load_pretrained, read
                                                save_pretrained, transformer_lm_as_llama)
 from kdjax.models.pretrained.families import build_module
 from kdjax.models.pretrained.tokenizer import render_chat
+from kdjax.models.pretrained import model_entry
+
+model_entry.register()  # The model name 'pretrained' in configs.
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "PretrainedConfig", "from_hf", "DecoderLM",
            "unembedding_matrix", "Pretrained", "load_pretrained", "read_config",
