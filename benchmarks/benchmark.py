@@ -8,7 +8,9 @@ method loss, SGD update) compiled by the configured parallel strategy. Timing st
 warm-up (compilation) and blocks on the results. With `--reference=torch` the PyTorch reference
 of the same two models and loss (benchmarks/torch_reference.py) is timed in the same
 invocation, interleaved with the JAX runs over `--rounds` rounds, and the best of each is
-compared. The last line printed is one JSON object.
+compared. The last line printed is one JSON object (stdout); while it works, a progress line
+per phase (building, compiling, each timing round, with the time so far and an estimate of
+what is left) goes to stderr, unless `--quiet`.
 
     python -m benchmarks.benchmark --teacher_cache --cache_topk=10 --rounds=5
 
@@ -19,6 +21,8 @@ the student alone (scratch).
 
 import importlib.util
 import json
+import sys
+import time
 
 from absl import flags, logging
 
@@ -39,7 +43,41 @@ flags.DEFINE_bool("teacher_cache", False, "Time the --method step three ways, in
                   "live (teacher run), cached (teacher outputs read from the batch, as with "
                   "config.teacher.cache) and the student alone (scratch).")
 flags.DEFINE_integer("cache_topk", 0, "With --teacher_cache: cached top-k logits (0: all).")
+flags.DEFINE_bool("quiet", False, "No progress lines on stderr; only the JSON result.")
 FLAGS = flags.FLAGS
+
+
+class Progress:
+  """Progress lines on stderr: `[benchmark 12s] what (ETA 30s)`; silent with --quiet."""
+
+  def __init__(self):
+    self.start = time.perf_counter()
+
+  def __call__(self, message: str, *, remaining_s=None):
+    if FLAGS.quiet:
+      return
+    eta = f" (ETA {remaining_s:.0f}s)" if remaining_s is not None else ""
+    print(f"[benchmark {time.perf_counter() - self.start:.0f}s] {message}{eta}", file=sys.stderr,
+          flush=True)
+
+
+def timed_rounds(runs: dict, progress: Progress) -> dict:
+  """{name: [seconds of --steps steps per round]}: the runs interleaved over --rounds, after
+  --warmup steps each; a progress line per round with an estimate of the rounds left."""
+  for name, run in runs.items():
+    progress(f"{name}: compiling and warming up ({FLAGS.warmup} steps)")
+    run(FLAGS.warmup)
+  times = {name: [] for name in runs}
+  for round_index in range(FLAGS.rounds):
+    started = time.perf_counter()
+    for name, run in runs.items():
+      times[name].append(run(FLAGS.steps))
+    took = time.perf_counter() - started
+    summary = ", ".join(f"{n} {1000 * t[-1] / FLAGS.steps:.1f} ms a step"
+                        for n, t in times.items())
+    progress(f"round {round_index + 1}/{FLAGS.rounds}: {summary}",
+             remaining_s=took * (FLAGS.rounds - round_index - 1))
+  return times
 
 
 def build_jax_step(student_name, teacher_name, num_classes, batch_size, method_name, parallel):
@@ -99,12 +137,7 @@ def teacher_cache_main():
   cached_batch = live.put_batch(dict(live.host_batch, **_cached_outputs(
       live.host_batch, FLAGS.num_classes, FLAGS.cache_topk)))
   runs = {"live": live.run, "cached": lambda n: live.run(n, cached_batch), "scratch": scratch.run}
-  times = {name: [] for name in runs}
-  for run in runs.values():
-    run(FLAGS.warmup)
-  for _ in range(FLAGS.rounds):
-    for name, run in runs.items():
-      times[name].append(run(FLAGS.steps))
+  times = timed_rounds(runs, Progress())
   step_ms = {name: 1000 * min(t) / FLAGS.steps for name, t in times.items()}
   jax = live.jax
   print(json.dumps({
@@ -125,21 +158,20 @@ def main(argv):
   if FLAGS.teacher_cache:
     teacher_cache_main()
     return
+  progress = Progress()
+  progress(f"building the {FLAGS.method} step: {FLAGS.teacher} -> {FLAGS.student}, batch "
+           f"{FLAGS.batch_size}, {FLAGS.parallel}")
   run, student_params, teacher_params, jax = build_jax_step(
       FLAGS.student, FLAGS.teacher, FLAGS.num_classes, FLAGS.batch_size, FLAGS.method,
       FLAGS.parallel)
-  run(FLAGS.warmup)
-  torch_run = None
+  runs = {"kdjax": run}
   if FLAGS.reference == "torch":
     from benchmarks import torch_reference
-    torch_run = torch_reference.make_timed_runner(
+    progress("building the PyTorch reference")
+    runs["torch"] = torch_reference.make_timed_runner(
         FLAGS.student, FLAGS.teacher, FLAGS.num_classes, FLAGS.batch_size)
-    torch_run(FLAGS.warmup)
-  jax_times, torch_times = [], []
-  for _ in range(FLAGS.rounds):
-    jax_times.append(run(FLAGS.steps))
-    if torch_run:
-      torch_times.append(torch_run(FLAGS.steps))
+  times = timed_rounds(runs, progress)
+  jax_times, torch_times = times["kdjax"], times.get("torch", [])
   result = {
       "examples_per_sec": FLAGS.batch_size * FLAGS.steps / min(jax_times),
       "step_ms": 1000 * min(jax_times) / FLAGS.steps,

@@ -45,6 +45,11 @@ Recipe choices, measured on this dataset (eval accuracy, seeds 0-3, 2000 steps, 
 - crd with 256 negatives (of 4000 examples; RepDistiller uses 16384 of 50000 on CIFAR-100):
   80.3 / 79.3% (scratch 77.2 / 78.3%); with 1024 negatives 81.2% (seed 0) at a third of the
   speed (87 ms a step).
+- DKD and NKD land at scratch's level over seeds 0-2 (0.773 +- 0.018 and 0.773 +- 0.023 against
+  0.776 +- 0.006; KD 0.804 +- 0.010): their non-target terms are built for many classes. No
+  setting found lifts them (3 seeds each): dkd beta 0.25/1/2/4 -> 0.764/0.749/0.721/0.669,
+  dkd temperature 1/2/8 -> 0.772/0.776/0.753, nkd gamma 0.1/0.25/1 -> 0.776/0.777/0.769. They
+  stay as the measured result of these methods on 10 classes (docs/quickstart.md).
 - For comparison, on the same teacher and student seeds: scratch 77.2 / 78.3%, kd 80.6 / 79.3%;
   sp (weight 3000) 84.4% and pkt (weight 30000) 84.3% on seed 0, RepDistiller's weights as is.
 """

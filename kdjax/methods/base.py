@@ -169,7 +169,7 @@ class RunFacts:
 
 
 # The families `Method.family` names, in the order the reference pages list them.
-FAMILIES = ("baseline", "logit", "feature", "self", "language model")
+FAMILIES = ("baseline", "logit", "feature", "self", "language model", "diffusion")
 
 # One-line meanings of the hyper-parameters many methods share; a method's own `field_help`
 # wins where the same name means something else there.

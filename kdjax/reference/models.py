@@ -33,7 +33,7 @@ class ModelRow:
   name: str
   input_kind: str
   num_classes: int  # The classes the parameter count is for.
-  parameters: int
+  parameters: Optional[int]  # None: the model is only built from a directory.
   taps: str  # Compressed: 'stage{1..3}, embedding'.
   builtin: bool
 
@@ -65,7 +65,12 @@ def model_row(name: str) -> ModelRow:
   shape, dtype, num_classes = sample
   fns = registry.get_model_fns(name, num_classes=num_classes)
   sample = jax.ShapeDtypeStruct(shape, dtype)
-  variables = jax.eval_shape(fns.init, jax.random.key(0), sample)
+  try:
+    variables = jax.eval_shape(fns.init, jax.random.key(0), sample)
+  except ValueError as error:  # A model built from elsewhere (a pretrained directory).
+    return ModelRow(name, input_kind, num_classes, None,
+                    f"(not traceable alone: {str(error).split(': ')[0]})",
+                    name in registry.BUILT_IN)
   parameters = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(variables["params"]))
   output, _ = jax.eval_shape(lambda v, x: fns.apply(v, x, train=False), variables, sample)
   return ModelRow(name, input_kind, num_classes, parameters, compress_taps(output.features),

@@ -24,6 +24,10 @@ def _cell(text) -> str:
   return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def _count(parameters) -> str:
+  return "–" if parameters is None else f"{parameters:,}"
+
+
 def _default(value) -> str:
   return repr(value) if isinstance(value, str) else str(value)
 
@@ -64,8 +68,8 @@ def listing(kind: str, configs_dir: Optional[str] = None) -> str:
     rows = model_rows()
     width = max(len(r.name) for r in rows)
     out = [f"{'model':<{width}}  {'input':<9} {'parameters':>12} (classes)  taps"]
-    out += [f"{r.name:<{width}}  {r.input_kind:<9} {r.parameters:>12,} ({r.num_classes:>4})  "
-            f"{r.taps}" for r in rows]
+    out += [f"{r.name:<{width}}  {r.input_kind:<9} {_count(r.parameters):>12} "
+            f"({r.num_classes:>4})  {r.taps}" for r in rows]
     return "\n".join(out)
   if kind == "datasets":
     rows = dataset_rows()
@@ -124,8 +128,8 @@ def models_page() -> str:
          "[bring_your_own.md](bring_your_own.md); Hugging Face checkpoints: "
          "[pretrained.md](pretrained.md); diffusion networks: [diffusion.md](diffusion.md).", "",
          "| model | input | parameters (classes) | taps |", "| --- | --- | --- | --- |"]
-  out += [f"| `{r.name}` | {r.input_kind} | {r.parameters:,} ({r.num_classes}) | {r.taps} |"
-          for r in rows]
+  out += [f"| `{r.name}` | {r.input_kind} | {_count(r.parameters)} ({r.num_classes}) | "
+          f"{_cell(r.taps)} |" for r in rows]
   return "\n".join(out) + "\n"
 
 
@@ -164,7 +168,7 @@ def capability_table() -> str:
 
 def readme_with_table(readme: str) -> str:
   """`readme` with the text between BLOCK_START and BLOCK_END replaced by the table."""
-  pattern = re.escape(BLOCK_START) + r"\n.*?\n" + re.escape(BLOCK_END)
+  pattern = re.escape(BLOCK_START) + r"\n(?:.*?\n)?" + re.escape(BLOCK_END)
   if not re.search(pattern, readme, flags=re.S):
     raise ValueError(f"{README} has no generated block ({BLOCK_START!r} ... {BLOCK_END!r}).")
   return re.sub(pattern, lambda _: f"{BLOCK_START}\n{capability_table()}\n{BLOCK_END}", readme,

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 
 import pytest
 
@@ -15,6 +16,10 @@ def test_benchmark_prints_one_json_line_with_the_fields():
   for key in ("examples_per_sec", "student_params", "teacher_params", "devices", "backend"):
     assert key in report
   assert report["examples_per_sec"] > 0 and report["devices"] == 1
+  progress = result.stderr.strip().splitlines()  # Phases on stderr; stdout is the JSON alone.
+  assert progress[0].startswith("[benchmark 0s] building the kd step: resnet20 -> resnet8")
+  assert re.search(r"\] round 1/1: kdjax [0-9.]+ ms a step \(ETA 0s\)$", progress[-1]), progress
+  assert len(result.stdout.strip().splitlines()) == 1
 
 
 @pytest.mark.slow  # A ResNet KD step compiled for 8 devices (~35 s here).
