@@ -55,7 +55,10 @@ def base_config() -> ml_collections.ConfigDict:
       # variables in bfloat16), and its BatchNorms folded into its convolutions once after
       # loading (linen models with BatchNorm only; kdjax/models/fold.py).
       dtype="float32",
-      fold_batch_norm=False))
+      fold_batch_norm=False,
+      # Distil from a teacher checkpoint whose run stopped before its last step (refused
+      # by default: a killed teacher run would otherwise be used without a word).
+      allow_unfinished=False))
 
   config.optimizer = ml_collections.ConfigDict(dict(
       name="adam", learning_rate=1e-2, schedule="cosine", warmup_steps=0, weight_decay=0.0,

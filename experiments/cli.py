@@ -8,7 +8,8 @@ allowed>` on stderr and exit status 2, before anything is computed or written:
 Before absl parses the flags, the `--config=FILE[:VARIANT]` file is loaded and every
 `--config.a.b=value` override is checked against it (unknown fields get "did you mean" and the
 fields that exist), so that ml_collections' chained tracebacks never reach the user.
-`--help` exits 0 and lists the config's fields with their defaults.
+`--help` exits 0 and lists the config's fields with their defaults, meanings and valid values;
+`--list=methods|models|datasets|configs` prints the generated reference (`kdjax.reference`).
 """
 
 import importlib.util
@@ -18,9 +19,12 @@ from typing import Callable, List, NoReturn, Optional, Sequence
 
 from absl import app, flags
 
+from kdjax import signals
 from kdjax.names import did_you_mean
 
 USAGE_ERROR_EXIT_CODE = 2  # As argparse and most Unix tools: "wrong usage".
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL, "try again": stopped by a signal, continues on rerun.
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as shells report a Ctrl-C: nothing was started.
 _HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "--helpfull", "-?")
 _CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             "configs")
@@ -68,9 +72,15 @@ def load_config(spec: str):
   if not hasattr(module, "get_config"):
     raise UsageError(f"--config={spec}: {path!r} defines no get_config().")
   try:
-    return module.get_config(*([variant] if variant else []))
+    config = module.get_config(*([variant] if variant else []))
   except Exception as error:  # A bad variant after ':' and the like.
     raise UsageError(f"--config={spec}: {error}") from None
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise UsageError(f"--config={spec}: get_config() in {path!r} returned a "
+                     f"{type(config).__name__}, not an ml_collections.ConfigDict (build it with "
+                     f"ml_collections.ConfigDict(...) or start from configs/common.py).")
+  return config
 
 
 def flat_fields(config, prefix: str = "") -> dict:
@@ -166,13 +176,36 @@ def _print_help(argv: Sequence[str], config_name: Optional[str]):
     config = load_config(spec)
   except UsageError as error:
     fail(str(error))
-  print(f"\nFields of {spec} (override with --{config_name}.<field>=<value>):")
-  for field, value in flat_fields(config).items():
-    print(f"  --{config_name}.{field}={value!r}")
+  from kdjax import reference  # pylint: disable=g-import-not-at-top  (imports jax)
+  print(f"\nFields of {spec} (override with --{config_name}.<field>=<value>; a method's "
+        "fields are described by --list=methods):")
+  described = reference.describe_config(flat_fields(config))
+  width = min(48, max(len(f"--{config_name}.{f.path}={f.default!r}") for f in described))
+  for field in described:
+    flag = f"--{config_name}.{field.path}={field.default!r}"
+    meaning = field.meaning + (f" [{field.valid}]" if field.valid else "")
+    print(f"  {flag:<{width}}  {meaning}".rstrip() if len(flag) <= width else
+          f"  {flag}\n  {'':<{width}}  {meaning}".rstrip())
+
+
+def _print_listing(argv: Sequence[str]) -> bool:
+  """`--list=KIND` (methods, models, datasets, configs): prints the generated reference
+  (`kdjax.reference`) and returns True; False without --list."""
+  kinds = [a.split("=", 1)[1] for a in argv if a.startswith("--list=")]
+  if not kinds:
+    return False
+  from kdjax import reference  # pylint: disable=g-import-not-at-top  (imports jax)
+  for kind in kinds:
+    if kind not in reference.LIST_KINDS:
+      fail(f"--list={kind}: valid: {', '.join(reference.LIST_KINDS)}.")
+    print(reference.listing(kind, _CONFIGS_DIR))
+  return True
 
 
 def parse_flags(argv: List[str], *, config_name: Optional[str] = "config") -> List[str]:
-  """absl `flags_parser`: --help exits 0, every mistake exits 2 with one line."""
+  """absl `flags_parser`: --help and --list exit 0, every mistake exits 2 with one line."""
+  if config_name and _print_listing(argv[1:]):
+    sys.exit(0)
   if any(argument in _HELP_FLAGS for argument in argv[1:]):
     _print_help(argv[1:], config_name)
     sys.exit(0)
@@ -195,5 +228,17 @@ def parse_flags(argv: List[str], *, config_name: Optional[str] = "config") -> Li
 
 
 def run(main: Callable, *, config_name: Optional[str] = "config"):
-  """`absl.app.run(main)` with the parsing above."""
-  app.run(main, flags_parser=lambda argv: parse_flags(argv, config_name=config_name))
+  """`absl.app.run(main)` with the parsing above, and one stop-signal handler for all of it.
+
+  A SIGTERM or Ctrl-C at any moment (startup, dataset generation, training, between runs,
+  report writing) ends in one line on stderr and exit status 75, "try again": what was written
+  is kept and the same command continues; a Ctrl-C before any work started exits 130.
+  """
+  with signals.handling_stop_signals():
+    try:
+      app.run(main, flags_parser=lambda argv: parse_flags(argv, config_name=config_name))
+    except signals.Preempted as error:
+      # Not 0: schedulers (SLURM requeue, Kubernetes Jobs) must see the job as unfinished.
+      print(one_line(error), file=sys.stderr, flush=True)
+      aborted = error.signal_name == "SIGINT" and not error.work_started
+      sys.exit(INTERRUPTED_EXIT_CODE if aborted else PREEMPTED_EXIT_CODE)

@@ -1,10 +1,11 @@
 """Runs an experiment config: `python -m experiments.main --config=configs/X.py --workdir=DIR`.
 
 Any config field can be overridden: `--config.method=dkd --config.parallel=pmap`; list them
-with `--config=configs/X.py --help`. `--register=my_module` imports a module of yours first,
-which registers the models and datasets the config names (README: "Bring your own model and
-data"). Results: DIR/summary.json, DIR/results.md,
-DIR/results.png, and one subdirectory per run. Paths may be relative or start with '~'.
+with `--config=configs/X.py --help` (each with its meaning and valid values), and the
+methods, models, datasets and configs with `--list=methods|models|datasets|configs`.
+`--register=my_module` imports a module of yours first, which registers the models and
+datasets the config names (docs/bring_your_own.md). Results: DIR/summary.json, DIR/results.md,
+DIR/results.csv, DIR/results.png, and one subdirectory per run. Paths may be relative or start with '~'.
 Mistakes end in one line `Error: ...` and exit status 2, before any work.
 """
 
@@ -37,14 +38,14 @@ _COMPILATION_CACHE = flags.DEFINE_string(
     "Directory of JAX's persistent compilation cache ('' turns it off): runs that compile the "
     "same program (a suite's rows evaluating the same student, seeds, reruns) load it instead "
     "of compiling again. Ignored when JAX_COMPILATION_CACHE_DIR is set.")
+flags.DEFINE_enum("list", None, ["methods", "models", "datasets", "configs"],
+                  "Print the reference of the methods (family, paper, hyper-parameters and "
+                  "their meanings), models (input, parameters, taps), datasets or configs "
+                  "(with their variants) and exit; needs no --config or --workdir.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 # Least recently used entries beyond this are evicted (one CIFAR KD step is ~5-20 MB).
 COMPILATION_CACHE_MAX_BYTES = 2 * 1024 ** 3
-
-
-# EX_TEMPFAIL: "try again". A preempted run has checkpointed and exits with this status.
-PREEMPTED_EXIT_CODE = 75
 
 
 def _initialize_distributed(jax):
@@ -101,16 +102,13 @@ def main(argv):
     summary = train.run_suite(_CONFIG.value, workdir, num_devices=jax.device_count())
     if jax.process_index() == 0:
       table = report.write_report(summary, workdir)
-  except train.Preempted as error:
-    # Not 0: schedulers (SLURM requeue, Kubernetes Jobs) must see the job as unfinished.
-    print(f"\n{error}", file=sys.stderr, flush=True)
-    sys.exit(PREEMPTED_EXIT_CODE)
   except user_errors as error:
     cli.fail(str(error))
   except (train.NonFiniteLoss, train.DiskFullError) as error:
     cli.fail(str(error), exit_code=1)
   if jax.process_index() == 0:
-    print("\n" + table + f"\nResults in {workdir}/ (summary.json, results.md, results.png)")
+    print("\n" + table + f"\nResults in {workdir}/ (summary.json, results.md, results.csv, "
+          "results.png)")
 
 
 if __name__ == "__main__":

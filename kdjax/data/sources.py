@@ -152,6 +152,12 @@ def _checked_split(name: str, split: str, pair, num_classes: int) -> Tuple[np.nd
   if bad.size:
     raise ValueError(f"{where} labels must lie in [0, {num_classes}) (num_classes="
                      f"{num_classes}); label {int(labels[bad[0]])} at row {int(bad[0])} does not.")
+  if np.issubdtype(inputs.dtype, np.inexact):
+    finite = np.isfinite(inputs.reshape(len(inputs), -1)).all(axis=1)
+    if not finite.all():  # A NaN input would train, then evaluate to a NaN cross-entropy.
+      rows = np.flatnonzero(~finite)
+      raise ValueError(f"{where} inputs must be finite; {rows.size} row(s) hold NaN or inf, the "
+                       f"first at row {int(rows[0])}.")
   return inputs, labels.astype(np.int32)
 
 

@@ -47,8 +47,9 @@ class BornAgain(logit.KD):
 
   @classmethod
   def default_config(cls):
-    return ml_collections.ConfigDict(dict(ce_weight=0.0, kd_weight=1.0, temperature=1.0,
-                                          generations=3))
+    config = super().default_config()  # KD's fields (its `fused` mode too), BAN's values.
+    config.update(dict(ce_weight=0.0, kd_weight=1.0, temperature=1.0, generations=3))
+    return config
 
   def __init__(self, config: ml_collections.ConfigDict):
     super().__init__(config)

@@ -339,6 +339,32 @@ def read_latest(directory: str, *, with_state: bool = True) -> Tuple[int, Any, d
   return step, state, meta
 
 
+def unfinished_run(directory: str) -> Optional[Tuple[int, int]]:
+  """(latest step, the run's num_steps) when `directory` is the checkpoints/ of a run that
+  stopped before its last step (a killed teacher run); None when finished or not known.
+
+  The run's num_steps is in each step's meta (checkpoints written since it was recorded);
+  for older ones, in the run's config.json beside checkpoints/ while no run_summary.json
+  says the run finished."""
+  step, _, meta = read_latest(directory, with_state=False)
+  num_steps = meta.get("num_steps")
+  if num_steps is None:
+    run_dir = os.path.dirname(os.path.normpath(paths.resolve(directory)))
+    config_path = os.path.join(run_dir, "config.json")
+    if (os.path.basename(os.path.normpath(directory)) != "checkpoints" or
+        os.path.exists(os.path.join(run_dir, "run_summary.json")) or
+        not os.path.isfile(config_path)):
+      return None
+    try:
+      with open(config_path) as f:
+        num_steps = json.load(f).get("num_steps")
+    except (OSError, ValueError):
+      return None
+  if isinstance(num_steps, int) and step < num_steps:
+    return int(step), num_steps
+  return None
+
+
 def saved_model_name(directory: str) -> Optional[str]:
   """The model name recorded in the latest checkpoint of a kdjax run (None if unknown)."""
   _, _, meta = read_latest(directory, with_state=False)

@@ -24,10 +24,11 @@ import ml_collections
 import numpy as np
 
 from kdjax import models as models_lib
-from kdjax import paths
+from kdjax import paths, signals
 from kdjax.data.device_batches import DeviceBatches
 from kdjax.data.prefetch import Prefetcher
 from kdjax.methods import base as method_base, eval_metrics
+from kdjax.signals import Preempted
 from kdjax.train import checkpoint as checkpoint_lib
 from kdjax.train import files, metrics as metrics_lib
 from kdjax.train import parallel as parallel_lib, step as step_lib
@@ -38,14 +39,9 @@ from kdjax.train.run_dir import check_run_dir, config_fingerprint
 from kdjax.train.plan import RunPlan
 from kdjax.train.run_setup import RunParts, build_run
 from kdjax.train.state import student_variables
-from kdjax.train.signals import StopSignals
 from kdjax.train.validate import validate_config
 
 RUN_SUMMARY = "run_summary.json"
-
-
-class Preempted(RuntimeError):
-  """Raised after a checkpoint was written in response to SIGTERM / SIGINT."""
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -185,7 +181,8 @@ class _Run:
 
   def save(self, step: int):
     self.checkpointer.save(step, self.parts.parallel.to_host(self.state),
-                           dict(self.identity, window=self.metrics.window,
+                           dict(self.identity, num_steps=self.config.num_steps,
+                                window=self.metrics.window,
                                 skipped_steps=self.metrics.skipped_steps))
 
   @property
@@ -231,7 +228,8 @@ class _Run:
                                start=self.start_step, stop=c.num_steps,
                                depth=c.get("prefetch", 0)))
     per_call = self.steps_per_call
-    with StopSignals() as stop, batch_source as batches:
+    # A stop signal inside only sets a flag, read at step boundaries (`kdjax.signals`).
+    with signals.deferred(), batch_source as batches:
       step = self.start_step
       while step < c.num_steps:
         # The log, eval and checkpoint intervals are multiples of steps_per_call (`validate`),
@@ -251,7 +249,7 @@ class _Run:
         is_checkpoint = itstime(done, c.checkpoint_every_steps, c.num_steps)
         # Every process must stop at the same step (its collectives and the checkpoint save
         # involve all of them), so on several hosts the signal is agreed at log boundaries.
-        stopping = stop.received is not None
+        stopping = signals.received() is not None
         if multi_host:
           stopping = is_log and _any_process(stopping)
         if is_log or is_checkpoint or stopping:
@@ -268,8 +266,9 @@ class _Run:
           self.save(done)
           if done != c.num_steps:
             raise Preempted(
-                f"[{self.name}] received {stop.received or 'a stop signal on another host'}: "
-                f"checkpoint written at step {done}; rerun the same command to continue.")
+                f"[{self.name}] received {signals.received() or 'a stop signal on another host'}"
+                f": checkpoint written at step {done}; rerun the same command to continue.",
+                signal_name=signals.received())
         if done % c.eval_every_steps == 0 and done != c.num_steps:
           evaluation = self.evaluate(self.selection_split)
           self.writer.write(done, self.selection_split, evaluation)

@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 
 from kdjax import data as data_lib
-from kdjax import paths, validation
+from kdjax import paths, signals, validation
 from kdjax.methods.registry import get_method_class
 from kdjax.train import files, provenance
 from kdjax.teachers import live as teachers_lib  # Ensembles of finished runs.
@@ -375,7 +375,11 @@ def run_suite(config: ml_collections.ConfigDict, workdir: str, *, num_devices: i
   Paths may be relative or start with '~'. Every check of `plan_suite` runs first, then the
   workdir is created and locked against a second live run; only then does any work start.
   """
-  plan = plan_suite(config, workdir, num_devices=num_devices)
+  with signals.handling_stop_signals():  # Every phase below, and between runs.
+    return _run_planned_suite(plan_suite(config, workdir, num_devices=num_devices))
+
+
+def _run_planned_suite(plan: SuitePlan) -> dict:
   is_writer = jax.process_index() == 0
   if is_writer:
     prepare_workdir(plan.workdir)
@@ -383,6 +387,7 @@ def run_suite(config: ml_collections.ConfigDict, workdir: str, *, num_devices: i
   summary = {"runs": {}, "config": plan.config.to_dict()}
   results = {}
   with WorkdirLock(plan.workdir, enabled=is_writer):
+    signals.mark_work_started()
     for run in plan.runs:
       results[run.directory] = train_checked_run(
           run.plan, os.path.join(plan.workdir, run.directory),
