@@ -99,7 +99,7 @@ def methods_page() -> str:
          "`--config.<method>.<field>=<value>`; loss conventions (temperatures, `T²` factors) "
          "are in [losses.md](losses.md).", "",
          "| method | family | paper | hyper-parameters |", "| --- | --- | --- | --- |"]
-  out += [f"| [`{r.name}`](#{r.name.replace('_', '')}) | {r.family} | {_cell(r.paper) or '–'} | "
+  out += [f"| [`{r.name}`](#{r.name}) | {r.family} | {_cell(r.paper) or '–'} | "
           f"{len(r.fields)} |" for r in rows]
   for family in base.FAMILIES:
     members = [r for r in rows if r.family == family]
