@@ -41,7 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
   # and loss math stay float32; kdjax/models/precision.py).
   config.dtype = "float32"
 
-  config.student = ml_collections.ConfigDict(dict(model="mlp"))
+  # student.pretrained: a Hugging Face-format directory the student starts from (model
+  # 'pretrained'; float32 master weights).
+  config.student = ml_collections.ConfigDict(dict(model="mlp", pretrained=""))
   config.teacher = ml_collections.ConfigDict(dict(
       model="cnn1d",
       checkpoint=config_dict.placeholder(str),  # A run's checkpoints/ dir; default: suite's.
@@ -58,7 +60,11 @@ def base_config() -> ml_collections.ConfigDict:
       fold_batch_norm=False,
       # Distil from a teacher checkpoint whose run stopped before its last step (refused
       # by default: a killed teacher run would otherwise be used without a word).
-      allow_unfinished=False))
+      allow_unfinished=False,
+      # A Hugging Face-format directory (Llama, Qwen, Gemma, GPT-2) as the teacher, with
+      # model='pretrained' (docs/pretrained.md), computing in `pretrained_dtype`.
+      pretrained="",
+      pretrained_dtype="bfloat16"))
 
   config.optimizer = ml_collections.ConfigDict(dict(
       name="adam", learning_rate=1e-2, schedule="cosine", warmup_steps=0, weight_decay=0.0,
@@ -71,7 +77,11 @@ def base_config() -> ml_collections.ConfigDict:
   # `eval_new_tokens` tokens, speculative decoding with `speculative_gamma` draft tokens.
   config.lm = ml_collections.ConfigDict(dict(
       sequence_length=128, tokenizer="byte", vocab_size=0, tokenizer_dir="", eval_prompts=16,
-      eval_prompt_length=32, eval_new_tokens=32, speculative_gamma=4))
+      eval_prompt_length=32, eval_new_tokens=32, speculative_gamma=4,
+      # Prompt/completion rows (JSONL or parquet, TRL's formats; kdjax/data/chat_data.py) read
+      # instead of the dataset's documents, with a pretrained teacher's tokenizer; layout
+      # 'padded' (each prompt left-padded to `prompt_length`) or 'packed'.
+      data_file="", eval_file="", layout="padded", prompt_length=0))
 
   config.seeds = ()  # Every student row over these seeds (`<run>/seed<k>/`); empty: config.seed.
   config.sweep = ""  # One row per value of one method field, e.g. 'kd.temperature=1,2,4,8'.

@@ -344,6 +344,15 @@ class Method(abc.ABC):
     auxiliary exits reports each exit's accuracy here. None by default."""
     return ()
 
+  def final_metrics(self, student_apply: Callable, student_variables: Any) -> Dict[str, Any]:
+    """Metrics of the finished student that are not averages over eval batches (a diffusion
+    student's sample quality: Fréchet distance of images it generates from fixed noise),
+    merged into the run's summary (their names should start with 'eval_'). Host, once, after
+    the final evaluation; `student_apply(variables, inputs, train=False)` as in the step.
+    None by default."""
+    del student_apply, student_variables
+    return {}
+
 
 def overrides(method, hook: str) -> bool:
   """True when `method` (a Method or its class) replaces the base class's no-op `hook` (the

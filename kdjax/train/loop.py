@@ -71,8 +71,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, run_dir: str, *,
     teacher_checkpoints = [teacher_checkpoints]
   teacher_checkpoints = [paths.resolve(directory) for directory in teacher_checkpoints]
   plan = validate_config(config, num_devices=jax.device_count())
-  if plan.method.teacher_needs.checkpoint and not teacher_checkpoints and not config.teacher.get(
-      "cache"):
+  if (plan.method.teacher_needs.checkpoint and not teacher_checkpoints and
+      not config.teacher.get("cache") and not config.teacher.get("pretrained")):
     raise checkpoint_lib.CheckpointError(
         f"Method {config.method!r} needs a teacher; set config.teacher.checkpoint or put "
         "'teacher' first in config.suite.")
@@ -322,6 +322,8 @@ class _Run:
         summary[f"eval_{name}"] = value
     if self.parts.plan.language_model:
       summary.update(self.language_model_metrics(final_eval))
+    summary.update(self.parts.method.final_metrics(  # Sample quality and the like.
+        self.parts.student_apply, student_variables(self.state)))
     summary["provenance"] = provenance.run_provenance(self.parts.pipeline, c)
     if self.parts.teacher_checkpoints:  # Which teacher, at which step, with which weights.
       summary["provenance"]["teachers"] = provenance.teacher_provenance(

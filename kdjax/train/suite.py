@@ -180,7 +180,7 @@ def expand_suite(plan: RunPlan, workdir: str):
     cls = get_method_class(name)
     # A language model's rows all see the teacher at evaluation (agreement and speculative
     # decoding with the student as draft), scratch included; it trains only those that use it.
-    teacher_ready = specs[0].checkpoint or (
+    teacher_ready = specs[0].checkpoint or config.teacher.get("pretrained") or (
         specs[0].run in rows and name in rows and rows.index(specs[0].run) < rows.index(name))
     teachers = teacher_dirs if cls.teacher_needs.checkpoint else (
         teacher_dirs[:1] if language_model and teacher_ready else ())
@@ -235,6 +235,13 @@ def plan_suite(config: ml_collections.ConfigDict, workdir: str, *,
   teacher_dirs = checkpoint_dirs(specs, workdir)
   teacher_runs = [spec.run for spec in specs]
   students = [r for r in names if r not in teacher_runs and get_method_class(r).teacher_needs.checkpoint]
+  if config.teacher.get("pretrained"):  # A Hugging Face directory teaches; no teacher run.
+    listed = [run for run in teacher_runs if run in names]
+    if listed:
+      raise ConfigError(f"config.suite={config.suite!r} lists {listed[0]!r}, but "
+                        f"config.teacher.pretrained={config.teacher.pretrained!r} is the "
+                        f"teacher; remove {listed[0]!r} from config.suite.")
+    students = []
   for name in students:  # The suite's teachers (a chained run's teacher is an earlier run).
     count = len(specs) if get_method_class(name).teacher_needs.ensemble else 1
     for spec, directory in zip(specs[:count], teacher_dirs[:count]):
@@ -264,8 +271,11 @@ def plan_suite(config: ml_collections.ConfigDict, workdir: str, *,
   checked = set()
   for run in runs:  # Taps and feature shapes, traced without compiling (once per config).
     key = run.config.to_json()
+    # Pretrained directories are read, not built by name: `validate_pretrained` checks their
+    # vocabularies and positions, and their shapes are the directories' own.
+    pretrained = run.config.teacher.get("pretrained") or run.config.student.get("pretrained")
     if not run.is_teacher and get_method_class(run.config.method).teacher_needs.checkpoint \
-        and key not in checked:
+        and key not in checked and not pretrained:
       checked.add(key)
       check_method_fits_models(run.plan.config)
   for run in runs:  # Refuse a changed config, or a damaged summary, before any run starts.

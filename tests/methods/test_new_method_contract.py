@@ -4,7 +4,7 @@
 written by `experiments.cache_teacher`: the teacher never runs), (2) an extra input view of
 the batch seen by the student, and (3) an update after the optimizer step (an EMA of the
 student's parameters in the method state). It declares all three on the class
-(`teacher_needs`, `views`, `update_after_step`) and joins the library with `register`; no
+(`teacher_needs`, `views`, `update_after_step`; and a final metric, `final_metrics`) and joins the library with `register`; no
 file under kdjax/ knows its name.
 """
 
@@ -58,6 +58,13 @@ class CachedViewsEMA(base.Method):
     return {"ema": ema, "updates": state["updates"] + 1}
 
 
+  def final_metrics(self, student_apply, student_variables):
+    # A metric of the finished student that no eval batch gives: here its output on zeros.
+    zeros = jnp.zeros((1, 40), jnp.float32)
+    return {"eval_logit_at_zero": float(student_apply(student_variables, zeros,
+                                                      train=False)[0].logits[0, 0])}
+
+
 def dataclasses_replace(batch, **changes):
   import dataclasses  # pylint: disable=g-import-not-at-top
   return dataclasses.replace(batch, **changes)
@@ -100,6 +107,7 @@ def test_a_method_with_a_cached_teacher_views_and_an_after_step_update_runs_from
   summary = train.run_suite(config, str(tmp_path / "student"), num_devices=1)
   result = summary["runs"][registered.name]
   assert result["steps"] == 20 and np.isfinite(result["final_train_loss"])
+  assert np.isfinite(result["eval_logit_at_zero"])  # Method.final_metrics reached the summary.
   lines = [l for l in read_metrics(str(tmp_path / "student" / registered.name))
            if l["split"] == "train"]
   # The EMA moved after every step: a line logs the mean over its 10 steps of the count of

@@ -1,0 +1,51 @@
+"""`experiments.main` on configs/lm_pretrained.py: a pretrained (Hugging Face-format) teacher
+directory teaches through `run_suite` with no teacher run, and a suite that lists one anyway is
+refused in one line."""
+
+import json
+import os
+
+import pytest
+
+from conftest import run_python
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+  from kdjax.models.pretrained import tiny  # pylint: disable=g-import-not-at-top
+  directory = tmp_path_factory.mktemp("pretrained")
+  data = tiny.write_chat_jsonl(str(directory / "data.jsonl"), 48)
+  texts = tiny.texts_of(data)
+  tiny.write_tiny_llama(str(directory / "teacher"), texts, hidden_size=32, num_layers=2)
+  tiny.write_tiny_llama(str(directory / "student"), texts, hidden_size=16, num_layers=1, seed=1)
+  return directory
+
+
+def test_a_pretrained_teacher_distils_through_the_command_line(tiny_models):
+  # Relative paths, run from the directory that holds them, as a user would.
+  config = "configs/lm_pretrained.py:teacher=teacher,student=student,data=data.jsonl,smoke"
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  result = run_python(["-m", "experiments.main", f"--config={os.path.join(repo, config)}",
+                       "--workdir=w"], cwd=str(tiny_models),
+                      env_extra={"PYTHONPATH": repo})
+  assert "Traceback" not in result.stderr
+  summary = json.loads((tiny_models / "w" / "summary.json").read_text())
+  assert set(summary["runs"]) == {"kd", "gkd"}
+  for row in summary["runs"].values():
+    assert row["steps"] == 4 and row["final_train_loss"] > 0
+    assert row["provenance"].get("teachers") is None  # A directory, not a kdjax checkpoint.
+
+
+def test_a_suite_with_a_teacher_run_and_a_pretrained_teacher_is_one_line(tiny_models):
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  config = os.path.join(repo, "configs/lm_pretrained.py:teacher=teacher,student=student,"
+                        "data=data.jsonl,smoke")
+  result = run_python(["-m", "experiments.main", f"--config={config}", "--workdir=w2",
+                       "--config.suite=teacher,kd"], cwd=str(tiny_models),
+                      env_extra={"PYTHONPATH": repo}, check=False)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert result.stderr.startswith("Error: ") and len(result.stderr.strip().splitlines()) == 1
+  assert "remove 'teacher' from config.suite" in result.stderr
+  assert not (tiny_models / "w2").exists()
