@@ -99,7 +99,8 @@ def main(argv):
   user_errors = (train.ConfigError, train.ConfigChanged, train.CheckpointError,
                  train.WorkdirError, data.DatasetNotPreparedError, data.InvalidLabelsError)
   try:
-    summary = train.run_suite(_CONFIG.value, workdir, num_devices=jax.device_count())
+    summary = train.run_suite(_CONFIG.value, workdir, num_devices=jax.device_count(),
+                              write_report=False)  # Written here, to print its table.
     if jax.process_index() == 0:
       table = report.write_report(summary, workdir)
   except user_errors as error:

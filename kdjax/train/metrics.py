@@ -107,3 +107,65 @@ class Progress:
     shown = " ".join(f"{k} {v:.4f}" for k, v in scalars.items() if k in ("loss", "accuracy"))
     eta_text = f"{eta:5.1f}s" if eta == eta else "  ?"
     print(f"[{self.name}] step {step}/{self.total} {shown} {rate} ETA {eta_text}", flush=True)
+
+
+def format_duration(seconds: float) -> str:
+  """'12.3s', '4m 05s', '1h 02m'."""
+  if seconds < 60:
+    return f"{seconds:.1f}s"
+  minutes, secs = divmod(int(round(seconds)), 60)
+  if minutes < 60:
+    return f"{minutes}m {secs:02d}s"
+  hours, minutes = divmod(minutes, 60)
+  return f"{hours}h {minutes:02d}m"
+
+
+# The metric a finished run is announced with: the first of these its summary holds.
+HEADLINE_METRICS = (("eval_fd", "eval FD", "{:.2f}"),
+                    ("eval_perplexity", "eval perplexity", "{:.2f}"),
+                    ("eval_accuracy", "eval accuracy", "{:.4f}"))
+
+
+def headline(summary: dict) -> str:
+  for key, label, form in HEADLINE_METRICS:
+    if isinstance(summary.get(key), (int, float)):
+      return f"{label} {form.format(summary[key])}"
+  return "done"
+
+
+class SuiteProgress:
+  """Prints a suite's place before each run, `[3/10] kd (suite 2m 10s, about 5m 40s left)`,
+  and its headline eval metric after it, `[3/10] kd: eval accuracy 0.8060 in 1m 02s`.
+  What is left is the mean time of the runs trained so far times the runs to go (runs found
+  finished in the workdir are not counted: they take no time)."""
+
+  def __init__(self, total: int, *, enabled: bool = True):
+    self.total, self.enabled = total, enabled
+    self.start_time = time.perf_counter()
+    self.trained_seconds = []
+    self.run_start = None
+
+  def _place(self, index: int, name: str) -> str:
+    return f"[{index}/{self.total}] {name}"
+
+  def start(self, index: int, name: str, *, finished_before: bool) -> None:
+    self.run_start = time.perf_counter()
+    if not self.enabled or finished_before:
+      return
+    elapsed = format_duration(self.run_start - self.start_time)
+    if self.trained_seconds:
+      left = (sum(self.trained_seconds) / len(self.trained_seconds) *
+              (self.total - index + 1))
+      estimate = f", about {format_duration(left)} left"
+    else:
+      estimate = ""
+    print(f"{self._place(index, name)} (suite {elapsed}{estimate})", flush=True)
+
+  def finish(self, index: int, name: str, summary: dict, *, finished_before: bool) -> None:
+    seconds = time.perf_counter() - self.run_start
+    if not finished_before:
+      self.trained_seconds.append(seconds)
+    if not self.enabled or finished_before:  # The run said so itself ("finished earlier").
+      return
+    print(f"{self._place(index, name)}: {headline(summary)} in {format_duration(seconds)}",
+          flush=True)

@@ -34,7 +34,7 @@ import numpy as np
 from kdjax import data as data_lib
 from kdjax import paths, signals, validation
 from kdjax.methods.registry import get_method_class
-from kdjax.train import files, provenance
+from kdjax.train import files, metrics as metrics_lib, provenance
 from kdjax.teachers import live as teachers_lib  # Ensembles of finished runs.
 from kdjax.train.checkpoint import CheckpointError, saved_model_name
 from kdjax.train.loop import RUN_SUMMARY, train_checked_run
@@ -377,16 +377,22 @@ def _ensemble_summaries(plan: SuitePlan) -> Dict[str, dict]:
           for name, results in by_name.items()}
 
 
-def run_suite(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int) -> dict:
+def run_suite(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int,
+              write_report: bool = True) -> dict:
   """Runs every entry of `config.suite` (or the single run `config.method` if the suite is
   empty), expanded over seeds, sweeps and generations, and writes `workdir/summary.json`
-  after every run. Returns its contents.
+  after every run; at the end, the report `experiments.main` writes (results.md, results.csv,
+  results.png; `write_report=False` leaves it out). Returns the summary.
 
   Paths may be relative or start with '~'. Every check of `plan_suite` runs first, then the
   workdir is created and locked against a second live run; only then does any work start.
   """
   with signals.handling_stop_signals():  # Every phase below, and between runs.
-    return _run_planned_suite(plan_suite(config, workdir, num_devices=num_devices))
+    summary = _run_planned_suite(plan_suite(config, workdir, num_devices=num_devices))
+    if write_report and jax.process_index() == 0:
+      from kdjax import report  # pylint: disable=g-import-not-at-top  (matplotlib)
+      report.write_report(summary, paths.resolve(workdir))
+    return summary
 
 
 def _run_planned_suite(plan: SuitePlan) -> dict:
@@ -398,10 +404,16 @@ def _run_planned_suite(plan: SuitePlan) -> dict:
   results = {}
   with WorkdirLock(plan.workdir, enabled=is_writer):
     signals.mark_work_started()
-    for run in plan.runs:
+    progress = metrics_lib.SuiteProgress(
+        len(plan.runs), enabled=is_writer and bool(plan.config.get("progress", True)))
+    for index, run in enumerate(plan.runs, start=1):
+      run_dir = os.path.join(plan.workdir, run.directory)
+      finished_before = os.path.exists(os.path.join(run_dir, RUN_SUMMARY))
+      progress.start(index, run.directory, finished_before=finished_before)
       results[run.directory] = train_checked_run(
-          run.plan, os.path.join(plan.workdir, run.directory),
-          teacher_checkpoints=run.teacher_checkpoints, name=run.directory)
+          run.plan, run_dir, teacher_checkpoints=run.teacher_checkpoints, name=run.directory)
+      progress.finish(index, run.directory, results[run.directory],
+                      finished_before=finished_before)
       summary["runs"] = summarize_runs(plan, results)
       summary["provenance"] = provenance.suite_provenance(results.values())
       if is_writer:  # Partial results survive a later crash.

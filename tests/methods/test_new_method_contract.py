@@ -108,6 +108,8 @@ def test_a_method_with_a_cached_teacher_views_and_an_after_step_update_runs_from
   result = summary["runs"][registered.name]
   assert result["steps"] == 20 and np.isfinite(result["final_train_loss"])
   assert np.isfinite(result["eval_logit_at_zero"])  # Method.final_metrics reached the summary.
+  for name in ("results.md", "results.csv", "results.png"):  # run_suite writes the report.
+    assert (tmp_path / "student" / name).stat().st_size > 0, name
   lines = [l for l in read_metrics(str(tmp_path / "student" / registered.name))
            if l["split"] == "train"]
   # The EMA moved after every step: a line logs the mean over its 10 steps of the count of
