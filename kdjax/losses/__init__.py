@@ -59,9 +59,13 @@ from kdjax.losses.self_distillation import ps_kd_targets
 from kdjax.losses.self_distillation import soft_cross_entropy
 from kdjax.losses.self_distillation import tf_kd_virtual
 from kdjax.losses.self_distillation import virtual_teacher_probs
+from kdjax.losses.universal_logit import align_completions
+from kdjax.losses.universal_logit import sorted_probability_distance
+from kdjax.losses.universal_logit import uld
 from kdjax.losses.variational import vid
 
 __all__ = (
+    "align_completions",
     "attention_transfer",
     "cat_kd",
     "chunked",
@@ -107,11 +111,13 @@ __all__ = (
     "skew_forward_kl",
     "skew_reverse_kl",
     "soft_cross_entropy",
+    "sorted_probability_distance",
     "sparse_kd",
     "standardize_logits",
     "taid",
     "tf_kd_virtual",
     "total_variation",
+    "uld",
     "vid",
     "virtual_teacher_probs",
 )
