@@ -1,12 +1,13 @@
 """Diffusion quickstart: distil the shipped digits teacher into 1-4 step students, offline.
 
-    python -m kdjax.diffusion.quickstart --config=configs/diffusion_quickstart.py --workdir=runs/diff
-    python -m kdjax.diffusion.quickstart --config=configs/diffusion_quickstart.py:seeds --workdir=runs/diff_seeds
-    python -m kdjax.diffusion.quickstart --config=configs/diffusion_quickstart.py:smoke --workdir=runs/diff_smoke
+    python -m experiments.main --config=configs/diffusion_quickstart.py --workdir=runs/diff
+    python -m experiments.main --config=configs/diffusion_quickstart.py:seeds --workdir=runs/diff_seeds
+    python -m experiments.main --config=configs/diffusion_quickstart.py:smoke --workdir=runs/diff_smoke
 
-(`python -m experiments.main --config=...` trains the same student rows; the quickstart entry
-point then adds the teacher rows and the sample-quality metrics to `summary.json`, see
-docs/diffusion.md.)
+Each student row's `summary.json` entry carries its sample quality at each of its sampler
+settings beside the teacher's best at the same NFE and at its full solve (the methods'
+`final_metrics`, `kdjax/diffusion/quality.py`); results.md adds the sample-quality table,
+diffusion_fd.png (FD vs NFE) and diffusion_samples.png (see docs/diffusion.md).
 
 Data: scikit-learn's 8x8 digits (`digits`, 1,497 train / 300 held out, in [−1, 1]).
 Teacher: `digits_unet` (EDM, 1.0M parameters) from `kdjax/assets/digits_teacher.msgpack`
@@ -15,9 +16,9 @@ Students: `digits_unet_from_teacher`, the teacher's architecture started from it
   progressive_1..3  Salimans & Ho 2022, DDIM 8 -> 4 -> 2 -> 1 steps, one round per row
   consistency       Song et al. 2023, CD with N = 18, EMA target 0.95, sampled at 1, 2, 4 steps
   dmd               Yin et al. 2024, one-step generator, fake score + regression on 1000 pairs
-Teacher rows (no training): `teacher_nfe<k>`, the best of Euler / Heun / DDIM at k NFE, and
-the full 35-NFE Heun solve; every row's FD / precision / recall / coverage from the same 1000
-fixed noises (`kdjax/diffusion/quality.py`).
+The teacher's numbers (no training): in every row, `eval_teacher_fd_nfe<k>`, the best of
+Euler / Heun / DDIM at the row's k NFE, and `eval_teacher_full_fd`, the full 35-NFE Heun solve;
+every FD / precision / recall / coverage from the same 1000 fixed noises.
 """
 
 from configs import common
@@ -48,7 +49,6 @@ def get_config(arg=None):
   config.checkpoint_every_steps = 75
   config.progressive.teacher_steps = 8
   config.progressive.rounds = 3
-  config.diffusion = dict(teacher_rows=(1, 2, 4, 8), num_samples=1000)
 
   variants = [part.strip() for part in str(arg or "").split(",") if part.strip()]
   for variant in variants:
@@ -66,5 +66,6 @@ def get_config(arg=None):
     config.progressive.teacher_steps = 4
     config.progressive.rounds = 2
     config.consistency.sample_steps = (1, 2)
-    config.diffusion = dict(teacher_rows=(1, 2), num_samples=40)
+    for method in ("progressive", "consistency", "dmd"):
+      config[method].eval_samples = 40
   return config

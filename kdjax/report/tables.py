@@ -205,8 +205,11 @@ def workdir_rows(workdirs: Sequence[str]) -> List[Row]:
 
 def write_rows_report(rows: Sequence[Row], out: str, *, title: str = "Results") -> str:
   """Writes results.md, results.csv and results.png into `out`; returns the markdown table."""
-  from kdjax.report import plots  # pylint: disable=g-import-not-at-top  (matplotlib)
+  from kdjax.report import diffusion_plots, plots  # pylint: disable=g-import-not-at-top
   table = markdown_table(rows)
+  if diffusion_plots.has_diffusion(rows):  # Sample quality: its table, FD-vs-NFE, samples.
+    os.makedirs(out, exist_ok=True)
+    table += diffusion_plots.write_diffusion_report(rows, out)
   os.makedirs(out, exist_ok=True)
   files.write_atomic(os.path.join(out, "results.md"), f"# {title}\n\n" + table)
   files.write_atomic(os.path.join(out, "results.csv"), csv_table(rows))

@@ -62,16 +62,20 @@ class Consistency(base.Method):
       "target_ema": "mu, the EMA rate of the target network",
       "distance": "'l2' or 'pseudo_huber', the distance between student and target",
       "sample_steps": "the step counts the evaluation samples with",
+      "eval_samples": "fixed-noise samples the final FD, precision, recall are measured on",
   }
   teacher_needs = base.TeacherNeeds(kind="one", on_batch_inputs=False)
 
   @classmethod
   def default_config(cls):
     return ml_collections.ConfigDict(dict(num_scales=18, target_ema=0.95, distance="l2",
-                                          sample_steps=(1, 2, 4)))
+                                          sample_steps=(1, 2, 4),
+                                          eval_samples=1000))
 
   def __init__(self, config):
     super().__init__(config)
+    validation.require(config.eval_samples, validation.POSITIVE_INT,
+                       f"config.{self.name}.eval_samples")
     validation.require(config.num_scales, validation.POSITIVE_INT,
                        "config.consistency.num_scales")
     if config.num_scales < 2:
@@ -82,6 +86,13 @@ class Consistency(base.Method):
 
   def sampling(self):
     return tuple(("consistency", int(k)) for k in self.config.sample_steps)
+
+  def final_metrics(self, student_apply, student_variables):
+    """Sample quality at each `sampling()` setting beside the teacher's at the same NFE
+    (`quality.final_metrics`)."""
+    from kdjax.diffusion import quality  # pylint: disable=g-import-not-at-top
+    return quality.final_metrics(student_apply, student_variables, self.sampling(),
+                                 num_samples=self.config.eval_samples)
 
   def init(self, rng, sample):
     del rng

@@ -68,6 +68,7 @@ class DMD(base.Method):
       "num_train_timesteps": "points of the sigma grid the noise level is drawn from",
       "min_step": "lowest grid index drawn (0.02 of the grid in DMD)",
       "max_step": "highest grid index drawn, exclusive (0.98 of the grid in DMD)",
+      "eval_samples": "fixed-noise samples the final FD, precision, recall are measured on",
   }
   teacher_needs = base.TeacherNeeds(kind="one", on_batch_inputs=False)
   non_negative_fields = ("regression_weight", "fake_weight", "dm_weight")
@@ -76,10 +77,13 @@ class DMD(base.Method):
   def default_config(cls):
     return ml_collections.ConfigDict(dict(
         dm_weight=1.0, regression_weight=0.25, fake_weight=1.0, num_pairs=1000,
-        min_step=20, max_step=980, num_train_timesteps=1000, pair_steps=18))
+        min_step=20, max_step=980, num_train_timesteps=1000, pair_steps=18,
+        eval_samples=1000))
 
   def __init__(self, config):
     super().__init__(config)
+    validation.require(config.eval_samples, validation.POSITIVE_INT,
+                       f"config.{self.name}.eval_samples")
     for field in ("num_pairs", "num_train_timesteps", "pair_steps"):
       validation.require(config[field], validation.POSITIVE_INT, f"config.dmd.{field}")
     if not 0 <= config.min_step < config.max_step <= config.num_train_timesteps:
@@ -89,6 +93,13 @@ class DMD(base.Method):
 
   def sampling(self):
     return (("euler", 1),)
+
+  def final_metrics(self, student_apply, student_variables):
+    """Sample quality at each `sampling()` setting beside the teacher's at the same NFE
+    (`quality.final_metrics`)."""
+    from kdjax.diffusion import quality  # pylint: disable=g-import-not-at-top
+    return quality.final_metrics(student_apply, student_variables, self.sampling(),
+                                 num_samples=self.config.eval_samples)
 
   def _fake_module(self):
     return denoiser_model.DigitsDenoiser()

@@ -68,16 +68,19 @@ class Progressive(base.Method):
   field_help = {
       "teacher_steps": "DDIM steps of the first round's teacher (each round halves them)",
       "rounds": "in a suite, how many halving rounds to train (each the next one's teacher)",
+      "eval_samples": "fixed-noise samples the final FD, precision, recall are measured on",
   }
   teacher_needs = base.TeacherNeeds(kind="one", on_batch_inputs=False)
   generations_field = "rounds"
 
   @classmethod
   def default_config(cls):
-    return ml_collections.ConfigDict(dict(teacher_steps=8, rounds=3))
+    return ml_collections.ConfigDict(dict(teacher_steps=8, rounds=3, eval_samples=1000))
 
   def __init__(self, config):
     super().__init__(config)
+    validation.require(config.eval_samples, validation.POSITIVE_INT,
+                       f"config.{self.name}.eval_samples")
     validation.require(config.teacher_steps, validation.POSITIVE_INT,
                        "config.progressive.teacher_steps")
     validation.require(config.rounds, validation.POSITIVE_INT, "config.progressive.rounds")
@@ -98,6 +101,13 @@ class Progressive(base.Method):
   def sampling(self):
     """(sampler, steps) the student is evaluated with."""
     return (("ddim", self.student_steps),)
+
+  def final_metrics(self, student_apply, student_variables):
+    """Sample quality at each `sampling()` setting beside the teacher's at the same NFE
+    (`quality.final_metrics`)."""
+    from kdjax.diffusion import quality  # pylint: disable=g-import-not-at-top
+    return quality.final_metrics(student_apply, student_variables, self.sampling(),
+                                 num_samples=self.config.eval_samples)
 
   def rewrite_batch(self, state, batch, models, rng, ops, step):
     del ops, step
