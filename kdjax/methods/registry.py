@@ -12,11 +12,12 @@ from kdjax.diffusion.methods import progressive as diffusion_progressive
 from kdjax.methods import (adaspec, base, born_again, byot, cat_kd, crd, cs_kd, ctkd, dino,
                            distillm, miniplm, ema_teacher,
                            feature, kernel, logit, meal_v2, minilm, multi_teacher, nd, ofd,
-                           on_policy, ps_kd, relational, review_kd, sequence, taid, tf_kd, vid)
+                           on_policy, ps_kd, relational, review_kd, sequence, taid, tf_kd, uld,
+                           vid)
 
 _MODULES = (logit, relational, ctkd, taid, multi_teacher, sequence, feature, crd, kernel, vid,
             nd, cat_kd, ofd, review_kd, minilm, meal_v2, ps_kd, tf_kd, ema_teacher, byot, dino,
-            cs_kd, born_again, on_policy, adaspec, distillm, miniplm, diffusion_progressive,
+            cs_kd, born_again, on_policy, adaspec, distillm, miniplm, uld, diffusion_progressive,
             diffusion_consistency, diffusion_dmd)
 
 METHODS: Dict[str, Type[base.Method]] = {}

@@ -313,10 +313,12 @@ def validate_language_model(config, models) -> None:
 def validate_pretrained(config, specs) -> None:
   """`config.teacher.pretrained` / `config.student.pretrained` (Hugging Face-format
   directories, `kdjax.teachers.pretrained`) with the model name 'pretrained', the teacher's
-  `pretrained_dtype`, one vocabulary (= `config.num_classes`) for both, the window length
+  `pretrained_dtype`, one vocabulary (= `config.num_classes`) for both (the teacher's may
+  differ for `uld`, `kdjax.methods.uld.CROSS_VOCABULARY_METHODS`), the window length
   within their positions, and `config.lm.data_file` (prompt/completion rows,
   `kdjax.data.chat_data`), tokenized by the teacher directory's tokenizer."""
   from kdjax.data import chat_data  # pylint: disable=g-import-not-at-top
+  from kdjax.methods import uld as uld_method  # pylint: disable=g-import-not-at-top
   from kdjax.models.pretrained import directory as pretrained_dir  # pylint: disable=g-import-not-at-top
   from kdjax.models.pretrained import model_entry  # pylint: disable=g-import-not-at-top
   vocab = {}
@@ -337,7 +339,12 @@ def validate_pretrained(config, specs) -> None:
     except ValueError as error:
       raise ConfigError(f"config.{role}.pretrained: {error}") from None
     vocab[role] = hf.vocab_size
-    if hf.vocab_size != config.num_classes:
+    # `uld` compares sorted probabilities, so its teacher may have another vocabulary size
+    # (one tokenizer, embeddings padded differently: Qwen2.5-7B's 152064 rows against
+    # 0.5B's 151936); the batch's token ids must still be the student's (num_classes).
+    cross_vocabulary = (role == "teacher" and config.get("method", "")
+                        in uld_method.CROSS_VOCABULARY_METHODS)
+    if hf.vocab_size != config.num_classes and not cross_vocabulary:
       raise ConfigError(f"config.{role}.pretrained={directory!r} has vocab_size "
                         f"{hf.vocab_size} but config.num_classes={config.num_classes}; set "
                         f"config.num_classes and config.lm.vocab_size to {hf.vocab_size}.")
