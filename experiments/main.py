@@ -107,6 +107,12 @@ def main(argv):
     cli.fail(str(error))
   except (train.NonFiniteLoss, train.DiskFullError) as error:
     cli.fail(str(error), exit_code=1)
+  except (MemoryError, jax.errors.JaxRuntimeError) as error:
+    if not isinstance(error, MemoryError) and "RESOURCE_EXHAUSTED" not in str(error):
+      raise  # Not memory: its traceback is the report.
+    cli.fail(f"Out of memory during the run ({type(error).__name__}); what was checkpointed "
+             "is kept. Lower config.global_batch_size (a new workdir: it changes training) or "
+             "config.eval_batch_size, or free memory and rerun the same command.", exit_code=1)
   if jax.process_index() == 0:
     print("\n" + table + f"\nResults in {workdir}/ (summary.json, results.md, results.csv, "
           "results.png)")

@@ -18,7 +18,7 @@ from kdjax import models as models_lib
 from kdjax.data.catalog import get_dataset_spec
 from kdjax.methods.base import (STUDENT_VIEW_PREFIX, TEACHER_VIEW_PREFIX, Batch, RunFacts,
                                 single_device_ops)
-from kdjax.methods.registry import build_method
+from kdjax.methods.registry import build_method, get_method_class
 from kdjax.train.run_setup import sample_inputs
 from kdjax.train.validate import ConfigError
 
@@ -122,3 +122,70 @@ def check_method_fits_models(config) -> None:
   except ValueError as error:
     raise ConfigError(f"{error} (student {config.student.model!r}, teacher "
                       f"{teacher_model!r})") from None
+
+
+def available_memory_bytes() -> Optional[int]:
+  """The kernel's estimate of memory available without swapping (`MemAvailable`), or None
+  where /proc/meminfo is not readable (not Linux)."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except (OSError, ValueError, IndexError):
+    pass
+  return None
+
+
+def _tree_bytes(tree) -> int:
+  return sum(int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+             for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def memory_estimate(config) -> dict:
+  """Lower bounds, in bytes, of what one process of the run holds at once: {'batches': the
+  training batches in flight (prefetch + the one in use + the next), 'eval_batches',
+  'activations': the models' outputs and feature taps at the batch size, kept for the
+  backward pass (on a CPU backend, where they share host memory), 'state': the student's
+  parameters, gradients and two optimizer moments}. Shapes only (`jax.eval_shape`)."""
+  per_process = max(1, config.global_batch_size // jax.process_count())
+  example = sample_inputs(config, 1)
+  example_bytes = example.nbytes
+  in_flight = config.get("prefetch", 0) + 2
+  estimate = {"batches": example_bytes * per_process * in_flight,
+              "eval_batches": example_bytes * config.eval_batch_size * 2,
+              "activations": 0, "state": 0}
+  if jax.default_backend() != "cpu" or "pretrained" in (config.student.model,
+                                                          config.teacher.model):
+    return estimate  # Device memory is the accelerator's; directories are not built by name.
+  shape, dtype = tuple(example.shape[1:]), example.dtype
+  variables, output = abstract_model(config.student.model, config.num_classes, shape, dtype)
+  per_example = _tree_bytes(output) // _SAMPLE_BATCH
+  if get_method_class(config.method).teacher_needs.checkpoint:
+    per_example += _tree_bytes(abstract_model(config.teacher.model, config.num_classes, shape,
+                                              dtype)[1]) // _SAMPLE_BATCH
+  estimate["activations"] = 2 * per_example * per_process  # Forward values + their gradients.
+  estimate["state"] = 4 * _tree_bytes(variables.get("params", {}))
+  return estimate
+
+
+def check_memory_fits(config, available: Optional[int] = None) -> None:
+  """Raises ConfigError, naming the field to lower, when even the lower bound of
+  `memory_estimate` exceeds the memory available: a run that cannot fit is refused before it
+  allocates, instead of being killed by the kernel's out-of-memory killer without a word."""
+  available = available_memory_bytes() if available is None else available
+  if available is None:
+    return
+  estimate = memory_estimate(config)
+  needed = sum(estimate.values())
+  if needed <= available:
+    return
+  field = ("config.eval_batch_size" if estimate["eval_batches"] > needed / 2 else
+           "config.global_batch_size")
+  gib = 1024 ** 3
+  parts = ", ".join(f"{name.replace('_', ' ')} {value / gib:.1f}" for name, value in
+                    estimate.items() if value)
+  raise ConfigError(
+      f"This run needs at least {needed / gib:.1f} GiB of memory ({parts} GiB) with "
+      f"config.global_batch_size={config.global_batch_size} and config.eval_batch_size="
+      f"{config.eval_batch_size}, but {available / gib:.1f} GiB are available; lower {field}.")

@@ -39,7 +39,7 @@ from kdjax.teachers import live as teachers_lib  # Ensembles of finished runs.
 from kdjax.train.checkpoint import CheckpointError, saved_model_name
 from kdjax.train.loop import RUN_SUMMARY, train_checked_run
 from kdjax.train.config_paths import resolve_config_paths
-from kdjax.train.preflight import check_method_fits_models
+from kdjax.train.preflight import check_memory_fits, check_method_fits_models
 from kdjax.train.run_dir import check_run_dir
 from kdjax.train.config_syntax import checkpoint_dirs, teacher_specs
 from kdjax.train.plan import RunPlan
@@ -278,6 +278,8 @@ def plan_suite(config: ml_collections.ConfigDict, workdir: str, *,
         and key not in checked and not pretrained:
       checked.add(key)
       check_method_fits_models(run.plan.config)
+  for run in {run.config.to_json(): run for run in runs}.values():
+    check_memory_fits(run.plan.config)  # Before anything is allocated.
   for run in runs:  # Refuse a changed config, or a damaged summary, before any run starts.
     run_dir = os.path.join(workdir, run.directory)
     check_run_dir(run.config, run_dir, run.directory, move_aside=False)

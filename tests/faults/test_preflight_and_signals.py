@@ -208,3 +208,38 @@ def test_a_signal_during_dataset_generation_is_one_line(tmp_path, sig):
   assert not os.path.exists(tmp_path / "w" / "teacher")
   # The same data_dir prepares cleanly afterwards.
   sources.ensure_prepared(catalog.get_dataset_spec("mnist1d"), data_dir)
+
+
+# --- Memory: a run that cannot fit is refused before it allocates. ---------------------------
+
+
+@pytest.mark.parametrize("field, value", [("global_batch_size", 10**9),
+                                          ("eval_batch_size", 10**9)])
+def test_a_run_that_cannot_fit_in_memory_is_refused_naming_the_field(data_dir, field, value):
+  from kdjax.train import preflight  # pylint: disable=g-import-not-at-top
+  from kdjax.validation import ConfigError  # pylint: disable=g-import-not-at-top
+  config = _smoke_config(data_dir, **{field: value})
+  with pytest.raises(ConfigError, match=f"lower config.{field}") as error:
+    preflight.check_memory_fits(config, available=16 * 1024**3)
+  assert "needs at least" in str(error.value) and "16.0 GiB are available" in str(error.value)
+
+
+def test_the_memory_estimate_is_a_lower_bound_that_fits_the_smoke_run(data_dir):
+  """The estimate counts what must be held (batches in flight: 160 bytes per MNIST-1D example
+  each), and the smoke run fits a small machine."""
+  from kdjax.train import preflight  # pylint: disable=g-import-not-at-top
+  config = _smoke_config(data_dir)
+  estimate = preflight.memory_estimate(config)
+  assert estimate["batches"] == 40 * 4 * config.global_batch_size * (config.prefetch + 2)
+  assert estimate["state"] > 0 and estimate["activations"] > 0
+  preflight.check_memory_fits(config, available=1024**3)
+
+
+def test_the_command_refuses_a_billion_example_batch_before_the_workdir(tmp_path, data_dir):
+  from conftest import run_python  # pylint: disable=g-import-not-at-top
+  result = run_python(SMOKE + [f"--workdir={tmp_path / 'w'}", f"--config.data_dir={data_dir}",
+                               "--config.global_batch_size=1000000000"], check=False)
+  assert result.returncode == 2 and "Traceback" not in result.stderr
+  assert result.stderr.startswith("Error: This run needs at least")
+  assert "lower config.global_batch_size" in result.stderr
+  assert not (tmp_path / "w").exists()
