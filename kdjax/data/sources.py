@@ -88,8 +88,15 @@ def ensure_prepared(spec: DatasetSpec, data_dir: Optional[str] = None) -> str:
       print(f"Generating {spec.tfds_name} into {builder.data_dir}, once (offline; set "
             "--config.data_dir or $KDJAX_DATA_DIR to put it elsewhere) ...", end=" ",
             flush=True)
-      with _quiet():
-        builder.download_and_prepare()
+      try:
+        with _quiet():
+          builder.download_and_prepare()
+      except OSError as error:  # A full disk or a read-only data_dir: one line, no traceback.
+        print(flush=True)
+        raise DatasetNotPreparedError(
+            f"Generating {spec.tfds_name!r} into {builder.data_dir!r} failed: "
+            f"{error.strerror or error}; free space there or set --config.data_dir (or "
+            "$KDJAX_DATA_DIR) to another directory. Nothing half-written is used.") from None
       print(f"done in {time.perf_counter() - start:.1f} s.", flush=True)
     return data_dir
   # `tfds.data_source` on an unprepared dataset would try to download (and retry for minutes
@@ -114,8 +121,31 @@ def load_split(spec: DatasetSpec, split: str, data_dir: Optional[str] = None):
   import tensorflow_datasets as tfds
   data_dir = ensure_prepared(spec, data_dir)
   if spec.local_builder is not None:
-    return _local_builder(spec, data_dir).as_data_source(split=split)
-  return tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir)
+    source = _local_builder(spec, data_dir).as_data_source(split=split)
+  else:
+    source = tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir)
+  _check_readable(source, spec, split, data_dir)
+  return source
+
+
+class DamagedDatasetError(DatasetNotPreparedError):
+  """A prepared dataset whose files cannot be read back (truncated, overwritten)."""
+
+
+def _check_readable(source, spec: DatasetSpec, split: str, data_dir: str) -> None:
+  """Reads the split's first and last records: a truncated or damaged record file fails here,
+  in one line naming it, not as a reader's traceback in the middle of training."""
+  try:
+    if len(source):
+      source[0]
+      source[len(source) - 1]
+  except Exception as error:  # pylint: disable=broad-except  (each reader has its own types)
+    where = os.path.join(data_dir, spec.tfds_name)
+    regenerate = ("delete it to generate it again" if spec.local_builder is not None else
+                  "prepare it again")
+    raise DamagedDatasetError(
+        f"Dataset {spec.tfds_name!r} split {split!r} in {where!r} cannot be read "
+        f"({type(error).__name__}: {' '.join(str(error).split())[:160]}); {regenerate}.") from None
 
 
 class ArraySource:

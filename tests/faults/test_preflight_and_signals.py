@@ -243,3 +243,33 @@ def test_the_command_refuses_a_billion_example_batch_before_the_workdir(tmp_path
   assert result.stderr.startswith("Error: This run needs at least")
   assert "lower config.global_batch_size" in result.stderr
   assert not (tmp_path / "w").exists()
+
+
+def test_a_truncated_dataset_record_file_is_one_error_naming_the_dataset(data_dir, tmp_path):
+  import glob  # pylint: disable=g-import-not-at-top
+  from kdjax.data import catalog, sources  # pylint: disable=g-import-not-at-top
+  from fault_helpers import truncate  # pylint: disable=g-import-not-at-top
+  copy = tmp_path / "data"
+  shutil.copytree(data_dir, copy)
+  (train_file,) = glob.glob(str(copy / "mnist1d" / "*" / "mnist1d-train.array_record*"))
+  truncate(train_file, 0.5)
+  spec = catalog.get_dataset_spec("mnist1d")
+  with pytest.raises(sources.DatasetNotPreparedError, match=r"Dataset 'mnist1d' split 'train' "
+                     r".* cannot be read .*delete it to generate it again"):
+    sources.load_split(spec, "train", str(copy))
+  shutil.rmtree(copy / "mnist1d")  # What the message says to do; then it reads again.
+  assert len(sources.load_split(spec, "train", str(copy))) == spec.train_examples
+
+
+def test_a_full_disk_while_generating_the_dataset_is_one_error(tmp_path, monkeypatch):
+  import errno  # pylint: disable=g-import-not-at-top
+  from kdjax.data import catalog, sources  # pylint: disable=g-import-not-at-top
+  from kdjax.data import mnist1d_tfds  # pylint: disable=g-import-not-at-top
+
+  def no_space(self, *args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  monkeypatch.setattr(mnist1d_tfds.Mnist1d, "download_and_prepare", no_space)
+  with pytest.raises(sources.DatasetNotPreparedError,
+                     match="failed: No space left on device; free space there"):
+    sources.ensure_prepared(catalog.get_dataset_spec("mnist1d"), str(tmp_path / "data"))
