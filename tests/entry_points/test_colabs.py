@@ -17,7 +17,7 @@ NOTEBOOKS = sorted(glob.glob(os.path.join(REPO, "colabs", "*.ipynb")))
 MEASURED_SECONDS = {"losses.ipynb": 28, "quickstart.ipynb": 69, "custom_method.ipynb": 72,
                     "inspect_teacher_student.ipynb": 76, "feature_distillation.ipynb": 105,
                     "bring_your_own.ipynb": 61, "llm_distillation.ipynb": 393,
-                    "diffusion_distillation.ipynb": 234}
+                    "diffusion_distillation.ipynb": 227}
 FAST = ("losses.ipynb", "quickstart.ipynb")
 
 
