@@ -30,7 +30,7 @@ def export_run(run_dir: str, out: str, *, dtype: str = "float32") -> int:
   import ml_collections  # pylint: disable=g-import-not-at-top
 
   from kdjax import models as models_lib, paths  # pylint: disable=g-import-not-at-top
-  from kdjax.train import checkpoint, run_setup  # pylint: disable=g-import-not-at-top
+  from kdjax.train import checkpoint, load, run_setup  # pylint: disable=g-import-not-at-top
   run_dir, out = paths.resolve(run_dir), paths.resolve(out)
   config_path = os.path.join(run_dir, "config.json")
   if not os.path.isfile(config_path):
@@ -41,7 +41,11 @@ def export_run(run_dir: str, out: str, *, dtype: str = "float32") -> int:
   with open(config_path) as f:
     config = ml_collections.ConfigDict(json.load(f))
   model = config.student.model  # A run trains its `student`; a suite's teacher run too.
-  module = models_lib.get_model(model, num_classes=config.num_classes)
+  try:
+    model_kwargs = load.student_model_kwargs(config, what=f"--run_dir={run_dir}")
+  except FileNotFoundError as error:
+    raise cli.UsageError(str(error)) from None
+  module = models_lib.get_model(model, num_classes=config.num_classes, **model_kwargs)
   sample = run_setup.sample_inputs(config)
   expected = jax.eval_shape(lambda: models_lib.init_variables(module, jax.random.PRNGKey(0),
                                                               sample))

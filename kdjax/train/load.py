@@ -6,7 +6,9 @@
 
 The student's variables come from the run's latest checkpoint (the end of training, or the
 last checkpoint of an unfinished run); the method's own parameters (connectors, projectors)
-are dropped. A model or dataset registered by the training script (`kdjax.models.register`,
+are dropped. A student initialised from a pretrained directory (model 'pretrained') is
+rebuilt from that directory's `config.json` (`config.student.pretrained`, which must still
+exist) with the run's trained weights. A model or dataset registered by the training script (`kdjax.models.register`,
 `kdjax.data.register_arrays`) must be registered in the loading process as well: the model
 to rebuild the apply function, the dataset (optional) to check the checkpoint's shapes.
 """
@@ -83,6 +85,26 @@ def _pick_run(workdir: str, run: Optional[str]) -> str:
   raise ValueError(f"load_run: no run {run!r} in {workdir!r}; its runs: {', '.join(runs)}.")
 
 
+def student_model_kwargs(config, *, what: str = "load_run") -> dict:
+  """The model factory's keywords beyond `num_classes` for the run's student: for model
+  'pretrained' (a student initialised from a Hugging Face-format directory) its architecture
+  is that directory's `config.json`, `config.student.pretrained`; {} for the other models.
+
+  Raises:
+    FileNotFoundError: the directory recorded in the run's config is gone (one line naming it).
+  """
+  from kdjax.models.pretrained import model_entry  # pylint: disable=g-import-not-at-top
+  if config.student.model != model_entry.NAME:
+    return {}
+  directory = config.student.get("pretrained", "") or ""
+  if not directory or not os.path.isfile(os.path.join(directory, "config.json")):
+    raise FileNotFoundError(
+        f"{what}: the run's student is model 'pretrained' built from config.student.pretrained="
+        f"{directory!r}, which holds no config.json any more; the architecture is read from "
+        "there (the trained weights are the run's checkpoint): restore that directory.")
+  return {"directory": directory}
+
+
 def _sample_inputs(config) -> Optional[jax.ShapeDtypeStruct]:
   """A sample batch's shape for the run's dataset, or None when it is not known here (a
   dataset registered by the training script and not in this process)."""
@@ -134,7 +156,8 @@ def load_run(workdir_or_run_dir: str, *, run: Optional[str] = None) -> LoadedRun
   summary_path = os.path.join(run_dir, _RUN_SUMMARY)
   summary = files.read_json(summary_path) if os.path.exists(summary_path) else None
   model = config.student.model
-  fns = models_lib.get_model_fns(model, num_classes=config.num_classes)
+  fns = models_lib.get_model_fns(model, num_classes=config.num_classes,
+                                 **student_model_kwargs(config))
   checkpoints = os.path.join(run_dir, _CHECKPOINTS)
   sample = _sample_inputs(config)
   if sample is None:
