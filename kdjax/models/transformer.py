@@ -26,6 +26,9 @@ feature taps, with `i = 1..num_layers`, `H` heads:
                                `hidden @ unembedding_matrix(params)` are the logits (fused,
                                vocabulary-chunked losses compute logits from it block by block);
   'embedding'    [B, T, D]     the same array as 'hidden' (the kdjax pre-logit contract);
+  'unembedding'  [D, V]        `unembedding_matrix(params)` itself (not a per-token tap), so that
+                               the LM methods' fused mode (`kdjax.methods.lm_fused`) works for
+                               the `lm_*` students and teachers;
   'block{i}'     [B, T, D]     the residual stream after block i;
   'attention{i}' [B, H, T, T]  block i's causal attention probabilities (float32, rows sum to 1).
 
@@ -238,7 +241,10 @@ class TransformerLM(nn.Module):
       features[f"attention{i}"] = probabilities
     hidden = self.final_norm(x)
     features["hidden"] = features["embedding"] = hidden
-    return Output(self._logits(hidden), features)
+    logits = self._logits(hidden)  # Creates the untied unembedding's parameters first, at init.
+    features["unembedding"] = (self.embed.embedding.T if self.tie_embeddings
+                               else self.unembed.variables["params"]["kernel"])
+    return Output(logits, features)
 
   def decode(self, tokens, cache: KVCache) -> Tuple[jax.Array, KVCache]:
     """Runs tokens [B, T] at positions cache.index .. cache.index + T - 1.

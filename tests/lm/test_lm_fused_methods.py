@@ -101,3 +101,39 @@ def test_auto_and_on(models):
     lm_fused.use_fused("on", base.Batch(student=no_unembedding, teacher=teacher_output,
                                         labels=tokens, where=batch.where, step=batch.step),
                        "kd")
+
+
+@pytest.fixture(scope="module")
+def transformer_lms():
+  """kdjax's own byte-level TransformerLM as student (untied) and teacher (tied)."""
+  from kdjax.models.transformer import TransformerLM  # pylint: disable=g-import-not-at-top
+  tokens = jnp.asarray(np.random.default_rng(4).integers(0, VOCAB, (2, LENGTH)), jnp.int32)
+  common = dict(vocab_size=VOCAB, num_heads=2, max_length=16)
+  student = TransformerLM(num_layers=1, embed_dim=8, mlp_dim=16, tie_embeddings=False, **common)
+  teacher = TransformerLM(num_layers=2, embed_dim=12, mlp_dim=24, **common)
+  student_variables = student.init(jax.random.PRNGKey(5), tokens)
+  teacher_variables = teacher.init(jax.random.PRNGKey(6), tokens)
+  return student, student_variables, teacher.apply(teacher_variables, tokens), tokens
+
+
+def test_transformer_lm_carries_its_unembedding(transformer_lms):
+  from kdjax.models.transformer import unembedding_matrix  # pylint: disable=g-import-not-at-top
+  student, variables, teacher_output, _ = transformer_lms
+  output = student.apply(variables, transformer_lms[3])
+  np.testing.assert_array_equal(output.features["unembedding"],
+                                unembedding_matrix(variables["params"]))
+  for out in (output, teacher_output):
+    np.testing.assert_allclose(out.features["hidden"] @ out.features["unembedding"],
+                               out.logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,overrides", [("kd", {}), ("jsd", {"beta": 0.3}),
+                                            ("gkd", {"ce_weight": 0.5})])
+def test_fused_equals_unfused_on_transformer_lm(transformer_lms, name, overrides):
+  (want, _), want_grads = _loss_and_grads(name, transformer_lms, "off", **overrides)
+  (got, _), got_grads = _loss_and_grads(name, transformer_lms, "on", **overrides)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6),
+               got_grads, want_grads)
+  # The unembedding's gradient flows through the fused path too (untied student).
+  assert float(jnp.abs(got_grads["unembed"]["kernel"]).max()) > 0

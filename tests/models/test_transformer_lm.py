@@ -59,7 +59,8 @@ def test_taps_have_documented_shapes_and_dtypes():
   assert output.logits.dtype == jnp.float32
   shapes = {k: v.shape for k, v in output.features.items()}
   assert shapes == {"hidden": (3, 5, 32), "embedding": (3, 5, 32), "block1": (3, 5, 32),
-                    "block2": (3, 5, 32), "attention1": (3, 2, 5, 5), "attention2": (3, 2, 5, 5)}
+                    "block2": (3, 5, 32), "attention1": (3, 2, 5, 5), "attention2": (3, 2, 5, 5),
+                    "unembedding": (32, VOCAB)}
   assert output.features["attention1"].dtype == jnp.float32
 
 
