@@ -43,6 +43,10 @@ from kdjax.data.text_catalog import TextDatasetSpec
 
 LAYOUTS = ("padded", "packed")
 EXTENSIONS = (".jsonl", ".json", ".parquet")
+# With a teacher tokenizer other than the student's: the teacher's tokenization of the same
+# rows, [b, T] ids, and its completion-target mask [b, T] (read by `kdjax.methods.uld`).
+TEACHER_TOKENS_KEY = "teacher_tokens"
+TEACHER_MASK_KEY = "teacher_mask"
 
 
 class ChatDataError(ValueError):
@@ -196,18 +200,25 @@ def packed_examples(rows: Sequence[TokenizedRow], *, sequence_length: int,
 
 class _Examples:
   """One split as `lm_pipeline._Windows` holds it: `windows` [N, T + 1], `real` [N, T + 1]
-  (here: completion tokens, whose targets are trained on), `gather(indices)`."""
+  (here: completion tokens, whose targets are trained on), `gather(indices)`; with a teacher
+  tokenizer of its own, `teacher` = (its windows, its completion) of the same rows."""
 
-  def __init__(self, windows: np.ndarray, completion: np.ndarray, what: str):
+  def __init__(self, windows: np.ndarray, completion: np.ndarray, what: str,
+               teacher: Optional[Tuple[np.ndarray, np.ndarray]] = None):
     if not len(windows):
       raise ChatDataError(f"{what}: no examples.")
-    self.windows, self.real = windows, completion
+    self.windows, self.real, self.teacher = windows, completion, teacher
     self.num_examples = len(windows)
     self.num_tokens = int(completion.sum())
 
   def gather(self, indices: np.ndarray) -> dict:
     windows, real = self.windows[indices], self.real[indices]
-    return {"tokens": windows[:, :-1], "targets": windows[:, 1:], "mask": real[:, 1:]}
+    batch = {"tokens": windows[:, :-1], "targets": windows[:, 1:], "mask": real[:, 1:]}
+    if self.teacher is not None:
+      teacher_windows, teacher_completion = (x[indices] for x in self.teacher)
+      batch[TEACHER_TOKENS_KEY] = teacher_windows[:, :-1]
+      batch[TEACHER_MASK_KEY] = teacher_completion[:, 1:]
+    return batch
 
 
 class ChatTokenizer:
@@ -273,7 +284,12 @@ class ChatInputPipeline(lm_pipeline.LMInputPipeline):
     train_file: the training rows (.jsonl / .parquet).
     eval_file: the evaluation rows; '' or None: the last `eval_fraction` of the training rows
       (at least one row, in file order) are held out instead.
-    tokenizer: a `ChatTokenizer` (the teacher directory's).
+    tokenizer: a `ChatTokenizer` (the teacher directory's; the student's with
+      `teacher_tokenizer`).
+    teacher_tokenizer: for cross-tokenizer distillation (`uld`), the teacher directory's
+      `ChatTokenizer` when it differs from the student's: every batch then also carries the
+      teacher's tokenization of the same rows, 'teacher_tokens' and 'teacher_mask' [b, T]
+      (same layout, 'padded' only: row by row, so the completions can be aligned).
     sequence_length, layout, prompt_length: see the module docstring.
     global_batch_size, seed, process_index, process_count, validation_examples: as
       `LMInputPipeline`.
@@ -283,7 +299,8 @@ class ChatInputPipeline(lm_pipeline.LMInputPipeline):
                seed: int, sequence_length: int, layout: str = "padded",
                prompt_length: int = 0, eval_file: Optional[str] = None,
                eval_fraction: float = 0.1, process_index: int = 0, process_count: int = 1,
-               validation_examples: int = 0):
+               validation_examples: int = 0,
+               teacher_tokenizer: Optional[ChatTokenizer] = None):
     if global_batch_size < 1 or global_batch_size % process_count:
       raise ValueError(f"global_batch_size={global_batch_size} must be positive and divisible "
                        f"by the process count {process_count}.")
@@ -293,11 +310,21 @@ class ChatInputPipeline(lm_pipeline.LMInputPipeline):
     self.sequence_length, self.layout, self.prompt_length = (sequence_length, layout,
                                                              prompt_length)
     self.tokenizer = tokenizer
-    build = lambda path: build_examples(path, tokenizer, sequence_length=sequence_length,
-                                        layout=layout, prompt_length=prompt_length)
-    windows, completion = build(train_file)
+    if teacher_tokenizer is not None and layout != "padded":
+      raise ChatDataError(f"layout={layout!r} with a teacher tokenizer of its own: only "
+                          "'padded' keeps rows apart, so that the completions can be aligned.")
+    build = lambda path, tok: build_examples(path, tok, sequence_length=sequence_length,
+                                             layout=layout, prompt_length=prompt_length)
+
+    def both(path):
+      """(windows, completion, teacher's (windows, completion) or None) of one file."""
+      windows, completion = build(path, tokenizer)
+      return windows, completion, (None if teacher_tokenizer is None
+                                   else build(path, teacher_tokenizer))
+
+    windows, completion, teacher = both(train_file)
     if eval_file:
-      eval_windows, eval_completion = build(eval_file)
+      eval_windows, eval_completion, eval_teacher = both(eval_file)
     else:
       held_out = max(1, int(round(eval_fraction * len(windows))))
       if held_out >= len(windows):
@@ -305,8 +332,10 @@ class ChatInputPipeline(lm_pipeline.LMInputPipeline):
                             f"{held_out} for evaluation; give an eval file.")
       eval_windows, eval_completion = windows[-held_out:], completion[-held_out:]
       windows, completion = windows[:-held_out], completion[:-held_out]
-    self._train = _Examples(windows, completion, train_file)
-    self._eval = _Examples(eval_windows, eval_completion, eval_file or train_file)
+      eval_teacher = None if teacher is None else tuple(x[-held_out:] for x in teacher)
+      teacher = None if teacher is None else tuple(x[:-held_out] for x in teacher)
+    self._train = _Examples(windows, completion, train_file, teacher)
+    self._eval = _Examples(eval_windows, eval_completion, eval_file or train_file, eval_teacher)
     self.spec = TextDatasetSpec(tfds_name=os.path.basename(train_file),
                                 num_classes=tokenizer.vocab_size,
                                 input_shape=(sequence_length,),

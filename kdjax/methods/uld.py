@@ -17,7 +17,7 @@ of the completion, and the longer completion is truncated to the shorter. Two ba
   'tokens'; the completion masks are the same, so every token is paired with itself;
 * two tokenizers: the batch also carries the teacher's own tokenization of the same rows,
   'teacher_tokens' [b, T_t] and its completion mask 'teacher_mask' [b, T_t]
-  (`TEACHER_TOKENS_KEY`, `TEACHER_MASK_KEY`); `rewrite_batch` runs the teacher on them and
+  (`kdjax.data.chat_data.ChatInputPipeline` with `teacher_tokenizer`); `rewrite_batch` runs the teacher on them and
   hands its logits to the step as the batch's teacher outputs, so the step does not run the
   teacher on the student's token ids.
 
@@ -34,11 +34,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from kdjax import losses
+from kdjax.data.chat_data import TEACHER_MASK_KEY, TEACHER_TOKENS_KEY
 from kdjax.methods import base
 from kdjax.teachers import keys as teacher_keys
-
-TEACHER_TOKENS_KEY = "teacher_tokens"
-TEACHER_MASK_KEY = "teacher_mask"
 # Methods whose teacher may have another vocabulary than `config.num_classes` (read by
 # `kdjax.train.validate.validate_pretrained`).
 CROSS_VOCABULARY_METHODS = ("uld",)

@@ -207,3 +207,39 @@ def test_bad_prompt_length_and_layout():
   with pytest.raises(chat_data.ChatDataError, match="layout='ragged'; valid: padded, packed"):
     chat_data.build_examples("unused.jsonl", None, sequence_length=6, layout="ragged",
                              prompt_length=3)
+
+
+class PairTokenizer(CharTokenizer):
+  """Another tokenizer: two ids per character, so the teacher's completions are longer."""
+
+  def encode(self, text, add_special_tokens=False):
+    return self._Encoding([i for c in text for i in (ord(c) + 10, 2)])
+
+
+def _chat_tokenizer(tokenizer):
+  return chat_data.ChatTokenizer(tokenizer, vocab_size=300, pad_id=PAD, bos_id=None,
+                                 eos_id=EOS, chat_template=None, special_tokens={})
+
+
+def test_two_tokenizers_give_the_teacher_its_own_rows(tmp_path):
+  rows = [{"prompt": f"q{i}", "completion": "ab"[: 1 + i % 2]} for i in range(6)]
+  path = _write_jsonl(tmp_path / "d.jsonl", rows)
+  pipeline = chat_data.ChatInputPipeline(
+      path, tokenizer=_chat_tokenizer(CharTokenizer()), global_batch_size=2, seed=0,
+      sequence_length=8, prompt_length=3, teacher_tokenizer=_chat_tokenizer(PairTokenizer()))
+  batch = pipeline.train_batch(0)
+  assert batch[chat_data.TEACHER_TOKENS_KEY].shape == batch["tokens"].shape == (2, 8)
+  for i, index in enumerate(batch["index"]):
+    completion = rows[index]["completion"]
+    student = batch["targets"][i][batch["mask"][i]].tolist()
+    teacher_targets = np.concatenate([batch[chat_data.TEACHER_TOKENS_KEY][i, 1:],
+                                      [PAD]])  # targets = tokens shifted by one
+    teacher = teacher_targets[:-1][batch[chat_data.TEACHER_MASK_KEY][i, :-1]].tolist()
+    assert student == ids(completion) + [EOS]
+    # The teacher's completion targets, in its own tokenization (cut to the window).
+    want = PairTokenizer().encode(completion).ids + [EOS]
+    assert teacher == want[:len(teacher)] and len(teacher) >= len(student) - 1
+  with pytest.raises(chat_data.ChatDataError, match="only 'padded' keeps rows apart"):
+    chat_data.ChatInputPipeline(
+        path, tokenizer=_chat_tokenizer(CharTokenizer()), global_batch_size=2, seed=0,
+        sequence_length=8, layout="packed", teacher_tokenizer=_chat_tokenizer(PairTokenizer()))
