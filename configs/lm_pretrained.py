@@ -57,9 +57,12 @@ def get_config(arg=None):
   config.lm.sequence_length = 1024
   config.lm.prompt_length = 512
   config.lm.tokenizer = "bpe"  # Not trained: the teacher directory's tokenizer is used.
+  # The token ids are the student's (`uld` lets the teacher's vocabulary differ): its
+  # directory's vocabulary when given, else the teacher's.
   vocab_size = 0
-  if config.teacher.pretrained:
-    with open(os.path.join(os.path.expanduser(config.teacher.pretrained), "config.json")) as f:
+  source = config.student.pretrained or config.teacher.pretrained
+  if source:
+    with open(os.path.join(os.path.expanduser(source), "config.json")) as f:
       vocab_size = json.load(f)["vocab_size"]
   config.num_classes = config.lm.vocab_size = vocab_size
   config.suite = SUITE

@@ -66,6 +66,18 @@ def smoke_suite(tmp_path_factory, data_dir):
   return workdir, stdout
 
 
+def set_fields(config, fields: dict, *, separator: str = "."):
+  """Sets `config.a.b = value` for every `{'a.b': value}` of `fields` (`separator`: what
+  joins the names, '__' for keyword arguments); returns `config`."""
+  for dotted, value in fields.items():
+    *parents, leaf = dotted.split(separator)
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
 def copy_runs(smoke_workdir, workdir, runs):
   """Copies the run directories `runs` (e.g. ("teacher", "kd")) of a finished suite into
   `workdir` (created if needed); returns `workdir` as a str."""

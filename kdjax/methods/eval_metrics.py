@@ -69,13 +69,17 @@ def teacher_accuracy_and_agreement(batch: EvalBatch) -> Dict[str, jax.Array]:
   teacher_prediction = jnp.argmax(log_probs, -1)
   labels = jnp.where(batch.where > 0, batch.labels, 0)  # Padding may hold any label.
   teacher_ce = -jnp.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
+  # `uld`'s teacher may have more (or fewer) vocabulary rows than the student: the overlap
+  # is over the ids both have (one tokenizer, embeddings padded differently).
+  shared = min(log_probs.shape[-1], batch.student.logits.shape[-1])
   return {
       "teacher_accuracy": _sum(teacher_prediction == batch.labels, batch.where),
       "teacher_cross_entropy": _sum(teacher_ce, batch.where),
       "teacher_agreement": _sum(
           teacher_prediction == jnp.argmax(batch.student.logits, -1), batch.where),
       "teacher_overlap": _sum(jnp.sum(jnp.minimum(
-          jnp.exp(log_probs), jax.nn.softmax(batch.student.logits.astype(jnp.float32))), -1),
+          jnp.exp(log_probs[..., :shared]),
+          jax.nn.softmax(batch.student.logits.astype(jnp.float32))[..., :shared]), -1),
                               batch.where),
   }
 

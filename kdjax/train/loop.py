@@ -20,6 +20,7 @@ import os
 from typing import Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -350,14 +351,26 @@ class _Run:
     from kdjax.lm import evaluation  # pylint: disable=g-import-not-at-top
     # The speculative target is the run's one loaded teacher (not a self-teacher or an ensemble).
     teacher = self.parts.eval_teacher
-    has_teacher = teacher.source == "checkpoint" and teacher.apply is not None
+    student_vars = self.parts.parallel.to_host(student_variables(self.state))
+    has_teacher = (teacher.source == "checkpoint" and teacher.apply is not None and
+                   self._same_vocabulary(teacher, student_vars))
     metrics.update(evaluation.generation_metrics(
         student_apply=self.parts.student_apply,
-        student_variables=self.parts.parallel.to_host(student_variables(self.state)),
+        student_variables=student_vars,
         teacher_apply=teacher.apply if has_teacher else None,
         teacher_variables=self.parts.teacher_variables if has_teacher else None,
         pipeline=self.parts.pipeline, lm_config=self.config.lm, seed=self.config.seed))
     return metrics
+
+  def _same_vocabulary(self, teacher, student_vars) -> bool:
+    """Speculative decoding drafts the teacher's tokens with the student: one vocabulary.
+    (`uld` distils across vocabularies; its runs skip the speculative metrics.)"""
+    tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    student = jax.eval_shape(lambda v, x: self.parts.student_apply(v, x, train=False)[0].logits,
+                             student_vars, tokens)
+    teacher_logits = jax.eval_shape(lambda v, x: teacher.run(v, x).logits,
+                                    self.parts.teacher_variables, tokens)
+    return student.shape[-1] == teacher_logits.shape[-1]
 
   def close(self):
     self.writer.close()

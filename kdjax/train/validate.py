@@ -125,8 +125,10 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> R
       compatible = sorted(m for m in MODELS if model_input_kind(m) == dataset.input_kind)
       raise ConfigError(
           f"config.{field}={name!r} takes {model_input_kind(name)} inputs but dataset "
-          f"{config.dataset!r} has {dataset.input_kind} inputs; models for it: "
-          f"{', '.join(compatible)}.")
+          f"{config.dataset!r} has {dataset.input_kind} inputs; " + (
+              f"models for it: {', '.join(compatible)}." if compatible else
+              f"no registered model takes them: register one with input kind "
+              f"{dataset.input_kind!r} (docs/bring_your_own.md)."))
   if dataset.train_examples and config.validation_examples >= dataset.train_examples:
     raise ConfigError(f"config.validation_examples={config.validation_examples} must be smaller "
                       f"than the training split of {config.dataset!r} "
@@ -342,8 +344,10 @@ def validate_pretrained(config, specs) -> None:
     # `uld` compares sorted probabilities, so its teacher may have another vocabulary size
     # (one tokenizer, embeddings padded differently: Qwen2.5-7B's 152064 rows against
     # 0.5B's 151936); the batch's token ids must still be the student's (num_classes).
-    cross_vocabulary = (role == "teacher" and config.get("method", "")
-                        in uld_method.CROSS_VOCABULARY_METHODS)
+    # A suite's config is checked for any of its rows; each run's config for its own method.
+    methods = suite_runs(config) if config.get("suite") else [config.get("method", "")]
+    cross_vocabulary = role == "teacher" and any(
+        name in uld_method.CROSS_VOCABULARY_METHODS for name in methods)
     if hf.vocab_size != config.num_classes and not cross_vocabulary:
       raise ConfigError(f"config.{role}.pretrained={directory!r} has vocab_size "
                         f"{hf.vocab_size} but config.num_classes={config.num_classes}; set "

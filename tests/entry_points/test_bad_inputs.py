@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import quickstart
-from conftest import copy_runs, snapshot
+from conftest import copy_runs, set_fields, snapshot
 from kdjax import data, losses
 from kdjax.train import (CheckpointError, ConfigChanged, ConfigError, NonFiniteLoss, run_suite,
                          train_and_evaluate)
@@ -20,13 +20,7 @@ def _config(data_dir, **overrides):
   config.suite = "teacher,kd"
   config.data_dir = data_dir
   config.progress = False
-  for dotted, value in overrides.items():
-    target = config
-    *parents, leaf = dotted.split("__")
-    for parent in parents:
-      target = target[parent]
-    target[leaf] = value
-  return config
+  return set_fields(config, overrides, separator="__")
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +36,9 @@ BAD_CONFIGS = [
     ({"student__model": "resnet1000"},
      r"config.student.model='resnet1000' is not valid.*; valid values: .*cnn1d.*mlp"),
     ({"teacher__model": "vit"}, r"config.teacher.model='vit' is not valid"),
-    ({"dataset": "mnist"}, r"config.dataset='mnist' is not valid.*; valid values: cifar10, "
-                           r"cifar100, imagenet2012, lm1b, mnist1d, pydoc, tiny_shakespeare"),
+    ({"dataset": "mnist2d"}, r"config.dataset='mnist2d' is not valid.*; valid values: cifar10, "
+                             r"cifar100, digits, imagenet2012, lm1b, mnist, mnist1d, pydoc, "
+                             r"tiny_shakespeare"),
     ({"kd__temperature": 0.0}, r"config.kd.temperature must be a positive number, got 0.0"),
     ({"dkd__temperature": -1.0}, r"config.dkd.temperature must be a positive number"),
     ({"kd__ce_weight": -0.5}, r"config.kd.ce_weight must be a number >= 0, got -0.5"),

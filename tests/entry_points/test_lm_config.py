@@ -5,6 +5,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import set_fields
 from configs import lm_quickstart, lm_teacher
 from kdjax import models
 from kdjax.train import checkpoint
@@ -13,13 +14,7 @@ from kdjax.train.validate import ConfigError, validate_config
 
 def _config(**changes):
   config = lm_quickstart.get_config("smoke")
-  for dotted, value in changes.items():
-    node = config
-    *parents, field = dotted.split(".")
-    for parent in parents:
-      node = node[parent]
-    node[field] = value
-  return config
+  return set_fields(config, changes)
 
 
 def test_lm_quickstart_and_teacher_configs_validate():

@@ -20,6 +20,9 @@ def tiny_models(tmp_path_factory):
   texts = tiny.texts_of(data)
   tiny.write_tiny_llama(str(directory / "teacher"), texts, hidden_size=32, num_layers=2)
   tiny.write_tiny_llama(str(directory / "student"), texts, hidden_size=16, num_layers=1, seed=1)
+  # Another vocabulary size, same tokenizer (as Qwen2.5-7B's 152064 rows to 0.5B's 151936).
+  tiny.write_tiny_llama(str(directory / "teacher400"), texts, hidden_size=32, num_layers=2,
+                        vocab_size=400)
   return directory
 
 
@@ -36,6 +39,7 @@ def test_a_pretrained_teacher_distils_through_the_command_line(tiny_models):
   for row in summary["runs"].values():
     assert row["steps"] == 4 and row["final_train_loss"] > 0
     assert row["provenance"].get("teachers") is None  # A directory, not a kdjax checkpoint.
+    assert 0 <= row["spec_greedy_acceptance_rate"] <= 1  # Speculative decoding was measured.
 
 
 def test_a_suite_with_a_teacher_run_and_a_pretrained_teacher_is_one_line(tiny_models):
@@ -49,3 +53,14 @@ def test_a_suite_with_a_teacher_run_and_a_pretrained_teacher_is_one_line(tiny_mo
   assert result.stderr.startswith("Error: ") and len(result.stderr.strip().splitlines()) == 1
   assert "remove 'teacher' from config.suite" in result.stderr
   assert not (tiny_models / "w2").exists()
+
+
+def test_uld_distils_across_vocabulary_sizes_and_skips_speculative_decoding(tiny_models):
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  config = os.path.join(repo, "configs/lm_pretrained.py:teacher=teacher400,student=student,"
+                        "data=data.jsonl,smoke")
+  run_python(["-m", "experiments.main", f"--config={config}", "--workdir=w3",
+              "--config.suite=uld"], cwd=str(tiny_models), env_extra={"PYTHONPATH": repo})
+  row = json.loads((tiny_models / "w3" / "summary.json").read_text())["runs"]["uld"]
+  assert row["steps"] == 4 and row["final_train_loss"] > 0
+  assert "spec_greedy_acceptance_rate" not in row  # One vocabulary is needed to draft for the teacher.

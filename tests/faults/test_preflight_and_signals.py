@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import SMOKE, copy_runs
+from conftest import SMOKE, copy_runs, set_fields
 from fault_helpers import checkpoint_steps
 from kdjax import signals
 
@@ -21,13 +21,7 @@ def _smoke_config(data_dir, **overrides):
   from configs import quickstart  # pylint: disable=g-import-not-at-top
   config = quickstart.get_config("smoke")
   config.data_dir, config.progress = data_dir, False
-  for field, value in overrides.items():
-    parent = config
-    *path, leaf = field.split(".")
-    for part in path:
-      parent = parent[part]
-    parent[leaf] = value
-  return config
+  return set_fields(config, overrides)
 
 
 def _plan_error(config) -> str:

@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 
+from conftest import set_fields
 from configs import common
 from kdjax.teachers import disk_cache as cache_lib
 from kdjax.validation import ConfigError
@@ -15,13 +16,7 @@ def _config(**changes):
   config = common.base_config()
   config.num_steps = 3
   config.global_batch_size = 4
-  for field, value in changes.items():
-    target = config
-    *parents, last = field.split(".")
-    for part in parents:
-      target = target[part]
-    target[last] = value
-  return config
+  return set_fields(config, changes)
 
 
 def _write(directory, config, *, steps=3, topk=None, batch=4, num_classes=10, seed=0):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import quickstart
-from conftest import run_python
+from conftest import run_python, set_fields
 from experiments import report
 from kdjax import methods
 from kdjax.methods.base import Batch
@@ -23,13 +23,7 @@ from kdjax.train.run_dir import config_fingerprint
 def _config(suite, **fields):
   config = quickstart.get_config("smoke")
   config.suite = suite
-  for dotted, value in fields.items():
-    *parents, field = dotted.split("__")
-    node = config
-    for parent in parents:
-      node = node[parent]
-    node[field] = value
-  return config
+  return set_fields(config, fields, separator="__")
 
 
 def _plan(tmp_path, suite, **fields):
@@ -142,7 +136,7 @@ def test_a_sweep_is_one_row_per_value_with_typed_values_and_seeds(tmp_path):
      r"'<method>.<field>=<v1>,<v2>,...'"),
     (dict(sweep="temperature=1,2"), r"must read '<method>.<field>="),
     (dict(sweep="kd.temprature=1,2"), r"config.kd has no field 'temprature'.*did you mean "
-     r"'temperature'.*its fields: ce_weight, kd_weight, temperature\."),
+     r"'temperature'.*its fields: ce_weight, fused, kd_weight, temperature\."),
     (dict(sweep="dkd.beta=1,2"), r"sweeps 'dkd', which is not a run of "
      r"config.suite='teacher,kd'; sweep one of: teacher, kd\."),
     (dict(sweep="kd.temperature=1,hot"), r"\(kd.temperature\): 'hot' is not a float\."),
