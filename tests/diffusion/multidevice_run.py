@@ -18,6 +18,8 @@ def main():
   config = diffusion_quickstart.get_config("smoke")
   config.suite = ",".join(methods)
   config.num_steps = 3
+  config.eval_batch_size = 40  # Divisible by 8 (the held-out 300 are padded).
+  config.data_dir = os.path.join(workdir, "data")
   config.log_every_steps = 1
   config.eval_every_steps = config.checkpoint_every_steps = 3
   config.progressive.rounds = 1

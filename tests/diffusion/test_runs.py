@@ -53,7 +53,7 @@ def _losses(workdir, devices):
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.slow  # ~3 min on 2 cores.
+@pytest.mark.slow  # 15 min on 2 busy cores (894 s beside a training run): 6 runs + their FD.
 def test_diffusion_methods_give_the_single_device_losses_on_eight_devices(tmp_path):
   one, eight = _losses(tmp_path / "one", 1), _losses(tmp_path / "eight", 8)
   for method, losses in one.items():
