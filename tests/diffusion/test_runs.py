@@ -73,7 +73,7 @@ def _has_checkpoint(run_dir):
   return os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
 
 
-@pytest.mark.slow  # ~4 min on 2 cores: a reference suite, two killed ones, the rerun.
+@pytest.mark.slow  # 6 min on 2 busy cores (363 s): a reference suite, two killed, the rerun.
 def test_sigkill_then_rerun_is_bit_identical_with_ema_target_and_fake_score(tmp_path):
   args = SMOKE + ["--config.suite=consistency,dmd", "--config.num_steps=6",
                   "--config.checkpoint_every_steps=2", "--config.consistency.eval_samples=10",
