@@ -141,3 +141,20 @@ def test_imagenet_recipe_equals_the_anchor_configs(method):
   assert config.dkd.warmup_steps == steps_per_epoch  # WARMUP: 1 (epoch).
   assert (config.student.model, config.teacher.model) == ("resnet18", "resnet34")
   validate_config(config, num_devices=1)
+
+
+def test_loading_configs_and_methods_does_not_start_jax():
+  """`experiments.main` loads the config (importing every method) before
+  `jax.distributed.initialize`, which must come before JAX's backend starts: no module may
+  compute with jax.numpy at import (a multi-host run failed so)."""
+  from conftest import run_python  # pylint: disable=g-import-not-at-top
+  code = ("import glob, importlib.util\n"
+          "import kdjax.methods, kdjax.models, kdjax.losses\n"
+          "for path in sorted(glob.glob('configs/**/*.py', recursive=True)):\n"
+          "  spec = importlib.util.spec_from_file_location('c', path)\n"
+          "  module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
+          "  getattr(module, 'get_config', lambda: None)()\n"
+          "from jax._src import xla_bridge\n"
+          "print('started' if xla_bridge._backends else 'not started')\n")
+  result = run_python(["-c", code])
+  assert result.stdout.strip().splitlines()[-1] == "not started", result.stdout

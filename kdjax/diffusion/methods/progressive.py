@@ -28,6 +28,7 @@ google-research/diffusion_distillation (`diffusion_distillation/dpm.py`,
 `Model.training_losses` with `num_steps`-based `u` and the `target` of `_run_model`).
 """
 
+import math
 import ml_collections
 
 import jax
@@ -38,7 +39,9 @@ from kdjax.diffusion import denoiser_model, vp
 from kdjax.diffusion.methods import common
 from kdjax.methods import base
 
-T_MAX = float(vp.t_from_edm_sigma(80.0))
+# In plain Python: a jnp call at import would start JAX's backend, which must not happen
+# before `jax.distributed.initialize` (multi-host runs import the methods first).
+T_MAX = 2.0 / math.pi * math.atan(80.0)  # vp.t_from_edm_sigma(80.0)
 
 
 def ddim_step(predict_x0, z, t, t_next):
