@@ -200,7 +200,7 @@ class Method(abc.ABC):
   grouped by when it runs:
 
   * declarations (read before anything is built): `name`, `teacher_needs`, `sampler`,
-    `generations_field`, `reference_field`, `non_negative_fields` / `positive_fields`,
+    `generations_field`, `reference_field`, `student_starts_from_teacher`, `non_negative_fields` / `positive_fields`,
     `default_config`;
   * setup, once per run on the host: `prepare(run_facts)`, `init`, `select_examples`,
     `pregenerate`;
@@ -232,6 +232,10 @@ class Method(abc.ABC):
   # reference): the name of its config field holding that model's checkpoint directory. The
   # run loads it and hands its variables over in `RunFacts.reference_variables`.
   reference_field: ClassVar[Optional[str]] = None
+  # The student starts from a copy of its teacher's variables (same architecture) instead of
+  # its own init: progressive distillation, where each round's student starts from the
+  # round before (Salimans & Ho 2022, Algorithm 2).
+  student_starts_from_teacher: ClassVar[bool] = False
   # What the reference pages and `--help` say about the method (`kdjax.reference`): its family
   # (one of `FAMILIES`), the paper it implements ('Hinton et al. 2015'), and one line per
   # hyper-parameter of `default_config` saying what it does. Fields not named here fall back

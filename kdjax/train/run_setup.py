@@ -97,6 +97,20 @@ def _loaded(checkpoints: Sequence[str], variables) -> Tuple[str, ...]:
   return tuple(checkpoints[:len(variables) if isinstance(variables, list) else 1])
 
 
+def _copy_of_teacher(student_variables, teacher_variables, config):
+  """The teacher's variables as the student's initial ones, in the student's dtypes; the two
+  models must have the same variables (names and shapes)."""
+  student_shapes = jax.tree.map(np.shape, student_variables)
+  teacher_shapes = jax.tree.map(np.shape, teacher_variables)
+  if student_shapes != teacher_shapes:
+    raise ValueError(
+        f"config.method={config.method!r} starts the student from its teacher, but "
+        f"config.student.model={config.student.model!r} and config.teacher.model="
+        f"{config.teacher.model!r} have different variables; use one architecture.")
+  return jax.tree.map(lambda s, t: np.array(t, dtype=np.asarray(s).dtype),
+                      student_variables, jax.device_get(teacher_variables))
+
+
 def build_run(plan: RunPlan, teacher_checkpoints: Sequence[str]) -> RunParts:
   """Builds the parts of one run from its plan; the teacher is chosen by
   `kdjax.teachers.choose`."""
@@ -133,6 +147,8 @@ def build_run(plan: RunPlan, teacher_checkpoints: Sequence[str]) -> RunParts:
       cache=teacher_cache, pipeline=pipeline, sample_inputs=sample,
       student_apply=student_apply, model_kwargs=kwargs, language_model=plan.language_model)
 
+  if method_class.student_starts_from_teacher:
+    student_variables = _copy_of_teacher(student_variables, teacher.variables, config)
   student_sample, _ = student_apply(student_variables, sample, train=False)
   label_shape = student_sample.logits.shape[:-1]  # [2] for classifiers, [2, T] for LMs.
   method_params, method_state = method.init(method_rng, Batch(

@@ -75,6 +75,7 @@ class Progressive(base.Method):
   }
   teacher_needs = base.TeacherNeeds(kind="one", on_batch_inputs=False)
   generations_field = "rounds"
+  student_starts_from_teacher = True  # Algorithm 2: each round's student is its teacher's copy.
 
   @classmethod
   def default_config(cls):
