@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kdjax.progress import PhaseProgress
 from kdjax.teachers import keys
 from kdjax.validation import ConfigError
 
@@ -89,6 +90,7 @@ class TeacherLogits:
                dtype: str, batch_size: int = DEFAULT_BATCH_SIZE):
     self.windows, self.dtype, self.batch_size = windows, jnp.dtype(dtype), batch_size
     self._rows: Dict[str, Dict[int, np.ndarray]] = {split: {} for split in windows}
+    self.progress = False  # `attach` turns the progress lines on (config.progress).
     self._variables = jax.device_put(teacher_variables)  # Once, not with every batch.
     dtype = self.dtype
     self._forward = jax.jit(
@@ -104,6 +106,8 @@ class TeacherLogits:
     rows = self._rows[split]
     missing = np.array(sorted(set(np.asarray(indices).reshape(-1).tolist()) - set(rows)),
                        np.int64)
+    progress = PhaseProgress(f"teacher logits, {split}", len(missing), "windows",
+                             enabled=self.progress)
     for begin in range(0, len(missing), self.batch_size):
       chunk = missing[begin:begin + self.batch_size]
       # Always a full batch (the last one padded with its first window): one compilation.
@@ -111,6 +115,7 @@ class TeacherLogits:
       logits = np.asarray(self._forward(self._variables, self.windows[split][padded]))
       for i, index in enumerate(chunk.tolist()):
         rows[index] = logits[i]
+      progress.update(begin + len(chunk))
 
   def gather(self, split: str, indices) -> np.ndarray:
     """[len(indices), T, V] float32 logits of the windows `indices` of `split` (computed
@@ -171,6 +176,7 @@ def attach(config, method, pipeline, teacher_apply, teacher_variables,
         f"windows this run reads take {nbytes / 1024 ** 3:.1f} GiB, over the "
         f"{MAX_BYTES / 1024 ** 3:.0f} GiB limit; use '' (live teacher) or a 16-bit dtype.")
   cache = shared_cache(config, teacher_apply, teacher_variables, pipeline)
+  cache.progress = bool(config.get("progress", True)) and jax.process_index() == 0
   for split, indices in needed.items():
     cache.ensure(split, indices)
   pipeline.attach_teacher_logits(cache.gather, key=keys.LOGITS_KEY, train=train,

@@ -17,6 +17,7 @@ import contextlib
 import json
 import math
 import os
+import time
 from typing import Optional, Sequence
 
 import jax
@@ -354,12 +355,21 @@ class _Run:
     student_vars = self.parts.parallel.to_host(student_variables(self.state))
     has_teacher = (teacher.source == "checkpoint" and teacher.apply is not None and
                    self._same_vocabulary(teacher, student_vars))
+    announce = self.is_writer and bool(self.config.get("progress", True))
+    if announce:  # Minutes on a CPU for a large model: say what is running.
+      print(f"[{self.name}] decoding evaluation: {self.config.lm.eval_prompts} prompts, "
+            f"{self.config.lm.eval_new_tokens} new tokens"
+            f"{', speculative with the teacher' if has_teacher else ''} ...", flush=True)
+    started = time.perf_counter()
     metrics.update(evaluation.generation_metrics(
         student_apply=self.parts.student_apply,
         student_variables=student_vars,
         teacher_apply=teacher.apply if has_teacher else None,
         teacher_variables=self.parts.teacher_variables if has_teacher else None,
         pipeline=self.parts.pipeline, lm_config=self.config.lm, seed=self.config.seed))
+    if announce:
+      print(f"[{self.name}] decoding evaluation done in {time.perf_counter() - started:.1f}s",
+            flush=True)
     return metrics
 
   def _same_vocabulary(self, teacher, student_vars) -> bool:
