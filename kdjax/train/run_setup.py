@@ -3,6 +3,7 @@ pipeline, the parallel strategy, the method, the student and teacher apply funct
 teacher's variables, the optimizer and the initial train state (on the host)."""
 
 import dataclasses
+import os
 from typing import Any, Sequence, Tuple
 
 import jax
@@ -58,6 +59,26 @@ def sample_inputs(config: ml_collections.ConfigDict, batch_size: int = 2) -> np.
   return np.zeros((batch_size,) + tuple(spec.input_shape), np.float32)
 
 
+def _same_tokenizer(directory_a: str, directory_b: str) -> bool:
+  read = lambda d: open(os.path.join(d, "tokenizer.json"), "rb").read()  # pylint: disable=consider-using-with
+  return read(directory_a) == read(directory_b)
+
+
+def _chat_tokenizers(plan: RunPlan):
+  """(tokenizer of the batches' tokens, the teacher's own or None): the teacher directory's
+  for both models, except for a cross-vocabulary method (`uld`) whose student directory has
+  another tokenizer: the student's tokens, and the teacher's tokenization of the same rows."""
+  from kdjax.data import chat_data  # pylint: disable=g-import-not-at-top
+  from kdjax.methods import uld  # pylint: disable=g-import-not-at-top
+  teacher_dir = pretrained_lib.teacher_directory(plan.config)
+  student_dir = pretrained_lib.student_directory(plan.config)
+  teacher = chat_data.ChatTokenizer.from_directory(teacher_dir)
+  if (student_dir and plan.method.name in uld.CROSS_VOCABULARY_METHODS and
+      not _same_tokenizer(teacher_dir, student_dir)):
+    return chat_data.ChatTokenizer.from_directory(student_dir), teacher
+  return teacher, None
+
+
 def build_pipeline(plan: RunPlan, *, teacher_cache=None):
   """The run's input pipeline: token windows for a text dataset (`config.lm`), else examples
   (with cached teacher outputs joining the training batches when `teacher_cache` is given)."""
@@ -73,10 +94,10 @@ def build_pipeline(plan: RunPlan, *, teacher_cache=None):
     lm = config.lm
     if lm.get("data_file", ""):  # Prompt/completion rows, the teacher directory's tokenizer.
       from kdjax.data import chat_data  # pylint: disable=g-import-not-at-top
+      tokenizer, teacher_tokenizer = _chat_tokenizers(plan)
       return chat_data.ChatInputPipeline(
           paths.resolve(lm.data_file), eval_file=paths.resolve(lm.get("eval_file", "")),
-          tokenizer=chat_data.ChatTokenizer.from_directory(
-              pretrained_lib.teacher_directory(config)),
+          tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer,
           sequence_length=lm.sequence_length, layout=lm.get("layout", "padded"),
           prompt_length=lm.get("prompt_length", 0), global_batch_size=config.global_batch_size,
           seed=config.seed, process_index=jax.process_index(),
