@@ -101,7 +101,7 @@ def test_unprepared_real_tfds_dataset_fails_fast_with_instructions(tmp_path):
 
 
 def test_unknown_dataset_lists_valid_names():
-  with pytest.raises(ValueError, match=r"valid datasets: cifar10, cifar100, imagenet2012, mnist1d"):
+  with pytest.raises(ValueError, match=r"valid datasets: cifar10, cifar100, digits, imagenet2012, mnist, mnist1d"):
     data.get_dataset_spec("imagenet21k")
 
 

@@ -18,8 +18,16 @@ CONFIGS = sorted(
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_config_validates(name):
-  config = importlib.import_module(f"configs.{name}").get_config()
+def test_config_validates(name, tmp_path):
+  module = importlib.import_module(f"configs.{name}")
+  if name == "lm_pretrained":  # Reads its directories: tiny random ones, written here.
+    from kdjax.models.pretrained import tiny  # pylint: disable=g-import-not-at-top
+    data = tiny.write_chat_jsonl(str(tmp_path / "data.jsonl"), 16)
+    teacher = tiny.write_tiny_llama(str(tmp_path / "teacher"), tiny.texts_of(data),
+                                    hidden_size=16, num_layers=1, max_positions=1024)
+    config = module.get_config(f"teacher={teacher},student={teacher},data={data}")
+  else:
+    config = module.get_config()
   validate_config(config, num_devices=1)
 
 
