@@ -33,6 +33,11 @@ def shortened(command: str) -> str:
     # Its smoke variant with two rows (every row runs in tests/test_lm_runs.py).
     return re.sub(r"--config=configs/lm_quickstart\.py(?=\s)",
                   "--config=configs/lm_quickstart.py:smoke", command) + " --config.suite=teacher,kd"
+  if module == "experiments.main" and "configs/diffusion_quickstart.py" in command:
+    # Its smoke variant with one row (every row: tests/diffusion/test_runs.py).
+    return re.sub(r"--config=configs/diffusion_quickstart\.py(?=\s)",
+                  "--config=configs/diffusion_quickstart.py:smoke", command) + (
+                      " --config.suite=consistency")
   if module == "experiments.main":
     return re.sub(r"--config=configs/quickstart\.py(?=\s)", "--config=configs/quickstart.py:smoke",
                   command)
