@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from conftest import run_python
+from conftest import REPO, run_python
 
 pytestmark = pytest.mark.slow
 
@@ -31,13 +31,18 @@ def tiny_models(tmp_path_factory):
   return directory
 
 
+def _main(models_dir, teacher, student, workdir, *overrides, check=True):
+  """`experiments.main` on configs/lm_pretrained.py, run from the directory holding the models
+  and the data, with relative paths, as a user would."""
+  config = os.path.join(REPO, f"configs/lm_pretrained.py:teacher={teacher},student={student},"
+                        "data=data.jsonl,smoke")
+  return run_python(["-m", "experiments.main", f"--config={config}", f"--workdir={workdir}",
+                     *overrides], cwd=str(models_dir), env_extra={"PYTHONPATH": REPO},
+                    check=check)
+
+
 def test_a_pretrained_teacher_distils_through_the_command_line(tiny_models):
-  # Relative paths, run from the directory that holds them, as a user would.
-  config = "configs/lm_pretrained.py:teacher=teacher,student=student,data=data.jsonl,smoke"
-  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  result = run_python(["-m", "experiments.main", f"--config={os.path.join(repo, config)}",
-                       "--workdir=w"], cwd=str(tiny_models),
-                      env_extra={"PYTHONPATH": repo})
+  result = _main(tiny_models, "teacher", "student", "w")
   assert "Traceback" not in result.stderr
   summary = json.loads((tiny_models / "w" / "summary.json").read_text())
   assert set(summary["runs"]) == {"kd", "gkd"}
@@ -48,12 +53,8 @@ def test_a_pretrained_teacher_distils_through_the_command_line(tiny_models):
 
 
 def test_a_suite_with_a_teacher_run_and_a_pretrained_teacher_is_one_line(tiny_models):
-  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  config = os.path.join(repo, "configs/lm_pretrained.py:teacher=teacher,student=student,"
-                        "data=data.jsonl,smoke")
-  result = run_python(["-m", "experiments.main", f"--config={config}", "--workdir=w2",
-                       "--config.suite=teacher,kd"], cwd=str(tiny_models),
-                      env_extra={"PYTHONPATH": repo}, check=False)
+  result = _main(tiny_models, "teacher", "student", "w2", "--config.suite=teacher,kd",
+                 check=False)
   assert result.returncode == 2, result.stderr[-2000:]
   assert result.stderr.startswith("Error: ") and len(result.stderr.strip().splitlines()) == 1
   assert "remove 'teacher' from config.suite" in result.stderr
@@ -61,22 +62,14 @@ def test_a_suite_with_a_teacher_run_and_a_pretrained_teacher_is_one_line(tiny_mo
 
 
 def test_uld_distils_across_vocabulary_sizes_and_skips_speculative_decoding(tiny_models):
-  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  config = os.path.join(repo, "configs/lm_pretrained.py:teacher=teacher400,student=student,"
-                        "data=data.jsonl,smoke")
-  run_python(["-m", "experiments.main", f"--config={config}", "--workdir=w3",
-              "--config.suite=uld"], cwd=str(tiny_models), env_extra={"PYTHONPATH": repo})
+  _main(tiny_models, "teacher400", "student", "w3", "--config.suite=uld")
   row = json.loads((tiny_models / "w3" / "summary.json").read_text())["runs"]["uld"]
   assert row["steps"] == 4 and row["final_train_loss"] > 0
   assert "spec_greedy_acceptance_rate" not in row  # One vocabulary is needed to draft for the teacher.
 
 
 def test_uld_across_tokenizers_reads_the_teachers_own_tokenization(tiny_models):
-  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  config = os.path.join(repo, "configs/lm_pretrained.py:teacher=teacher400,"
-                        "student=student_own_tokenizer,data=data.jsonl,smoke")
-  run_python(["-m", "experiments.main", f"--config={config}", "--workdir=w4",
-              "--config.suite=uld"], cwd=str(tiny_models), env_extra={"PYTHONPATH": repo})
+  _main(tiny_models, "teacher400", "student_own_tokenizer", "w4", "--config.suite=uld")
   with open(tiny_models / "w4" / "uld" / "metrics.jsonl") as f:
     lines = [json.loads(line) for line in f if '"train"' in line]
   # Completions tokenized differently have different lengths: not every token aligns.
