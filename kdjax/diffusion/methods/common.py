@@ -9,7 +9,6 @@ Randomness is drawn per example from (the step's key, the example's `index`), so
 split over 1 or 8 devices draws the same numbers.
 """
 
-from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -38,18 +37,6 @@ def per_example_uniform_int(keys: jax.Array, low: int, high: int) -> jax.Array:
 def broadcast(values: jax.Array, like: jax.Array) -> jax.Array:
   """[b] -> [b, 1, 1, 1] (as many ones as `like` has axes after the batch)."""
   return values.reshape(values.shape + (1,) * (like.ndim - 1))
-
-
-def denoiser(apply: Callable, variables: Any, labels: Optional[jax.Array], *,
-             consistency: bool = False):
-  """D(x [b, ...], σ [b]) -> x̂ from a denoiser model's apply function, in eval mode
-  (`consistency`: the model's consistency function f(x, σ) instead)."""
-  def run(x, sigma):
-    output, _ = apply(variables, denoiser_model.model_inputs(x, sigma, labels,
-                                                             consistency=consistency),
-                      train=False)
-    return denoiser_model.image(output)
-  return run
 
 
 def mean_square(a: jax.Array, b: jax.Array) -> jax.Array:

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from kdjax import validation
-from kdjax.diffusion import denoiser_model, edm
+from kdjax.diffusion import denoiser_model, edm, sampling
 from kdjax.diffusion.methods import common
 from kdjax.losses import self_distillation as sd_losses
 from kdjax.methods import base
@@ -118,8 +118,8 @@ class Consistency(base.Method):
     sigma, sigma_next = grid[n], grid[n + 1]
     x_sigma = images + common.broadcast(sigma, images) * common.per_example_normal(
         noise_keys, images.shape[1:])
-    teacher = common.denoiser(models.teacher_apply, models.teacher_variables, labels)
-    target_function = common.denoiser(models.student_apply, state["target"], labels,
+    teacher = sampling.model_denoiser(models.teacher_apply, models.teacher_variables, labels)
+    target_function = sampling.model_denoiser(models.student_apply, state["target"], labels,
                                       consistency=True)
     target = consistency_target(teacher, target_function, x_sigma, sigma, sigma_next)
     return dict(batch, inputs=denoiser_model.model_inputs(x_sigma, sigma, labels,

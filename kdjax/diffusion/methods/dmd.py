@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from kdjax import validation
-from kdjax.diffusion import denoiser_model, edm, digits
+from kdjax.diffusion import denoiser_model, digits, edm, sampling
 from kdjax.diffusion.methods import common
 from kdjax.methods import base
 
@@ -153,13 +153,13 @@ class DMD(base.Method):
     z = common.per_example_normal(noise_keys, shape)
     sigma_max = jnp.full(labels.shape, SIGMA_MAX, jnp.float32)
     generator_inputs = denoiser_model.model_inputs(SIGMA_MAX * z, sigma_max, labels)
-    x = common.denoiser(models.student_apply, models.student_variables, labels)(
+    x = sampling.model_denoiser(models.student_apply, models.student_variables, labels)(
         SIGMA_MAX * z, sigma_max)
     sigma = self._sigma_grid()[common.per_example_uniform_int(time_keys, c.min_step,
                                                                c.max_step)]
     x_sigma = x + common.broadcast(sigma, x) * common.per_example_normal(diffuse_keys, shape)
-    real = common.denoiser(models.teacher_apply, models.teacher_variables, labels)(x_sigma, sigma)
-    fake = common.denoiser(_fake_apply(), state["fake"], labels)(x_sigma, sigma)
+    real = sampling.model_denoiser(models.teacher_apply, models.teacher_variables, labels)(x_sigma, sigma)
+    fake = sampling.model_denoiser(_fake_apply(), state["fake"], labels)(x_sigma, sigma)
     gradient = distribution_matching_gradient(x, real, fake)
     pair = index % c.num_pairs
     pair_inputs = denoiser_model.model_inputs(SIGMA_MAX * state["pair_noise"][pair], sigma_max,
@@ -203,7 +203,7 @@ def _edm_denoising_loss(apply, variables, images, keys, labels):
       key, (), p_mean=config.p_mean, p_std=config.p_std))(sigma_keys)
   noisy = images + common.broadcast(sigma, images) * common.per_example_normal(
       noise_keys, images.shape[1:])
-  denoised = common.denoiser(apply, variables, labels)(noisy, sigma)
+  denoised = sampling.model_denoiser(apply, variables, labels)(noisy, sigma)
   return edm.loss_weight(sigma, config.sigma_data) * common.mean_square(denoised, images)
 
 

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from kdjax import validation
-from kdjax.diffusion import denoiser_model, vp
+from kdjax.diffusion import denoiser_model, sampling, vp
 from kdjax.diffusion.methods import common
 from kdjax.methods import base
 
@@ -123,7 +123,7 @@ class Progressive(base.Method):
     t = T_MAX * i.astype(jnp.float32) / student_steps
     noise = common.per_example_normal(noise_keys, images.shape[1:])
     z_t = vp.diffuse(images, noise, t)
-    teacher = common.denoiser(models.teacher_apply, models.teacher_variables, labels)
+    teacher = sampling.model_denoiser(models.teacher_apply, models.teacher_variables, labels)
     target = progressive_target(vp.x0_predictor_from_edm(teacher), z_t, t,
                                 T_MAX / (2 * student_steps))
     alpha_t = common.broadcast(vp.alpha(t), z_t)
